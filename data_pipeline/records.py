@@ -1,0 +1,79 @@
+"""Validated DeepFashion2 records: what every reader produces and every consumer reads.
+
+Coordinates are continuous pixel coordinates of the original image, as stored by DeepFashion2
+(x to the right, y down; a horizontal flip maps x to ``width - x``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """Bad input: names the file and the field (``path``, ``field``) and says what is wrong."""
+
+  def __init__(self, path: str, field: str, message: str):
+    self.path = str(path)
+    self.field = field
+    self.message = message
+    super().__init__(f"{self.path}: field '{field}': {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One clothing item of one image.
+
+  Attributes:
+    category_id: 1..13.
+    style: >= 0; positive pairs need equal pair_id and equal style > 0.
+    box: [4] float32 (x1, y1, x2, y2).
+    landmarks: [n, 3] float32 category-local (x, y, v), n = LANDMARK_COUNTS[category_id],
+      v in {0, 1, 2} (0: not labelled, x = y = 0).
+    polygons: tuple of [k, 2] float32 arrays (k >= 3), the item's segmentation.
+    scale, occlusion, zoom_in, viewpoint: 1..3, 0 where the source does not give them.
+  """
+  category_id: int
+  style: int
+  box: np.ndarray
+  landmarks: np.ndarray
+  polygons: tuple[np.ndarray, ...]
+  scale: int = 0
+  occlusion: int = 0
+  zoom_in: int = 0
+  viewpoint: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """One image and its items.
+
+  Attributes:
+    image_id: int(stem) for the raw layout, the COCO ``id`` for COCO input.
+    image_path: path of the image file ('' when the bytes come from elsewhere, e.g. TFDS).
+    width, height: size of the image in pixels.
+    source: 'user', 'shop', or '' when unknown (the COCO conversion drops it).
+    pair_id: the image's pair id, -1 when unknown.
+    items: the image's items, in annotation order (item1, item2, ...).
+    anno_path: the file the annotation came from (for error messages).
+  """
+  image_id: int
+  image_path: str
+  width: int
+  height: int
+  source: str
+  pair_id: int
+  items: tuple[Item, ...]
+  anno_path: str = ""
+
+
+@dataclasses.dataclass
+class ScanResult:
+  """Records that passed validation and the files that were skipped, with reasons."""
+  records: list[ImageRecord]
+  skipped: list[tuple[str, str]]  # (path, reason naming the field)
+
+  @property
+  def num_skipped(self) -> int:
+    return len(self.skipped)

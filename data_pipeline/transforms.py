@@ -1,0 +1,223 @@
+"""Per-image transforms in numpy: resize, horizontal flip, padding, static-shape instance arrays.
+
+This module also defines the per-image part of the batch contract (``image_spec``); the input
+pipeline stacks these into batches and the model reads them. It imports neither TensorFlow nor
+JAX, so every part of the project can use it.
+
+Coordinates are continuous: a pixel (i, j) covers [j, j + 1) x [i, i + 1); resizing multiplies
+coordinates by the per-axis scale; a horizontal flip of content of width w maps x to w - x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import cv2
+import numpy as np
+
+from data_pipeline import deepfashion2 as df2
+from data_pipeline.records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+  """How an input image maps onto the canvas.
+
+  Attributes:
+    canvas_hw: (H, W) of the fixed canvas every image is padded onto.
+    short_side: target length of the shorter side.
+    max_size: cap on the longer side.
+    max_instances: M, items per image after padding/truncation.
+    mask_size: S, each instance mask is cropped to its box and resampled to S x S.
+  """
+  canvas_hw: tuple[int, int]
+  short_side: int
+  max_size: int
+  max_instances: int
+  mask_size: int
+
+
+def image_spec(geometry: ImageGeometry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of one encoded image (the batch contract without batch axes)."""
+  h, w = geometry.canvas_hw
+  m, s = geometry.max_instances, geometry.mask_size
+  return {
+      "image": ((h, w, 3), np.dtype(np.uint8)),
+      "image_hw": ((2,), np.dtype(np.int32)),       # content size on the canvas
+      "image_id": ((), np.dtype(np.int32)),
+      "scale": ((), np.dtype(np.float32)),          # canvas = original * scale
+      "orig_hw": ((2,), np.dtype(np.int32)),
+      "flipped": ((), np.dtype(np.bool_)),
+      "boxes": ((m, 4), np.dtype(np.float32)),      # x1, y1, x2, y2 on the canvas
+      "classes": ((m,), np.dtype(np.int32)),        # 1..13, 0 = padding
+      "instance_valid": ((m,), np.dtype(np.bool_)),
+      "masks": ((m, s, s), np.dtype(np.uint8)),     # 0/1, cropped to the box
+      "landmarks": ((m, df2.NUM_LANDMARKS, 3), np.dtype(np.float32)),  # x, y, v
+      "pair_id": ((m,), np.dtype(np.int32)),
+      "style": ((m,), np.dtype(np.int32)),
+  }
+
+
+def resize_scale(height: int, width: int, geometry: ImageGeometry) -> float:
+  """Scale that brings the shorter side to short_side, the longer to <= max_size, onto canvas."""
+  scale = geometry.short_side / min(height, width)
+  if max(height, width) * scale > geometry.max_size:
+    scale = geometry.max_size / max(height, width)
+  ch, cw = geometry.canvas_hw
+  return min(scale, ch / height, cw / width)
+
+
+def resized_hw(height: int, width: int, scale: float,
+               canvas_hw: tuple[int, int]) -> tuple[int, int]:
+  ch, cw = canvas_hw
+  return (max(1, min(ch, int(round(height * scale)))),
+          max(1, min(cw, int(round(width * scale)))))
+
+
+def global_landmarks(category_id: int, local: np.ndarray) -> np.ndarray:
+  """Category-local [n, 3] landmarks -> the global [294, 3] layout (zeros elsewhere)."""
+  out = np.zeros((df2.NUM_LANDMARKS, 3), np.float32)
+  out[df2.landmark_slice(category_id)] = local
+  return out
+
+
+def flip_landmarks(landmarks: np.ndarray, width: float) -> np.ndarray:
+  """Horizontal flip of [..., 294, 3] landmarks in the global layout.
+
+  Left and right landmarks swap (``FLIP_PERM``) and x becomes ``width - x``; unlabelled points
+  (v = 0) keep x = y = 0.
+  """
+  out = landmarks[..., df2.FLIP_PERM, :].copy()
+  labelled = out[..., 2] > 0
+  out[..., 0] = np.where(labelled, width - out[..., 0], 0.0)
+  return out
+
+
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+  """Horizontal flip of [..., 4] (x1, y1, x2, y2) boxes."""
+  out = boxes.copy()
+  out[..., 0] = width - boxes[..., 2]
+  out[..., 2] = width - boxes[..., 0]
+  return out
+
+
+def _polygon_samples(poly: np.ndarray, n: int) -> np.ndarray:
+  """Even-odd inside test of the n x n sample centres (k + 0.5) of a polygon in grid units.
+
+  Scanline form, no loop over pixels: each edge crossing a sample row adds 1 at the first
+  sample centre right of the crossing; a prefix sum gives the crossings to the left of every
+  centre, and an odd count means inside. Half-open in x and y, so a polygon and its mirror
+  image cover mirrored samples exactly.
+  """
+  xa, ya = poly[:, 0], poly[:, 1]
+  xb, yb = np.roll(xa, -1), np.roll(ya, -1)
+  yc = np.arange(n) + 0.5  # [R]
+  lo, hi = np.minimum(ya, yb), np.maximum(ya, yb)
+  crosses = (lo[None, :] <= yc[:, None]) & (yc[:, None] < hi[None, :])  # [R, E]
+  dy = np.where(yb == ya, 1.0, yb - ya)
+  xc = xa[None, :] + (yc[:, None] - ya[None, :]) * ((xb - xa) / dy)[None, :]
+  col = np.clip(np.ceil(xc - 0.5), 0, n).astype(np.int64)  # first centre at or right of xc
+  flat = (np.arange(n)[:, None] * (n + 1) + col)[crosses]
+  counts = np.bincount(flat, minlength=n * (n + 1)).reshape(n, n + 1)[:, :n] & 1
+  return np.bitwise_xor.accumulate(counts.astype(np.uint8), axis=1).astype(bool)
+
+
+def rasterize_crop(polygons: list[np.ndarray], box: np.ndarray, size: int,
+                   supersample: int = 2) -> np.ndarray:
+  """Rasterizes polygons (continuous coords) into the S x S grid spanning ``box``.
+
+  Crop pixel (i, j) covers [x1 + j * w / S, x1 + (j + 1) * w / S) (likewise in y). It is 1
+  when at least half of its ``supersample``^2 sample points lie inside the union of the
+  polygons (each polygon even-odd). Exact and flip-symmetric: the crop of a mirrored item in
+  its mirrored box is the mirrored crop.
+
+  Returns: [S, S] uint8 in {0, 1}.
+  """
+  x1, y1, x2, y2 = (float(v) for v in box)
+  fine = size * supersample
+  scale = np.array([fine / max(x2 - x1, 1e-6), fine / max(y2 - y1, 1e-6)])
+  inside = np.zeros((fine, fine), bool)
+  for poly in polygons:
+    inside |= _polygon_samples((poly.astype(np.float64) - (x1, y1)) * scale, fine)
+  blocks = inside.reshape(size, supersample, size, supersample).sum(axis=(1, 3))
+  return (2 * blocks >= supersample * supersample).astype(np.uint8)
+
+
+def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry,
+                 flip: bool) -> dict[str, np.ndarray]:
+  """Resizes, optionally flips and pads one image and its items into ``image_spec`` arrays.
+
+  Args:
+    record: the image's validated record.
+    image: [h, w, 3] uint8, the decoded image (h, w = record.height, record.width).
+    geometry: canvas and instance sizes.
+    flip: whether to flip horizontally.
+  """
+  h, w = image.shape[:2]
+  if (h, w) != (record.height, record.width):
+    raise ValueError(f"{record.image_path}: decoded size {w}x{h} differs from the record's "
+                     f"{record.width}x{record.height}")
+  scale = resize_scale(h, w, geometry)
+  nh, nw = resized_hw(h, w, scale, geometry.canvas_hw)
+  sx, sy = nw / w, nh / h
+  resized = image if (nh, nw) == (h, w) else cv2.resize(
+      image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+  if flip:
+    resized = resized[:, ::-1]
+  ch, cw = geometry.canvas_hw
+  canvas = np.zeros((ch, cw, 3), np.uint8)
+  canvas[:nh, :nw] = resized
+
+  m, s = geometry.max_instances, geometry.mask_size
+  items = record.items
+  if len(items) > m:
+    log.warning("%s: image %d has %d items, more than max_instances=%d; keeping the first %d",
+                record.anno_path or record.image_path, record.image_id, len(items), m, m)
+    items = items[:m]
+  spec = image_spec(geometry)
+  out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+  out["image"] = canvas
+  out["image_hw"] = np.array([nh, nw], np.int32)
+  out["image_id"] = np.int32(record.image_id)
+  out["scale"] = np.float32(scale)
+  out["orig_hw"] = np.array([h, w], np.int32)
+  out["flipped"] = np.bool_(flip)
+  axis_scale = np.array([sx, sy], np.float32)
+  for k, item in enumerate(items):
+    box = item.box.astype(np.float32) * np.tile(axis_scale, 2)
+    lms = global_landmarks(item.category_id, item.landmarks)
+    lms[:, :2] *= axis_scale
+    polys = [p.astype(np.float32) * axis_scale for p in item.polygons]
+    if flip:
+      box = flip_boxes(box, nw)
+      lms = flip_landmarks(lms, nw)
+      polys = [np.stack([nw - p[:, 0], p[:, 1]], axis=1) for p in polys]
+    out["boxes"][k] = box
+    out["classes"][k] = item.category_id
+    out["instance_valid"][k] = True
+    out["masks"][k] = rasterize_crop(polys, box, s)
+    out["landmarks"][k] = lms
+    out["pair_id"][k] = record.pair_id
+    out["style"][k] = item.style
+  return out
+
+
+def paste_mask(crop: np.ndarray, box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Inverse of ``rasterize_crop`` up to resampling: an [S, S] crop back onto an [h, w] image.
+
+  Image pixel (i, j) takes the crop value nearest to its centre (for drawing and checks).
+  """
+  h, w = hw
+  x1, y1, x2, y2 = (float(v) for v in box)
+  size = crop.shape[0]
+  out = np.zeros((h, w), crop.dtype)
+  jx = np.floor(((np.arange(w) + 0.5) - x1) * size / max(x2 - x1, 1e-6)).astype(np.int64)
+  iy = np.floor(((np.arange(h) + 0.5) - y1) * size / max(y2 - y1, 1e-6)).astype(np.int64)
+  inside_x = (jx >= 0) & (jx < size)
+  inside_y = (iy >= 0) & (iy < size)
+  sub = crop[np.clip(iy, 0, size - 1)][:, np.clip(jx, 0, size - 1)]
+  out[:] = np.where(inside_y[:, None] & inside_x[None, :], sub, 0)
+  return out

@@ -1,0 +1,43 @@
+"""Shared test helpers: fixture locations and tiny in-memory records."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline import deepfashion2 as df2
+from data_pipeline.records import ImageRecord, Item
+
+
+def fixtures_dir() -> Path:
+  """The real DeepFashion2 fixtures (../shared beside the checkout; DF2_FIXTURES overrides)."""
+  env = os.environ.get("DF2_FIXTURES")
+  if env:
+    return Path(env)
+  return Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepfashion2_real"
+
+
+@pytest.fixture
+def real_fixture() -> Path:
+  path = fixtures_dir()
+  if not (path / "coco.json").exists():
+    pytest.fail(f"Real DeepFashion2 fixtures not found at {path}; set DF2_FIXTURES.")
+  return path
+
+
+def make_item(category_id=1, style=1, box=(10, 20, 50, 80), landmarks=None, polygons=None):
+  n = df2.LANDMARK_COUNTS[category_id]
+  if landmarks is None:
+    landmarks = np.zeros((n, 3), np.float32)
+  if polygons is None:
+    x1, y1, x2, y2 = box
+    polygons = (np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32),)
+  return Item(category_id, style, np.asarray(box, np.float32),
+              np.asarray(landmarks, np.float32), tuple(polygons))
+
+
+def make_record(image_id=1, items=None, width=100, height=120, source="user", pair_id=1):
+  items = items if items is not None else [make_item()]
+  return ImageRecord(image_id, f"/nonexistent/{image_id:06d}.jpg", width, height, source,
+                     pair_id, tuple(items), f"/nonexistent/{image_id:06d}.json")
