@@ -20,6 +20,9 @@ class DataError(ValueError):
     self.message = message
     super().__init__(f"{self.path}: field '{field}': {message}")
 
+  def __reduce__(self):  # Survives pickling (multiprocessing, tf.data workers).
+    return DataError, (self.path, self.field, self.message)
+
 
 @dataclasses.dataclass(frozen=True)
 class Item:

@@ -1,0 +1,582 @@
+"""Reading and validating DeepFashion2 annotations: the raw per-image JSON and the COCO conversion.
+
+Both formats go through the same validation code (``_parse_item`` and ``_make_record``); the
+format-specific readers only locate the values and name the fields. Every problem raises
+``records.DataError`` naming the file and the field, e.g. ``annos/000001.json: field
+'item2.landmarks': ...`` or ``coco.json: field 'annotations[id=7].bbox': ...``.
+
+The scanners (``scan_raw_root``, ``read_coco``) skip bad images with one warning line each and
+a summary line, or raise the first error with ``strict=True``. Image checks (decoding 200k JPEGs
+is slow) run in a spawn-based multiprocessing pool, in order, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Mapping, Sequence
+import json
+import math
+import multiprocessing
+import os
+import re
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from data_pipeline import deepfashion2 as df2
+from data_pipeline import images
+from data_pipeline import records
+
+CHECK_IMAGE_MODES = ("decode", "header")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Box corners may lie this many pixels beyond the image border; they are clipped to the image.
+BOX_TOLERANCE = 1.0
+# The pool is only worth its start-up cost with at least this many images per worker.
+_MIN_TASKS_PER_WORKER = 32
+_MAX_CHUNKSIZE = 64
+
+_MISSING = object()
+_ITEM_KEY = re.compile(r"^item(\d+)$")
+
+
+def _fail(path: str, field: str, message: str):
+  raise records.DataError(path, field, message)
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar and array checks.
+
+
+def _get(src: Mapping[str, Any], key: str) -> Any:
+  return src.get(key, _MISSING)
+
+
+def _check_int(value: Any, path: str, field: str, *, lo: int | None = None,
+               hi: int | None = None) -> int:
+  """An integer (or an integral float, as some converters write) within [lo, hi]."""
+  if value is _MISSING:
+    _fail(path, field, "missing")
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(path, field, f"expected an integer, got {type(value).__name__} {value!r}")
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      _fail(path, field, f"non-finite value {value!r}")
+    if value != int(value):
+      _fail(path, field, f"expected an integer, got {value!r}")
+  value = int(value)
+  if (lo is not None and value < lo) or (hi is not None and value > hi):
+    low = "-inf" if lo is None else lo
+    high = "inf" if hi is None else hi
+    _fail(path, field, f"value {value} outside {low}..{high}")
+  return value
+
+
+def _check_numbers(value: Any, path: str, field: str) -> np.ndarray:
+  """A flat list of finite numbers -> [n] float64."""
+  if value is _MISSING:
+    _fail(path, field, "missing")
+  if not isinstance(value, (list, tuple)):
+    _fail(path, field, f"expected a list of numbers, got {type(value).__name__}")
+  try:
+    array = np.array(value)
+  except (ValueError, OverflowError) as e:
+    _fail(path, field, f"expected a flat list of numbers: {e}")
+  if array.size == 0:
+    return np.zeros([0], np.float64)
+  if array.ndim != 1 or array.dtype.kind not in "iuf":
+    _fail(path, field, "expected a flat list of numbers")
+  array = array.astype(np.float64)
+  bad = ~np.isfinite(array)
+  if bad.any():
+    _fail(path, field, f"non-finite value {array[bad][0]!r} at index {int(np.argmax(bad))}")
+  return array
+
+
+# --------------------------------------------------------------------------------------------
+# The shared validation: one item, one image record.
+
+
+def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, height: int, *,
+                box_key: str, box_format: str, landmark_key: str,
+                landmark_layout: str) -> records.Item:
+  """Validates one item of either format.
+
+  Args:
+    src: the item's dict (raw ``itemN`` value or COCO annotation).
+    path: the annotation file, for errors.
+    prefix: the item's name in errors, e.g. "item2" or "annotations[id=7]".
+    width, height: the image size.
+    box_key: "bounding_box" (raw) or "bbox" (COCO).
+    box_format: "xyxy" (raw corners) or "xywh" (COCO).
+    landmark_key: "landmarks" (raw) or "keypoints" (COCO).
+    landmark_layout: "local" (3 * n category-local numbers) or "global" (882 numbers, the
+      category's slice used, zeros elsewhere required).
+
+  Returns:
+    The validated item, box clipped to the image.
+  """
+  def field(key):
+    return f"{prefix}.{key}"
+
+  cat = _check_int(_get(src, "category_id"), path, field("category_id"),
+                   lo=1, hi=df2.NUM_CATEGORIES)
+  name = _get(src, "category_name")
+  if name is not _MISSING and name not in (df2.RAW_NAMES[cat], df2.COCO_NAMES[cat]):
+    _fail(path, field("category_name"),
+          f"{name!r} does not match category_id {cat} ({df2.RAW_NAMES[cat]!r})")
+  style = _check_int(_get(src, "style"), path, field("style"), lo=0)
+
+  # Box.
+  box = _check_numbers(_get(src, box_key), path, field(box_key))
+  if box.shape != (4,):
+    _fail(path, field(box_key), f"expected 4 numbers, got {box.size}")
+  if box_format == "xywh":
+    box = np.array([box[0], box[1], box[0] + box[2], box[1] + box[3]])
+  x1, y1, x2, y2 = box.tolist()
+  if x2 <= x1 or y2 <= y1:
+    _fail(path, field(box_key), f"degenerate box (x1, y1, x2, y2) = {(x1, y1, x2, y2)}")
+  tol = BOX_TOLERANCE
+  if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+    _fail(path, field(box_key),
+          f"box (x1, y1, x2, y2) = {(x1, y1, x2, y2)} outside the {width}x{height} image "
+          f"(tolerance {tol:g} px)")
+  box = np.clip(box, 0.0, [width, height, width, height])
+  if box[2] <= box[0] or box[3] <= box[1]:
+    _fail(path, field(box_key), f"box {(x1, y1, x2, y2)} is empty after clipping to the image")
+
+  # Landmarks.
+  count = df2.LANDMARK_COUNTS[cat]
+  marks = _check_numbers(_get(src, landmark_key), path, field(landmark_key))
+  if landmark_layout == "global":
+    if marks.size != 3 * df2.NUM_LANDMARKS:
+      _fail(path, field(landmark_key),
+            f"expected {3 * df2.NUM_LANDMARKS} numbers, got {marks.size}")
+    sl = df2.landmark_slice(cat)
+    inside = np.zeros(3 * df2.NUM_LANDMARKS, bool)
+    inside[3 * sl.start:3 * sl.stop] = True
+    stray = np.flatnonzero((marks != 0) & ~inside)
+    if stray.size:
+      _fail(path, field(landmark_key),
+            f"non-zero value at index {int(stray[0])}, outside category {cat}'s slice "
+            f"[{3 * sl.start}, {3 * sl.stop})")
+    marks = marks[3 * sl.start:3 * sl.stop]
+  elif marks.size != 3 * count:
+    _fail(path, field(landmark_key),
+          f"expected {3 * count} numbers (3 x {count} landmarks of category {cat}), "
+          f"got {marks.size}")
+  marks = marks.reshape(count, 3)
+  bad_v = ~np.isin(marks[:, 2], (0.0, 1.0, 2.0))
+  if bad_v.any():
+    k = int(np.argmax(bad_v))
+    _fail(path, field(landmark_key),
+          f"visibility {marks[k, 2]:g} of landmark {k + 1} not in {{0, 1, 2}}")
+
+  # Segmentation.
+  seg_field = field("segmentation")
+  seg = _get(src, "segmentation")
+  if seg is _MISSING:
+    _fail(path, seg_field, "missing")
+  if not isinstance(seg, (list, tuple)):
+    _fail(path, seg_field, f"expected a list of polygons, got {type(seg).__name__}")
+  if not seg:
+    _fail(path, seg_field, "no polygons")
+  polygons = []
+  for i, poly in enumerate(seg):
+    poly_field = f"{seg_field}[{i}]"
+    coords = _check_numbers(poly, path, poly_field)
+    if coords.size % 2:
+      _fail(path, poly_field, f"odd number of coordinates ({coords.size})")
+    if coords.size < 6:
+      _fail(path, poly_field, f"a polygon needs at least 3 points, got {coords.size // 2}")
+    polygons.append(coords.reshape(-1, 2).astype(np.float32))
+
+  # Optional attributes.
+  attributes = {}
+  for name in df2.ATTRIBUTES:
+    value = _get(src, name)
+    attributes[name] = 0 if value is _MISSING else _check_int(value, path, field(name),
+                                                              lo=1, hi=3)
+
+  return records.Item(category_id=cat, style=style, box=box.astype(np.float32),
+                      landmarks=marks.astype(np.float32), polygons=tuple(polygons),
+                      **attributes)
+
+
+def _check_source(value: Any, path: str, field: str, *, required: bool) -> str:
+  """'user' or 'shop'; '' (unknown) allowed only when not required."""
+  if value is _MISSING or (value == "" and not required):
+    if required:
+      _fail(path, field, "missing")
+    return ""
+  if value not in df2.SOURCES:
+    _fail(path, field, f"{value!r} is not one of {df2.SOURCES}")
+  return value
+
+
+def _make_record(path: str, image_id: int, image_path: str, width: int, height: int,
+                 source: str, pair_id: int, items: Sequence[records.Item]) -> records.ImageRecord:
+  """Record-level checks shared by both formats."""
+  if not items:
+    _fail(path, "items", "the image has no items")
+  if width <= 0 or height <= 0:
+    _fail(path, "size", f"image size {width}x{height}")
+  return records.ImageRecord(image_id=int(image_id), image_path=str(image_path),
+                             width=int(width), height=int(height), source=source,
+                             pair_id=int(pair_id), items=tuple(items), anno_path=str(path))
+
+
+def _measure_image(image_path: str, check_image: str) -> tuple[int, int]:
+  """(width, height), by full decode or from the header."""
+  if check_image == "decode":
+    array = images.load_image(image_path)
+    return int(array.shape[1]), int(array.shape[0])
+  if check_image == "header":
+    return images.image_size(image_path)
+  raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Raw per-image JSON.
+
+
+def parse_raw_annotation(anno: Any, anno_path: str, image_id: int, image_path: str,
+                         width: int, height: int) -> records.ImageRecord:
+  """Validates one raw DeepFashion2 annotation (the parsed ``annos/NNNNNN.json``).
+
+  Args:
+    anno: the parsed JSON object.
+    anno_path: its file, for error messages.
+    image_id: int(stem).
+    image_path: the image file.
+    width, height: the image size in pixels.
+
+  Returns:
+    The record; items in item-number order (item1, item2, ...), boxes clipped to the image.
+
+  Raises:
+    records.DataError: naming ``anno_path`` and the bad field.
+  """
+  path = str(anno_path)
+  if not isinstance(anno, dict):
+    _fail(path, "json", f"expected a JSON object, got {type(anno).__name__}")
+  source = _check_source(_get(anno, "source"), path, "source", required=True)
+  pair_id = _check_int(_get(anno, "pair_id"), path, "pair_id", lo=0)
+  keys = sorted((int(m.group(1)), key) for key in anno if (m := _ITEM_KEY.match(key)))
+  items = []
+  for _, key in keys:
+    value = anno[key]
+    if not isinstance(value, dict):
+      _fail(path, key, f"expected a JSON object, got {type(value).__name__}")
+    items.append(_parse_item(value, path, key, width, height, box_key="bounding_box",
+                             box_format="xyxy", landmark_key="landmarks",
+                             landmark_layout="local"))
+  return _make_record(path, image_id, image_path, width, height, source, pair_id, items)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise records.DataError(path, "json", f"cannot read file: {e}") from e
+  if not data.strip():
+    _fail(path, "json", "empty file")
+  try:
+    return json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise records.DataError(path, "json", f"invalid JSON: {e}") from e
+
+
+def _stem_id(path: str, field: str) -> int:
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if not stem.isdigit():
+    _fail(path, field, f"file name stem {stem!r} is not a number")
+  return int(stem)
+
+
+def read_raw_record(anno_path: str | os.PathLike, image_path: str | os.PathLike,
+                    check_image: str = "decode") -> records.ImageRecord:
+  """Reads and validates one raw annotation file and checks its image.
+
+  Args:
+    anno_path: ``annos/NNNNNN.json``; image_id = int(NNNNNN).
+    image_path: ``image/NNNNNN.jpg``.
+    check_image: "decode" (full decode, catches truncated files) or "header" (size only).
+
+  Raises:
+    records.DataError: naming the file and the field.
+  """
+  if check_image not in CHECK_IMAGE_MODES:
+    raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
+  anno_path, image_path = os.fspath(anno_path), os.fspath(image_path)
+  image_id = _stem_id(anno_path, "file_name")
+  anno = _read_json(anno_path)
+  width, height = _measure_image(image_path, check_image)
+  return parse_raw_annotation(anno, anno_path, image_id, image_path, width, height)
+
+
+# --------------------------------------------------------------------------------------------
+# Running per-image work in order, skipping or raising.
+
+# A task's outcome: a record, or the (path, field, message) of its DataError (DataError itself
+# does not survive pickling between processes).
+_Outcome = tuple[records.ImageRecord | None, tuple[str, str, str] | None]
+
+
+def _capture(fn: Callable[..., records.ImageRecord], *args) -> _Outcome:
+  try:
+    return fn(*args), None
+  except records.DataError as e:
+    return None, (e.path, e.field, e.message)
+
+
+def _raw_task(task: tuple[Any, ...]) -> _Outcome:
+  kind = task[0]
+  if kind == "error":
+    return None, task[1]
+  _, anno_path, image_path, check_image = task
+  return _capture(read_raw_record, anno_path, image_path, check_image)
+
+
+def _num_workers(num_workers: int | None, num_tasks: int) -> int:
+  workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+  useful = -(-num_tasks // _MIN_TASKS_PER_WORKER)
+  return max(1, min(workers, useful))
+
+
+def _run_tasks(fn: Callable[[Any], _Outcome], tasks: Sequence[Any], *, strict: bool,
+               num_workers: int | None, what: str) -> records.ScanResult:
+  """Runs ``fn`` over ``tasks`` in order (in a pool when worth it) and collects the outcomes."""
+  result = records.ScanResult(records=[], skipped=[])
+
+  def collect(outcome: _Outcome) -> None:
+    record, error = outcome
+    if error is not None:
+      e = records.DataError(*error)
+      if strict:
+        raise e
+      logging.warning("Skipping %s", e)
+      result.skipped.append((e.path, str(e)))
+    else:
+      result.records.append(record)
+
+  workers = _num_workers(num_workers, len(tasks))
+  if workers <= 1:
+    for task in tasks:
+      collect(fn(task))
+  else:
+    chunksize = max(1, min(_MAX_CHUNKSIZE, len(tasks) // (4 * workers)))
+    # spawn, not fork: the caller may already hold threads (JAX, TensorFlow).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      for outcome in pool.imap(fn, tasks, chunksize=chunksize):
+        collect(outcome)
+  result.records.sort(key=lambda r: r.image_id)
+  logging.info("%s: %d records, %d skipped", what, len(result.records), result.num_skipped)
+  return result
+
+
+def _list_files(directory: str, extensions: tuple[str, ...]) -> list[str]:
+  with os.scandir(directory) as entries:
+    return sorted(e.name for e in entries
+                  if e.is_file() and os.path.splitext(e.name)[1].lower() in extensions)
+
+
+def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image: str = "decode",
+                  num_workers: int | None = None) -> records.ScanResult:
+  """Reads and validates a raw split directory (``root/image/*.jpg``, ``root/annos/*.json``).
+
+  Files are paired by stem (image_id = int(stem)). Unpaired files and files that fail
+  validation are skipped, each with one warning line naming the file and the field, and a
+  summary line is logged.
+
+  Args:
+    root: the split directory, e.g. ``DeepFashion2/validation``.
+    strict: raise the first DataError (in image_id order) instead of skipping.
+    check_image: "decode" (full decode of every image) or "header" (size only; fast).
+    num_workers: processes for the checks; None = os.cpu_count(); 1 = in this process.
+
+  Returns:
+    ScanResult with records sorted by image_id and (path, reason) of every skipped file.
+
+  Raises:
+    records.DataError: when ``root/annos`` or ``root/image`` is not a directory, or (strict)
+      for the first bad file.
+  """
+  if check_image not in CHECK_IMAGE_MODES:
+    raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
+  root = os.fspath(root)
+  anno_dir, image_dir = os.path.join(root, "annos"), os.path.join(root, "image")
+  for directory, field in ((anno_dir, "annos"), (image_dir, "image")):
+    if not os.path.isdir(directory):
+      _fail(root, field, f"directory {directory} not found")
+
+  annos: dict[str, list[str]] = collections.defaultdict(list)
+  for name in _list_files(anno_dir, (".json",)):
+    annos[os.path.splitext(name)[0]].append(os.path.join(anno_dir, name))
+  pictures: dict[str, list[str]] = collections.defaultdict(list)
+  for name in _list_files(image_dir, IMAGE_EXTENSIONS):
+    pictures[os.path.splitext(name)[0]].append(os.path.join(image_dir, name))
+
+  def order(stem):
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
+
+  tasks = []
+  for stem in sorted(set(annos) | set(pictures), key=order):
+    anno_paths, image_paths = annos.get(stem, []), pictures.get(stem, [])
+    if not stem.isdigit():
+      path = (anno_paths or image_paths)[0]
+      tasks.append(("error", (path, "file_name", f"file name stem {stem!r} is not a number")))
+    elif not image_paths:
+      tasks.append(("error", (anno_paths[0], "image",
+                              f"no image file {stem}.jpg for this annotation")))
+    elif not anno_paths:
+      tasks.append(("error", (image_paths[0], "annotation",
+                              f"no annotation file annos/{stem}.json for this image")))
+    elif len(image_paths) > 1:
+      tasks.append(("error", (image_paths[0], "image",
+                              f"several images for one annotation: {image_paths}")))
+    else:
+      tasks.append(("read", anno_paths[0], image_paths[0], check_image))
+  return _run_tasks(_raw_task, tasks, strict=strict, num_workers=num_workers, what=root)
+
+
+# --------------------------------------------------------------------------------------------
+# The COCO conversion.
+
+
+def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]],
+                      json_path: str, image_dir: str, check_image: str) -> records.ImageRecord:
+  """One COCO image entry and its annotations -> a validated record."""
+  image_id = image["id"]  # Checked by read_coco.
+  prefix = f"images[id={image_id}]"
+  file_name = _get(image, "file_name")
+  if not isinstance(file_name, str) or not file_name:
+    _fail(json_path, f"{prefix}.file_name",
+          "missing" if file_name is _MISSING else f"expected a file name, got {file_name!r}")
+  width = _check_int(_get(image, "width"), json_path, f"{prefix}.width", lo=1)
+  height = _check_int(_get(image, "height"), json_path, f"{prefix}.height", lo=1)
+  if not anns:
+    _fail(json_path, prefix, "the image has no annotations")
+
+  sources = [("source", f"{prefix}.source", _get(image, "source"))]
+  items, pair_ids = [], []
+  for ann in anns:
+    ann_prefix = f"annotations[id={ann.get('id', '?')}]"
+    items.append(_parse_item(ann, json_path, ann_prefix, width, height, box_key="bbox",
+                             box_format="xywh", landmark_key="keypoints",
+                             landmark_layout="global"))
+    pair_ids.append((_check_int(_get(ann, "pair_id"), json_path, f"{ann_prefix}.pair_id",
+                                lo=-1), f"{ann_prefix}.pair_id"))
+    sources.append(("source", f"{ann_prefix}.source", _get(ann, "source")))
+  pair_id = pair_ids[0][0]
+  for value, field in pair_ids[1:]:
+    if value != pair_id:
+      _fail(json_path, field, f"pair_id {value} differs from pair_id {pair_id} of the first "
+            f"item of image {image_id}")
+  source = ""
+  for _, field, value in sources:
+    value = _check_source(value, json_path, field, required=False)
+    if value and source and value != source:
+      _fail(json_path, field, f"source {value!r} differs from {source!r} of image {image_id}")
+    source = source or value
+
+  image_path = os.path.join(image_dir, file_name)
+  actual = _measure_image(image_path, check_image)
+  if actual != (width, height):
+    _fail(json_path, f"{prefix}.width", f"declared size {width}x{height} but {image_path} is "
+          f"{actual[0]}x{actual[1]}")
+  return _make_record(json_path, image_id, image_path, width, height, source, pair_id, items)
+
+
+def _coco_task(task: tuple[Any, ...]) -> _Outcome:
+  kind = task[0]
+  if kind == "error":
+    return None, task[1]
+  _, image, anns, json_path, image_dir, check_image = task
+  return _capture(_parse_coco_image, image, anns, json_path, image_dir, check_image)
+
+
+def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, strict: bool = False,
+              check_image: str = "decode", num_workers: int | None = None) -> records.ScanResult:
+  """Reads and validates a COCO-format DeepFashion2 annotation file (the official conversion).
+
+  bbox xywh -> box x1y1x2y2; the 882 keypoints -> the category's slice (values elsewhere must
+  be zero); the image's pair_id from its annotations (which must agree); source '' unless the
+  image or its annotations have a ``source`` key. Images without annotations, and images or
+  annotations that fail validation, are skipped with a warning line each.
+
+  Args:
+    json_path: the COCO JSON file.
+    image_dir: the directory holding the ``file_name`` images.
+    strict: raise the first DataError instead of skipping.
+    check_image: "decode" or "header".
+    num_workers: processes for the checks; None = os.cpu_count(); 1 = in this process.
+
+  Returns:
+    ScanResult with records sorted by image id, items in annotation file order.
+
+  Raises:
+    records.DataError: when the file is not valid COCO JSON as a whole (unreadable, no
+      ``images``/``annotations`` lists, wrong ``categories``), or (strict) the first bad image.
+  """
+  if check_image not in CHECK_IMAGE_MODES:
+    raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
+  json_path, image_dir = os.fspath(json_path), os.fspath(image_dir)
+  data = _read_json(json_path)
+  if not isinstance(data, dict):
+    _fail(json_path, "json", f"expected a JSON object, got {type(data).__name__}")
+  for key in ("images", "annotations"):
+    if not isinstance(data.get(key), list):
+      _fail(json_path, key, "missing" if key not in data else "expected a list")
+  categories = data.get("categories")
+  if categories is not None:
+    if not isinstance(categories, list):
+      _fail(json_path, "categories", "expected a list")
+    for i, cat in enumerate(categories):
+      cid = cat.get("id") if isinstance(cat, dict) else None
+      name = cat.get("name") if isinstance(cat, dict) else None
+      if (not isinstance(cid, int) or cid not in df2.CATEGORIES
+          or name not in df2.CATEGORIES[cid]):
+        _fail(json_path, f"categories[{i}]",
+              f"category (id={cid!r}, name={name!r}) is not a DeepFashion2 category")
+
+  errors: list[tuple[int, tuple[str, str, str]]] = []  # (sort key, error)
+  entries: dict[int, Mapping[str, Any]] = {}
+  for i, image in enumerate(data["images"]):
+    if not isinstance(image, dict):
+      errors.append((-1, (json_path, f"images[{i}]", "expected a JSON object")))
+      continue
+    try:
+      image_id = _check_int(_get(image, "id"), json_path, f"images[{i}].id")
+    except records.DataError as e:
+      errors.append((-1, (e.path, e.field, e.message)))
+      continue
+    if image_id in entries:
+      errors.append((image_id, (json_path, f"images[{i}].id", f"duplicate image id {image_id}")))
+      continue
+    entries[image_id] = image
+
+  anns_by_image: dict[int, list[Mapping[str, Any]]] = collections.defaultdict(list)
+  for i, ann in enumerate(data["annotations"]):
+    if not isinstance(ann, dict):
+      errors.append((-1, (json_path, f"annotations[{i}]", "expected a JSON object")))
+      continue
+    field = f"annotations[id={ann.get('id', '?')}].image_id"
+    try:
+      image_id = _check_int(_get(ann, "image_id"), json_path, field)
+    except records.DataError as e:
+      errors.append((-1, (e.path, e.field, e.message)))
+      continue
+    if image_id not in entries:
+      errors.append((image_id, (json_path, field, f"no image with id {image_id}")))
+      continue
+    anns_by_image[image_id].append(ann)
+
+  tasks = [(key, ("error", error)) for key, error in errors]
+  for image_id, image in entries.items():
+    tasks.append((image_id, ("read", image, anns_by_image.get(image_id, []), json_path,
+                             image_dir, check_image)))
+  tasks.sort(key=lambda t: t[0])  # Stable: file order among equal keys.
+  return _run_tasks(_coco_task, [t for _, t in tasks], strict=strict, num_workers=num_workers,
+                    what=json_path)

@@ -1,0 +1,178 @@
+"""Raw DeepFashion2 -> COCO JSON (the official converter's semantics) and retrieval GT files.
+
+  python -m data_pipeline.convert --root DIR/validation --out DIR/validation_coco.json \
+      [--query-gt Q.json --gallery-gt G.json] [--strict] [--check-image header] [--num-workers N]
+
+COCO output (reference/deepfashion2.md, section 3): ``categories`` = the 13 DeepFashion2
+categories with 294 keypoint names; ``images`` ``{id, file_name, width, height}``; one annotation
+per item, ids from 1 in record then item order, ``bbox`` [x1, y1, w, h], ``area`` = w * h (box
+area), ``keypoints`` 882 numbers (the item's landmarks at its category's slice, zeros elsewhere),
+``num_keypoints`` = landmarks with v > 0, ``segmentation`` the raw polygons, ``pair_id``,
+``style``, ``iscrowd`` 0. Extra keys beyond the official converter: ``source`` (when known) and
+``scale``, ``occlusion``, ``zoom_in``, ``viewpoint`` (when known, i.e. non-zero); pycocotools
+ignores them and ``annotations.read_coco`` reads them back.
+
+Retrieval GT (section 5): query = items of user images ``{query_image_id, style, cls, pair_id,
+bbox [x1, y1, x2, y2]}`` (style 0 included); gallery = items of shop images
+``{gallery_image_id, style, pair_id, bbox [x1, y1, x2, y2]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+import json
+import os
+import sys
+
+from absl import logging
+import numpy as np
+
+from data_pipeline import annotations
+from data_pipeline import deepfashion2 as df2
+from data_pipeline import records
+
+
+def _num(value) -> int | float:
+  """A stored float32 value back as JSON: an int when integral, else its shortest float."""
+  value = np.float32(value)
+  if float(value).is_integer():
+    return int(value)
+  return float(str(value))
+
+
+def _nums(values: Iterable) -> list[int | float]:
+  return [_num(v) for v in np.asarray(values, np.float32).reshape(-1)]
+
+
+def _xywh(box: np.ndarray) -> tuple[list[int | float], int | float]:
+  x1, y1, x2, y2 = (float(v) for v in np.asarray(box, np.float32))
+  w, h = _num(x2 - x1), _num(y2 - y1)
+  return [_num(x1), _num(y1), w, h], w * h
+
+
+def _file_name(record: records.ImageRecord) -> str:
+  if record.image_path:
+    return os.path.basename(record.image_path)
+  return f"{record.image_id:06d}.jpg"
+
+
+def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
+  """Records -> a COCO dataset dict with the official DeepFashion2 converter's semantics."""
+  out_images, out_anns = [], []
+  ann_id = 0
+  for record in image_records:
+    out_images.append({"id": int(record.image_id), "file_name": _file_name(record),
+                       "width": int(record.width), "height": int(record.height)})
+    for item in record.items:
+      ann_id += 1
+      bbox, area = _xywh(item.box)
+      keypoints = [0] * (3 * df2.NUM_LANDMARKS)
+      start = 3 * df2.LANDMARK_START[item.category_id]
+      local = _nums(item.landmarks)
+      keypoints[start:start + len(local)] = local
+      ann = {
+          "id": ann_id,
+          "image_id": int(record.image_id),
+          "category_id": int(item.category_id),
+          "bbox": bbox,
+          "area": area,
+          "iscrowd": 0,
+          "segmentation": [_nums(poly) for poly in item.polygons],
+          "keypoints": keypoints,
+          "num_keypoints": int((np.asarray(item.landmarks)[:, 2] > 0).sum()),
+          "pair_id": int(record.pair_id),
+          "style": int(item.style),
+      }
+      if record.source:
+        ann["source"] = record.source
+      for name in df2.ATTRIBUTES:
+        value = int(getattr(item, name))
+        if value:
+          ann[name] = value
+      out_anns.append(ann)
+  return {"info": {}, "licenses": [], "categories": df2.coco_categories(),
+          "images": out_images, "annotations": out_anns}
+
+
+def retrieval_gt(image_records: Sequence[records.ImageRecord]) -> tuple[list[dict], list[dict]]:
+  """Records -> (query GT list, gallery GT list) of the consumer-to-shop retrieval protocol.
+
+  Records with unknown source ('') belong to neither list; they are counted in a warning.
+  """
+  queries, gallery = [], []
+  unknown = 0
+  for record in image_records:
+    if record.source not in df2.SOURCES:
+      unknown += 1
+      continue
+    for item in record.items:
+      bbox = _nums(item.box)
+      if record.source == "user":
+        queries.append({"query_image_id": int(record.image_id), "style": int(item.style),
+                        "cls": int(item.category_id), "pair_id": int(record.pair_id),
+                        "bbox": bbox})
+      else:
+        gallery.append({"gallery_image_id": int(record.image_id), "style": int(item.style),
+                        "pair_id": int(record.pair_id), "bbox": bbox})
+  if unknown:
+    logging.warning("retrieval_gt: %d images with unknown source left out", unknown)
+  return queries, gallery
+
+
+def _write_json(obj, path: str) -> None:
+  """Writes atomically (temporary file, then rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, separators=(",", ":"))
+  os.replace(tmp, path)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m data_pipeline.convert",
+      description="Convert a raw DeepFashion2 split to COCO JSON and retrieval GT files.")
+  parser.add_argument("--root", required=True,
+                      help="split directory holding image/ and annos/")
+  parser.add_argument("--out", required=True, help="output COCO JSON file")
+  parser.add_argument("--query-gt", help="output retrieval query GT JSON file")
+  parser.add_argument("--gallery-gt", help="output retrieval gallery GT JSON file")
+  parser.add_argument("--strict", action="store_true",
+                      help="fail on the first bad file instead of skipping it")
+  parser.add_argument("--check-image", choices=annotations.CHECK_IMAGE_MODES, default="decode",
+                      help="decode every image fully, or read only its header")
+  parser.add_argument("--num-workers", type=int, default=None,
+                      help="processes for the image checks (default: all CPUs)")
+  args = parser.parse_args(argv)
+  if (args.query_gt is None) != (args.gallery_gt is None):
+    parser.error("--query-gt and --gallery-gt go together")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    scan = annotations.scan_raw_root(args.root, strict=args.strict,
+                                     check_image=args.check_image, num_workers=args.num_workers)
+  except records.DataError as e:
+    logging.error("%s", e)
+    return 1
+  coco = to_coco(scan.records)
+  _write_json(coco, args.out)
+  logging.info("Wrote %s: %d images, %d annotations (%d files skipped)", args.out,
+               len(coco["images"]), len(coco["annotations"]), scan.num_skipped)
+  if args.query_gt:
+    queries, gallery = retrieval_gt(scan.records)
+    _write_json(queries, args.query_gt)
+    _write_json(gallery, args.gallery_gt)
+    logging.info("Wrote %s: %d query items (%d with style > 0); %s: %d gallery items",
+                 args.query_gt, len(queries), sum(q["style"] > 0 for q in queries),
+                 args.gallery_gt, len(gallery))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

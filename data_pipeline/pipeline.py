@@ -1,0 +1,216 @@
+"""tf.data input pipeline: training batches of image pairs, evaluation batches of single images.
+
+Every batch has static shapes (the contract is ``transforms.image_spec``):
+  training:   image [P, 2, H, W, 3], boxes [P, 2, M, 4], ...; axis 1 is (user, shop), plus
+              ``match_valid`` [P] (False where the element is two unrelated single images) and
+              ``element`` [P] (the element's global stream index);
+  evaluation: image [B, H, W, 3], ... plus ``valid`` [B] (False for padding after the last
+              image).
+
+The training stream is a pure function of (seed, global element index): element g of the
+stream is element ``g % E`` of epoch ``g // E`` (E = image pairs per epoch), whose order is a
+permutation drawn from (seed, epoch); the flips come from (seed, g). Resuming at step k starts
+the stream at element ``k * P_global`` without touching the data before it, and each process
+reads its own slice of every global batch (``jax.process_index()`` / ``process_count()``).
+
+Decoding, resizing, flipping and mask rasterization run in numpy/OpenCV inside
+``tf.numpy_function`` with parallel calls (OpenCV and Pillow release the GIL); tf.data provides
+the parallelism, ordering, batching and prefetching.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipeline import transforms
+from data_pipeline.pairs import PairIndex
+from data_pipeline.records import DataError
+from data_pipeline.sources import DataSource
+from data_pipeline.transforms import ImageGeometry
+
+log = logging.getLogger(__name__)
+
+_MAX_SUBSTITUTIONS = 16
+
+
+def _process_info(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # Deferred: only the process layout is needed from jax.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+class _SkipCounter:
+  """Counts images that failed to load in the stream (each logged once, with the reason)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.skipped: dict[int, str] = {}
+
+  def add(self, record_index: int, error: Exception) -> None:
+    with self._lock:
+      if record_index not in self.skipped:
+        self.skipped[record_index] = str(error)
+        log.warning("Skipping image (%d skipped so far): %s", len(self.skipped), error)
+
+
+class TrainStream:
+  """Maps global element indices to encoded image pairs (host-side, numpy)."""
+
+  def __init__(self, source: DataSource, pair_index: PairIndex, geometry: ImageGeometry,
+               seed: int, flip_prob: float = 0.5):
+    if pair_index.epoch_size == 0:
+      raise ValueError("The training source has no images.")
+    self.source = source
+    self.pair_index = pair_index
+    self.geometry = geometry
+    self.seed = seed
+    self.flip_prob = flip_prob
+    self.skips = _SkipCounter()
+    self._epoch_cache = functools.lru_cache(maxsize=2)(self._epoch)
+    self.keys = list(transforms.image_spec(geometry))
+
+  def _epoch(self, epoch: int) -> np.ndarray:
+    return self.pair_index.epoch_elements(epoch, self.seed)
+
+  def _encode(self, record_index: int, flip: bool) -> dict[str, np.ndarray]:
+    record = self.source.records[record_index]
+    return transforms.encode_image(record, self.source.load_image(record_index),
+                                   self.geometry, flip)
+
+  def element(self, g: int) -> dict[str, np.ndarray]:
+    """Element g of the stream: dict of [2, ...] arrays plus match_valid and element."""
+    size = self.pair_index.epoch_size
+    epoch, pos = divmod(int(g), size)
+    rng = np.random.default_rng([self.seed, int(g), 7])
+    flips = rng.random(2) < self.flip_prob
+    elements = self._epoch_cache(epoch)
+    for attempt in range(_MAX_SUBSTITUTIONS):
+      user, shop = elements[(pos + attempt) % size]
+      try:
+        encoded = [self._encode(int(user), bool(flips[0])), self._encode(int(shop), bool(flips[1]))]
+        break
+      except DataError as e:  # An image that passed the scan but fails now: skip, never crash.
+        bad = int(user) if e.path == self.source.records[int(user)].image_path else int(shop)
+        self.skips.add(bad, e)
+    else:
+      raise RuntimeError(f"{_MAX_SUBSTITUTIONS} consecutive elements failed to load near "
+                         f"element {g}; see the warnings above.")
+    out = {k: np.stack([encoded[0][k], encoded[1][k]]) for k in self.keys}
+    out["match_valid"] = np.bool_(self.pair_index.match_valid)
+    out["element"] = np.int64(g)
+    return out
+
+
+def _output_signature(geometry: ImageGeometry, lead: tuple[int, ...]):
+  spec = transforms.image_spec(geometry)
+  return {k: (lead + shape, dtype) for k, (shape, dtype) in spec.items()}
+
+
+def _numpy_map(fn, signature: dict[str, tuple[tuple[int, ...], np.dtype]]):
+  """Wraps ``fn(int) -> dict of arrays`` as a tf.data map function with static shapes."""
+  keys = list(signature)
+
+  def py(index):
+    result = fn(int(index))
+    return [np.asarray(result[k], signature[k][1]) for k in keys]
+
+  def mapped(index):
+    values = tf.numpy_function(py, [index], [tf.as_dtype(signature[k][1]) for k in keys],
+                               stateful=False)
+    return {k: tf.ensure_shape(v, signature[k][0]) for k, v in zip(keys, values)}
+
+  return mapped
+
+
+def train_dataset(source: DataSource, pair_index: PairIndex, geometry: ImageGeometry, *,
+                  global_batch_pairs: int, seed: int, start_step: int = 0,
+                  flip_prob: float = 0.5, process_index: int | None = None,
+                  process_count: int | None = None, num_parallel_calls: int = -1,
+                  prefetch: int = 2) -> tf.data.Dataset:
+  """An infinite dataset of this process's training batches, from step ``start_step`` on.
+
+  Each batch holds ``global_batch_pairs / process_count`` image pairs: this process's slice of
+  the global batch. Deterministic for a seed, whatever the parallelism.
+  """
+  pi, pc = _process_info(process_index, process_count)
+  if global_batch_pairs % pc:
+    raise ValueError(f"global_batch_pairs={global_batch_pairs} is not divisible by the "
+                     f"{pc} processes.")
+  local = global_batch_pairs // pc
+  stream = TrainStream(source, pair_index, geometry, seed, flip_prob)
+  signature = _output_signature(geometry, (2,))
+  signature["match_valid"] = ((), np.dtype(np.bool_))
+  signature["element"] = ((), np.dtype(np.int64))
+
+  # Local element k of this process is global element (k // local) * P + pi * local + k % local.
+  start = start_step * local
+  ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+  ds = ds.map(lambda k: (k // local) * global_batch_pairs + pi * local + k % local)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  ds = ds.with_options(options)
+  ds = ds.map(_numpy_map(stream.element, signature),
+              num_parallel_calls=num_parallel_calls if num_parallel_calls > 0 else tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.prefetch(prefetch)
+  ds.stream = stream  # For skip counts and tests.
+  return ds
+
+
+def eval_indices(num_images: int, batch_size: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+  """This process's record indices in file order, padded with -1 to whole batches.
+
+  Every process gets the same number of batches (a multi-host evaluation stays in step); each
+  image appears exactly once over all processes.
+  """
+  shards = np.array_split(np.arange(num_images), process_count)
+  per_process = max(len(s) for s in shards)
+  padded = -(-per_process // batch_size) * batch_size if per_process else batch_size
+  mine = shards[process_index]
+  return np.concatenate([mine, np.full(padded - len(mine), -1, np.int64)])
+
+
+def eval_dataset(source: DataSource, geometry: ImageGeometry, *, batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_parallel_calls: int = -1, prefetch: int = 2) -> tf.data.Dataset:
+  """Single images in file order, no flip, nothing dropped; the last batch padded (valid=0).
+
+  ``batch_size`` is per process. A record that fails to load is logged, counted and returned
+  as a padding entry (valid False), so evaluation completes.
+  """
+  pi, pc = _process_info(process_index, process_count)
+  indices = eval_indices(len(source.records), batch_size, pi, pc)
+  spec = transforms.image_spec(geometry)
+  signature = dict(spec)
+  signature["valid"] = ((), np.dtype(np.bool_))
+  skips = _SkipCounter()
+
+  def element(i):
+    if i >= 0:
+      try:
+        out = transforms.encode_image(source.records[i], source.load_image(i), geometry, False)
+        out["valid"] = np.bool_(True)
+        return out
+      except DataError as e:
+        skips.add(i, e)
+    out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+    out["valid"] = np.bool_(False)
+    return out
+
+  ds = tf.data.Dataset.from_tensor_slices(indices)
+  ds = ds.map(_numpy_map(element, signature),
+              num_parallel_calls=num_parallel_calls if num_parallel_calls > 0 else tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=False).prefetch(prefetch)
+  ds.skips = skips
+  return ds

@@ -1,0 +1,131 @@
+"""The tf.data pipeline on in-memory sources, the real fixture and synthetic data."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from data_pipeline import pairs, pipeline, transforms
+from data_pipeline.records import DataError
+from data_pipeline.sources import DataSource
+from conftest import make_item, make_record
+
+GEOM = transforms.ImageGeometry(canvas_hw=(48, 48), short_side=32, max_size=48,
+                                max_instances=3, mask_size=8)
+
+
+def _memory_source(num_pairs=6, bad=()):
+  """num_pairs pair_ids, each a user and a shop image sharing style 1; ``bad`` fail to load."""
+  records, pixels = [], []
+  for p in range(num_pairs):
+    for j, source in enumerate(("user", "shop")):
+      image_id = 2 * p + j + 1
+      h, w = (30, 40) if j else (40, 30)
+      records.append(make_record(image_id, [make_item(1 + p % 13, 1, (2, 3, 20, 25)),
+                                            make_item(9, 0, (5, 5, 15, 15))],
+                                 width=w, height=h, source=source, pair_id=100 + p))
+      pixels.append(np.full((h, w, 3), image_id, np.uint8))
+
+  def loader(i):
+    if i in bad:
+      raise DataError(records[i].image_path, "image", "truncated JPEG")
+    return pixels[i]
+
+  return DataSource(records, loader, "memory")
+
+
+def _take(ds, n):
+  it = ds.as_numpy_iterator()
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batch_shapes_and_pair_contents():
+  source = _memory_source()
+  ds = pipeline.train_dataset(source, pairs.build_pair_index(source.records), GEOM,
+                              global_batch_pairs=4, seed=0, process_index=0, process_count=1)
+  batch = _take(ds, 1)[0]
+  assert batch["image"].shape == (4, 2, 48, 48, 3) and batch["image"].dtype == np.uint8
+  assert batch["boxes"].shape == (4, 2, 3, 4)
+  assert batch["masks"].shape == (4, 2, 3, 8, 8)
+  assert batch["landmarks"].shape == (4, 2, 3, 294, 3)
+  assert batch["match_valid"].all()
+  np.testing.assert_array_equal(batch["element"], [0, 1, 2, 3])
+  # Axis 1 is (user, shop): user ids are odd, shop ids even, same pair_id.
+  assert (batch["image_id"][:, 0] % 2 == 1).all() and (batch["image_id"][:, 1] % 2 == 0).all()
+  np.testing.assert_array_equal(batch["pair_id"][:, 0, 0], batch["pair_id"][:, 1, 0])
+  np.testing.assert_array_equal(batch["classes"][:, :, 2], 0)
+  # Each image's pixels carry its id: the canvas content is that image, resized.
+  for p in range(4):
+    for j in range(2):
+      h, w = batch["image_hw"][p, j]
+      assert (batch["image"][p, j, :h, :w] == batch["image_id"][p, j]).all()
+
+
+def test_resume_at_step_k_equals_the_straight_run():
+  source = _memory_source()
+  index = pairs.build_pair_index(source.records)
+  kwargs = dict(global_batch_pairs=4, seed=5, process_index=0, process_count=1)
+  straight = _take(pipeline.train_dataset(source, index, GEOM, **kwargs), 5)
+  resumed = _take(pipeline.train_dataset(source, index, GEOM, start_step=3, **kwargs), 2)
+  for a, b in zip(straight[3:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # 6 pairs per epoch, 4 per step: step 1 crosses into epoch 1; every epoch is a permutation.
+  elements = np.concatenate([b["element"] for b in straight])
+  np.testing.assert_array_equal(elements, np.arange(20))
+  ids = np.concatenate([b["image_id"][:, 0] for b in straight])
+  assert sorted(ids[:6]) == [1, 3, 5, 7, 9, 11] and sorted(ids[6:12]) == [1, 3, 5, 7, 9, 11]
+  # Flips are random but deterministic per element: some flipped, some not.
+  flips = np.concatenate([b["flipped"].ravel() for b in straight])
+  assert 0 < flips.sum() < len(flips)
+
+
+def test_processes_read_disjoint_slices_of_the_global_batch():
+  source = _memory_source()
+  index = pairs.build_pair_index(source.records)
+  full = _take(pipeline.train_dataset(source, index, GEOM, global_batch_pairs=4, seed=1,
+                                      process_index=0, process_count=1), 2)
+  parts = [_take(pipeline.train_dataset(source, index, GEOM, global_batch_pairs=4, seed=1,
+                                        process_index=p, process_count=2), 2) for p in (0, 1)]
+  for step in range(2):
+    for k in full[step]:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][k], parts[1][step][k]]), full[step][k], err_msg=k)
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.train_dataset(source, index, GEOM, global_batch_pairs=3, seed=1, process_index=0,
+                           process_count=2)
+
+
+def test_a_failing_image_is_skipped_counted_and_logged(caplog):
+  source = _memory_source(bad=(2,))  # record 2 = the user image of pair_id 101
+  index = pairs.build_pair_index(source.records)
+  ds = pipeline.train_dataset(source, index, GEOM, global_batch_pairs=6, seed=0,
+                              process_index=0, process_count=1, num_parallel_calls=1)
+  with caplog.at_level(logging.WARNING):
+    batch = _take(ds, 1)[0]
+  assert 3 not in batch["image_id"][:, 0]  # image id 3 is record 2
+  assert ds.stream.skips.skipped.keys() == {2}
+  assert "truncated JPEG" in caplog.text and "field 'image'" in caplog.text
+
+
+def test_eval_is_file_order_padded_and_complete():
+  source = _memory_source(num_pairs=3)  # 6 images
+  ds = pipeline.eval_dataset(source, GEOM, batch_size=4, process_index=0, process_count=1)
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == 2
+  ids = np.concatenate([b["image_id"] for b in batches])
+  valid = np.concatenate([b["valid"] for b in batches])
+  np.testing.assert_array_equal(ids[valid], [1, 2, 3, 4, 5, 6])
+  np.testing.assert_array_equal(valid, [1, 1, 1, 1, 1, 1, 0, 0])
+  assert not np.concatenate([b["flipped"] for b in batches]).any()
+  # Two processes: disjoint, complete, same number of batches.
+  per = [list(pipeline.eval_dataset(source, GEOM, batch_size=2, process_index=p,
+                                    process_count=2).as_numpy_iterator()) for p in (0, 1)]
+  assert len(per[0]) == len(per[1]) == 2
+  got = sorted(int(i) for b in per[0] + per[1] for i, v in zip(b["image_id"], b["valid"]) if v)
+  assert got == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_indices_padding():
+  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 0, 2), [0, 1, 2, -1])
+  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 1, 2), [3, 4, -1, -1])
