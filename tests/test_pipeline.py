@@ -129,3 +129,36 @@ def test_eval_is_file_order_padded_and_complete():
 def test_eval_indices_padding():
   np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 0, 2), [0, 1, 2, -1])
   np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 1, 2), [3, 4, -1, -1])
+
+
+def test_real_fixture_trains_as_singles_and_evaluates_in_file_order(real_fixture, caplog):
+  from data_pipeline import sources
+  source = sources.coco_source(str(real_fixture / "coco.json"), str(real_fixture / "image"))
+  assert len(source) == 16 and sum(len(r.items) for r in source.records) == 29
+  geometry = transforms.ImageGeometry((320, 320), 200, 320, 4, 16)
+  with caplog.at_level(logging.WARNING):
+    index = pairs.build_pair_index(source.records)
+  assert not index.match_valid and "matching targets masked" in caplog.text
+  ds = pipeline.train_dataset(source, index, geometry, global_batch_pairs=4, seed=0,
+                              process_index=0, process_count=1)
+  batch = _take(ds, 1)[0]
+  assert batch["image"].shape == (4, 2, 320, 320, 3) and not batch["match_valid"].any()
+  ids = batch["image_id"].ravel()
+  assert len(set(ids)) == 8  # two different images per element
+  valid = batch["instance_valid"]
+  assert valid.sum() >= 8 and (batch["classes"][valid] > 0).all()
+  # Landmarks of each valid instance sit in its category's slice only.
+  from data_pipeline import deepfashion2 as df2
+  for p, j, m in zip(*np.nonzero(valid)):
+    labelled = batch["landmarks"][p, j, m, :, 2] > 0
+    assert not (labelled & ~df2.CATEGORY_LANDMARK_MASK[batch["classes"][p, j, m]]).any()
+  # Evaluation: all 16 images once, in file (image_id) order.
+  ev = list(pipeline.eval_dataset(source, geometry, batch_size=5, process_index=0,
+                                  process_count=1).as_numpy_iterator())
+  got = np.concatenate([b["image_id"][b["valid"]] for b in ev])
+  np.testing.assert_array_equal(got, sorted(r.image_id for r in source.records))
+  # The 702 x 468 image 2092: scale = min(200 / 468, 320 / 702) -> 200 / 468.
+  first = ev[0]
+  k = int(np.nonzero(first["image_id"] == 2092)[0][0])
+  np.testing.assert_allclose(first["scale"][k], 200 / 468, rtol=1e-6)
+  np.testing.assert_array_equal(first["image_hw"][k], [300, 200])
