@@ -1,0 +1,247 @@
+"""RoIAlign as one gather (torchvision roi_align / detectron2 ROIAlignV2).
+
+Every output bin averages sampling_ratio^2 bilinear samples. For each sample
+the four neighbour indices and bilinear weights are computed from the boxes
+alone; the features, flattened to [H * W, C] per image, are gathered at those
+indices and the weights are applied after the gather, so the cost is
+O(samples * C) per box and independent of the map size. The backward pass is
+a scatter-add into float32 features (bf16 scatter-adds are slow on GPU).
+
+Border rules (torchvision's bilinear_interpolate): a sample with y < -1,
+y > H, x < -1 or x > W contributes 0; otherwise coordinates are clamped to
+>= 0 and a low index at or past the last row / column uses that row / column
+with weight 1.
+
+`multilevel_roi_align` pools every box from its FPN level (detectron2's
+assign_boxes_to_levels) with one gather over the flattened, concatenated
+pyramid: each box carries its level's flat offset, width, height and scale.
+
+Boxes get no gradient (as in torchvision and detectron2).
+"""
+
+import math
+from typing import Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from df2_jax.ops import boxes as box_ops
+
+Array = jnp.ndarray
+Size = Union[int, Tuple[int, int]]
+
+
+def _pair(output_size: Size) -> Tuple[int, int]:
+  if isinstance(output_size, int):
+    return output_size, output_size
+  oh, ow = output_size
+  return int(oh), int(ow)
+
+
+def _axis_taps(coords: Array, size: Array):
+  """Neighbours and weights of sample coordinates along one axis.
+
+  Args:
+    coords: [..., out, s] sample coordinates on the feature map.
+    size: the map's extent along this axis, broadcastable to coords
+      (float; integer valued).
+
+  Returns:
+    idx [..., out, s, 2] int32 (low, high), weights [..., out, s, 2]
+    ((1 - frac, frac), zero for samples outside [-1, size]).
+  """
+  valid = (coords >= -1.0) & (coords <= size)
+  # Clamping to [0, size] keeps the float -> int cast defined for any input;
+  # samples beyond size are invalid anyway.
+  c = jnp.clip(coords, 0.0, size)
+  low = jnp.floor(c)
+  at_edge = low >= size - 1
+  low = jnp.where(at_edge, size - 1, low)
+  high = jnp.where(at_edge, size - 1, low + 1)
+  frac = jnp.where(at_edge, 0.0, c - low)
+  frac = jnp.where(valid, frac, 0.0)
+  w = jnp.stack([jnp.where(valid, 1.0 - frac, 0.0), frac], axis=-1)
+  idx = jnp.stack([low, high], axis=-1).astype(jnp.int32)
+  return idx, w
+
+
+def _bilinear_taps(boxes: Array, spatial_scale: Array, height: Array,
+                   width: Array, base: Array, output_hw: Tuple[int, int],
+                   sampling_ratio: int, aligned: bool) -> Tuple[Array, Array]:
+  """Flat gather indices and weights of every sample of every bin.
+
+  Args:
+    boxes: [..., N, 4] float boxes in input coordinates.
+    spatial_scale: broadcastable to [..., N]: input -> feature coordinates.
+    height, width: broadcastable to [..., N]: the box's feature map size.
+    base: broadcastable to [..., N] int32: flat offset of that map's first
+      pixel in the gathered array.
+    output_hw: (oh, ow).
+    sampling_ratio: samples per bin along each axis (> 0).
+    aligned: shift by -0.5 pixel (ROIAlignV2) when True.
+
+  Returns:
+    idx [..., N, oh, ow, K] int32 and weights [..., N, oh, ow, K] with
+    K = 4 * sampling_ratio^2; the weights of a bin sum to <= 1 (they include
+    the 1 / sampling_ratio^2 average).
+  """
+  oh, ow = output_hw
+  s = sampling_ratio
+  dtype = boxes.dtype
+  f = lambda a: jnp.broadcast_to(jnp.asarray(a, dtype), boxes.shape[:-1])
+  scale, h_f, w_f = f(spatial_scale), f(height), f(width)
+  offset = 0.5 if aligned else 0.0
+  x1 = boxes[..., 0] * scale - offset
+  y1 = boxes[..., 1] * scale - offset
+  roi_w = boxes[..., 2] * scale - offset - x1
+  roi_h = boxes[..., 3] * scale - offset - y1
+  if not aligned:
+    roi_w = jnp.maximum(roi_w, 1.0)
+    roi_h = jnp.maximum(roi_h, 1.0)
+  bin_w = roi_w / ow
+  bin_h = roi_h / oh
+  e = lambda a: a[..., None, None]
+  sub = (jnp.arange(s, dtype=dtype) + 0.5) / s  # [s]
+  # Same arithmetic as torchvision: start + p * bin + (i + .5) * bin / s.
+  ys = (e(y1) + jnp.arange(oh, dtype=dtype)[:, None] * e(bin_h)
+        + sub[None, :] * e(bin_h))  # [..., N, oh, s]
+  xs = (e(x1) + jnp.arange(ow, dtype=dtype)[:, None] * e(bin_w)
+        + sub[None, :] * e(bin_w))  # [..., N, ow, s]
+  y_idx, y_w = _axis_taps(ys, e(h_f))  # [..., N, oh, s, 2]
+  x_idx, x_w = _axis_taps(xs, e(w_f))  # [..., N, ow, s, 2]
+  # -> [..., N, oh, ow, s_y, s_x, 2_y, 2_x]
+  yi = y_idx[..., :, None, :, None, :, None]
+  xi = x_idx[..., None, :, None, :, None, :]
+  row = jnp.broadcast_to(jnp.asarray(width, jnp.int32), boxes.shape[:-1])
+  b = jnp.broadcast_to(jnp.asarray(base, jnp.int32), boxes.shape[:-1])
+  g = lambda a: a[..., None, None, None, None, None, None]
+  idx = g(b) + yi * g(row) + xi
+  w = (y_w[..., :, None, :, None, :, None] * x_w[..., None, :, None, :, None, :]
+       * (1.0 / (s * s)))
+  k = 4 * s * s
+  lead = boxes.shape[:-1]
+  return idx.reshape(lead + (oh, ow, k)), w.reshape(lead + (oh, ow, k))
+
+
+def _gather_reduce(flat: Array, idx: Array, weights: Array) -> Array:
+  """[P, C] gathered at [N, oh, ow, K] and weighted-summed -> [N, oh, ow, C]."""
+  vals = flat.at[idx].get(mode='promise_in_bounds')  # [N, oh, ow, K, C]
+  # A multiply + reduce (not an einsum) so XLA fuses it with the gather.
+  return jnp.sum(vals * weights[..., None].astype(flat.dtype), axis=-2)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def roi_align(features: Array, boxes: Array, output_size: Size,
+              spatial_scale: float, sampling_ratio: int = 2,
+              aligned: bool = True) -> Array:
+  """RoIAlign of one feature map (torchvision roi_align semantics).
+
+  Args:
+    features: [B, H, W, C] NHWC.
+    boxes: [B, N, 4] (x1, y1, x2, y2) in the coordinates that spatial_scale
+      maps onto the feature map (image coordinates and 1 / stride, usually).
+    output_size: int or (oh, ow).
+    spatial_scale: feature coordinate = input coordinate * spatial_scale.
+    sampling_ratio: fixed number of samples per bin along each axis (> 0).
+    aligned: True for ROIAlignV2 (pixel centres at +0.5); False for the
+      legacy behaviour (no shift, RoI sides at least 1).
+
+  Returns:
+    [B, N, oh, ow, C] in features.dtype (accumulated in float32).
+  """
+  if sampling_ratio <= 0:
+    raise ValueError('sampling_ratio must be > 0 (adaptive sampling has '
+                     f'data-dependent shapes), got {sampling_ratio}')
+  bsz, height, width, c = features.shape
+  if boxes.ndim != 3 or boxes.shape[0] != bsz or boxes.shape[-1] != 4:
+    raise ValueError(f'boxes must be [{bsz}, N, 4], got {boxes.shape}')
+  cdt = _compute_dtype(features.dtype)
+  boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
+  idx, w = _bilinear_taps(boxes, spatial_scale, height, width, 0,
+                          _pair(output_size), sampling_ratio, aligned)
+  flat = features.astype(cdt).reshape(bsz, height * width, c)
+  out = jax.vmap(_gather_reduce)(flat, idx, w.astype(cdt))
+  return out.astype(features.dtype)
+
+
+def assign_boxes_to_levels(boxes: Array, min_level: int = 2,
+                           max_level: int = 5, canonical_level: int = 4,
+                           canonical_size: float = 224.0) -> Array:
+  """FPN level index of each box (detectron2 assign_boxes_to_levels).
+
+  level = clamp(floor(canonical_level + log2(sqrt(area) / canonical_size
+  + 1e-8)), min_level, max_level). Empty or padded boxes go to min_level.
+
+  Args:
+    boxes: [..., 4] in image coordinates.
+
+  Returns:
+    [...] int32 index into the pyramid list: level - min_level.
+  """
+  size = jnp.sqrt(box_ops.box_area(jnp.asarray(boxes, jnp.float32)))
+  level = jnp.floor(canonical_level +
+                    jnp.log2(size / canonical_size + 1e-8))
+  level = jnp.clip(level, min_level, max_level)
+  return level.astype(jnp.int32) - min_level
+
+
+def multilevel_roi_align(features_by_level: Sequence[Array], boxes: Array,
+                         output_size: Size, sampling_ratio: int = 2,
+                         canonical_level: int = 4,
+                         canonical_size: float = 224.0, min_level: int = 2,
+                         max_level: int = 5, aligned: bool = True) -> Array:
+  """RoIAlign from each box's FPN level, as one gather over the pyramid.
+
+  Level k has stride 2^k (spatial_scale 2^-k). Equivalent to calling
+  `roi_align` on every level and keeping each box's own level (detectron2
+  ROIPooler with ROIAlignV2), at the cost of a single level.
+
+  Args:
+    features_by_level: [B, Hl, Wl, C] for levels min_level..max_level
+      (P2..P5), all with the same B, C and dtype.
+    boxes: [B, N, 4] in image (canvas) coordinates.
+    output_size: int or (oh, ow).
+    sampling_ratio: fixed samples per bin along each axis (> 0).
+    canonical_level, canonical_size: a box of sqrt(area) = canonical_size
+      maps to canonical_level.
+    min_level, max_level: the levels of features_by_level.
+    aligned: see `roi_align`.
+
+  Returns:
+    [B, N, oh, ow, C] in the features' dtype.
+  """
+  num_levels = max_level - min_level + 1
+  if len(features_by_level) != num_levels:
+    raise ValueError(f'{len(features_by_level)} feature maps for levels '
+                     f'{min_level}..{max_level}')
+  if sampling_ratio <= 0:
+    raise ValueError(f'sampling_ratio must be > 0, got {sampling_ratio}')
+  dtype = features_by_level[0].dtype
+  bsz, _, _, c = features_by_level[0].shape
+  if boxes.ndim != 3 or boxes.shape[0] != bsz or boxes.shape[-1] != 4:
+    raise ValueError(f'boxes must be [{bsz}, N, 4], got {boxes.shape}')
+  cdt = _compute_dtype(dtype)
+  heights, widths, bases, flats = [], [], [], []
+  base = 0
+  for f in features_by_level:
+    _, h, w, _ = f.shape
+    heights.append(h)
+    widths.append(w)
+    bases.append(base)
+    base += h * w
+    flats.append(f.astype(cdt).reshape(bsz, h * w, c))
+  flat = jnp.concatenate(flats, axis=1)  # [B, sum Hl * Wl, C]
+
+  boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
+  level = assign_boxes_to_levels(boxes, min_level, max_level,
+                                 canonical_level, canonical_size)  # [B, N]
+  table = lambda v, dt: jnp.asarray(v, dt)[level]
+  scales = [math.ldexp(1.0, -k) for k in range(min_level, max_level + 1)]
+  idx, w = _bilinear_taps(boxes, table(scales, cdt), table(heights, cdt),
+                          table(widths, cdt), table(bases, jnp.int32),
+                          _pair(output_size), sampling_ratio, aligned)
+  out = jax.vmap(_gather_reduce)(flat, idx, w.astype(cdt))
+  return out.astype(dtype)
