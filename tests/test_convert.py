@@ -277,3 +277,23 @@ def test_cli_skips_or_fails_on_bad_files(tmp_path, caplog):
   assert convert.main(["--root", str(root), "--out", str(strict_out), "--strict",
                        "--num-workers", "1"]) == 1
   assert not strict_out.exists()
+
+
+def test_synthetic_split_converts_for_pycocotools_and_retrieval(tmp_path):
+  from pycocotools.coco import COCO
+  from data_pipeline import synthetic
+  synthetic.generate(tmp_path / "syn", train_pairs=0, val_pairs=6, image_size=96, seed=1)
+  out, q, g = tmp_path / "val.json", tmp_path / "q.json", tmp_path / "g.json"
+  assert convert.main(["--root", str(tmp_path / "syn" / "validation"), "--out", str(out),
+                       "--query-gt", str(q), "--gallery-gt", str(g)]) == 0
+  coco = COCO(str(out))
+  assert len(coco.getImgIds()) == 12
+  anns = coco.loadAnns(coco.getAnnIds())
+  assert all(a["area"] == a["bbox"][2] * a["bbox"][3] for a in anns)
+  assert all(coco.annToMask(a).sum() > 0 for a in anns)
+  queries, gallery = json.loads(q.read_text()), json.loads(g.read_text())
+  assert len(queries) + len(gallery) == len(anns)
+  # Every pair_id's shop image holds a gallery item matching some style > 0 query item.
+  positives = {(x["pair_id"], x["style"]) for x in queries if x["style"] > 0}
+  shop_keys = {(x["pair_id"], x["style"]) for x in gallery}
+  assert {p for p, _ in positives & shop_keys} == set(range(1, 7))
