@@ -1,0 +1,315 @@
+"""Match R-CNN: ResNet-FPN, RPN, box / mask / landmark heads and the matching network.
+
+One Linen module with three entry points, each a static-shape program:
+  * ``losses(batch)``: the training forward pass on a batch of image pairs (the batch contract
+    of data_pipeline.transforms.image_spec with a leading [P, 2] axis); returns the named loss
+    terms. Needs the PRNG stream "sampling" (anchor and RoI sampling).
+  * ``detect(images, image_hw)``: inference; per image a fixed number of detections with
+    boxes, scores, classes, 28x28 masks, 294 landmarks and an embedding each.
+  * ``embed(images, boxes)``: embeddings of given boxes (retrieval with ground-truth boxes).
+
+Shapes: P image pairs, B = 2P images (user at even, shop at odd positions after flattening),
+M ground-truth instances per image, R sampled RoIs, F = R * positive_fraction RoIs for the
+mask branch (the sampler puts foreground first), L <= F RoIs for the landmark branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from data_pipeline import deepfashion2 as df2
+from df2_jax import losses as loss_lib
+from df2_jax.models.box_head import BoxHead
+from df2_jax.models.fpn import FPN
+from df2_jax.models.landmark_head import LandmarkHead, heatmaps_to_landmarks, upsample_heatmaps
+from df2_jax.models.mask_head import MaskHead
+from df2_jax.models.matching import MatchingHead, PairScorer
+from df2_jax.models.resnet import ResNet, normalize_image
+from df2_jax.models.rpn import RPNHead
+from df2_jax.ops import anchors as anchor_ops
+from df2_jax.ops import boxes as box_ops
+from df2_jax.ops import nms as nms_ops
+from df2_jax.ops import proposals as proposal_ops
+from df2_jax.ops import roi_align as roi_ops
+from df2_jax.ops import targets as target_ops
+
+Array = jax.Array
+LOSS_TERMS = ("rpn_cls", "rpn_box", "cls", "box", "mask", "landmark", "pair")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchRCNNConfig:
+  """Architecture and the static sizes of every stage (defaults: the paper / detectron2)."""
+  # Backbone.
+  stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+  width: int = 64
+  freeze_at: int = 2
+  fpn_channels: int = 256
+  # RPN.
+  rpn_pre_nms_topk_train: int = 2000
+  rpn_post_nms_topk_train: int = 1000
+  rpn_pre_nms_topk_test: int = 1000
+  rpn_post_nms_topk_test: int = 1000
+  rpn_nms_threshold: float = 0.7
+  rpn_batch_size_per_image: int = 256
+  rpn_positive_fraction: float = 0.5
+  # RoI heads.
+  roi_batch_size_per_image: int = 512
+  roi_positive_fraction: float = 0.25
+  box_fc_dim: int = 1024
+  mask_conv_dim: int = 256
+  landmark_conv_dim: int = 512
+  landmark_num_convs: int = 8
+  landmark_rois_per_image: int = 32
+  landmark_visible_only: bool = False
+  # Matching network.
+  match_conv_dim: int = 256
+  match_proj_dim: int = 1024
+  embed_dim: int = 256
+  # Inference.
+  score_threshold: float = 0.05
+  detection_nms_threshold: float = 0.5
+  detections_per_image: int = 100
+  detection_candidates: int = 2000
+  # Compute dtype name ("float32" or "bfloat16"); params and losses stay float32.
+  dtype: str = "float32"
+
+  @property
+  def mask_rois_per_image(self) -> int:
+    return int(self.roi_batch_size_per_image * self.roi_positive_fraction)
+
+
+def _flatten_pairs(x: Array) -> Array:
+  """[P, 2, ...] -> [2P, ...] (user, shop, user, shop, ...)."""
+  return x.reshape((x.shape[0] * 2,) + x.shape[2:])
+
+
+def _split_keys(key: Array, n: int) -> Array:
+  return jax.random.split(key, n)
+
+
+class MatchRCNN(nn.Module):
+  """Attributes:
+    config: the architecture and static sizes.
+    canvas_hw: (H, W) of the fixed input canvas (a multiple of 32); the anchors are
+      constants of the compiled program.
+  """
+  config: MatchRCNNConfig
+  canvas_hw: tuple[int, int]
+
+  def setup(self):
+    c = self.config
+    if self.canvas_hw[0] % 32 or self.canvas_hw[1] % 32:
+      raise ValueError(f"canvas_hw {self.canvas_hw} must be multiples of 32")
+    dtype = jnp.dtype(c.dtype)
+    self.backbone = ResNet(stage_sizes=tuple(c.stage_sizes), width=c.width,
+                           freeze_at=c.freeze_at, dtype=dtype)
+    self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
+    self.rpn = RPNHead(channels=c.fpn_channels, dtype=dtype)
+    self.box_head = BoxHead(fc_dim=c.box_fc_dim, dtype=dtype)
+    self.mask_head = MaskHead(conv_dim=c.mask_conv_dim, dtype=dtype)
+    self.landmark_head = LandmarkHead(conv_dim=c.landmark_conv_dim,
+                                      num_convs=c.landmark_num_convs, dtype=dtype)
+    self.matching_head = MatchingHead(embed_dim=c.embed_dim, conv_dim=c.match_conv_dim,
+                                      proj_dim=c.match_proj_dim, dtype=dtype)
+    self.scorer = PairScorer(embed_dim=c.embed_dim)
+
+  # ------------------------------------------------------------------------------------------
+  # Shared pieces.
+
+  def _anchors(self) -> list[np.ndarray]:
+    return anchor_ops.fpn_anchors(tuple(self.canvas_hw))
+
+  def _features(self, images: Array) -> dict[str, Array]:
+    x = normalize_image(images, jnp.dtype(self.config.dtype))
+    return self.fpn(self.backbone(x))
+
+  @staticmethod
+  def _pool(feats: dict[str, Array], boxes: Array, size: int) -> Array:
+    """[B, N, 4] boxes -> [B * N, size, size, C] features from each box's FPN level."""
+    levels = [feats[f"P{k}"] for k in (2, 3, 4, 5)]
+    pooled = roi_ops.multilevel_roi_align(levels, boxes, size, sampling_ratio=2)
+    return pooled.reshape((-1,) + pooled.shape[2:])
+
+  def _proposals(self, feats, image_hw, train: bool):
+    c = self.config
+    logits, deltas = self.rpn(feats)
+    pre = c.rpn_pre_nms_topk_train if train else c.rpn_pre_nms_topk_test
+    post = c.rpn_post_nms_topk_train if train else c.rpn_post_nms_topk_test
+    boxes, _, valid = proposal_ops.generate_proposals(
+        logits, deltas, self._anchors(), image_hw, pre, post, c.rpn_nms_threshold)
+    return logits, deltas, boxes, valid
+
+  def _embed(self, feats: dict[str, Array], boxes: Array) -> Array:
+    """[B, N, 4] -> [B, N, D] float32 embeddings."""
+    b, n = boxes.shape[:2]
+    return self.matching_head(self._pool(feats, boxes, 7)).reshape(b, n, -1)
+
+  # ------------------------------------------------------------------------------------------
+  # Training.
+
+  def losses(self, batch: dict[str, Array]) -> dict[str, Array]:
+    """The seven unweighted loss terms (LOSS_TERMS) of one batch of image pairs."""
+    c = self.config
+    num_pairs = batch["image"].shape[0]
+    b = 2 * num_pairs
+    images = _flatten_pairs(batch["image"])
+    image_hw = _flatten_pairs(batch["image_hw"])
+    gt_boxes = _flatten_pairs(batch["boxes"]).astype(jnp.float32)
+    gt_classes = _flatten_pairs(batch["classes"]).astype(jnp.int32)
+    gt_valid = _flatten_pairs(batch["instance_valid"])
+    key_rpn, key_roi = jax.random.split(self.make_rng("sampling"))
+
+    feats = self._features(images)
+    rpn_logits, rpn_deltas, proposals, proposal_valid = self._proposals(feats, image_hw, True)
+
+    # RPN.
+    anchors = jnp.asarray(np.concatenate(self._anchors()))
+    rpn_t = jax.vmap(
+        lambda k, g, v: target_ops.rpn_targets(
+            k, anchors, g, v, c.rpn_batch_size_per_image, c.rpn_positive_fraction)
+    )(_split_keys(key_rpn, b), gt_boxes, gt_valid)
+    rpn_cls, rpn_box = loss_lib.rpn_losses(rpn_logits, rpn_deltas, rpn_t["labels"],
+                                           rpn_t["deltas"], c.rpn_batch_size_per_image)
+
+    # Box head on R sampled RoIs per image (foreground first).
+    roi_t = jax.vmap(
+        lambda k, p, pv, g, gc, gv: target_ops.roi_targets(
+            k, p, pv, g, gc, gv, c.roi_batch_size_per_image, c.roi_positive_fraction)
+    )(_split_keys(key_roi, b), proposals, proposal_valid, gt_boxes, gt_classes, gt_valid)
+    rois = roi_t["rois"]
+    r = rois.shape[1]
+    class_logits, box_deltas = self.box_head(self._pool(feats, rois, 7))
+    cls, box = loss_lib.box_head_losses(class_logits.reshape(b, r, -1),
+                                        box_deltas.reshape(b, r, -1), roi_t["classes"],
+                                        roi_t["box_deltas"], roi_t["roi_valid"])
+
+    # Mask head on the first F rows (all foreground candidates).
+    f = c.mask_rois_per_image
+    fg_rois, fg = rois[:, :f], roi_t["is_fg"][:, :f] & roi_t["roi_valid"][:, :f]
+    fg_classes = jnp.where(fg, roi_t["classes"][:, :f], 0)
+    matched = roi_t["matched_gt"][:, :f]
+    mask_logits = self.mask_head(self._pool(feats, fg_rois, 14))
+    mask_logits = mask_logits.reshape((b, f) + mask_logits.shape[1:])
+    mask_t = jax.vmap(target_ops.mask_targets)(
+        _flatten_pairs(batch["masks"]), gt_boxes, fg_rois, matched)
+    mask = loss_lib.mask_loss(mask_logits, jnp.maximum(fg_classes, 1), mask_t, fg)
+
+    # Landmark head on the first L foreground rows (a random subset: sampling is random).
+    n_lm = min(c.landmark_rois_per_image, f)
+    lm_rois, lm_classes = fg_rois[:, :n_lm], fg_classes[:, :n_lm]
+    lm_logits = self.landmark_head(self._pool(feats, lm_rois, 14))
+    lm_logits = lm_logits.reshape((b, n_lm) + lm_logits.shape[1:])
+    lm_index, lm_valid = jax.vmap(
+        lambda g, rr, m, cc: target_ops.landmark_targets(
+            g, rr, m, cc, 2 * lm_logits.shape[2], visible_only=c.landmark_visible_only)
+    )(_flatten_pairs(batch["landmarks"]).astype(jnp.float32), lm_rois, matched[:, :n_lm],
+      lm_classes)
+    landmark = loss_lib.landmark_loss(lm_logits, lm_index, lm_valid, lm_classes,
+                                      upsample=upsample_heatmaps)
+
+    # Matching: embeddings of the ground-truth items, every user item x shop item of a pair.
+    emb = self._embed(feats, gt_boxes).reshape((num_pairs, 2) + gt_boxes.shape[1:2] + (-1,))
+    pair_logits = self.scorer(emb[:, 0], emb[:, 1])
+    pid, sty, val = batch["pair_id"], batch["style"], batch["instance_valid"]
+    labels, valid = jax.vmap(target_ops.pair_targets)(
+        pid[:, 0], sty[:, 0], val[:, 0], pid[:, 1], sty[:, 1], val[:, 1])
+    valid = valid & batch["match_valid"][:, None, None]
+    pair = loss_lib.pair_loss(pair_logits, labels, valid)
+
+    return dict(rpn_cls=rpn_cls, rpn_box=rpn_box, cls=cls, box=box, mask=mask,
+                landmark=landmark, pair=pair)
+
+  # ------------------------------------------------------------------------------------------
+  # Inference.
+
+  def detect(self, images: Array, image_hw: Array) -> dict[str, Array]:
+    """Detections of a batch of single images.
+
+    Args:
+      images: [B, H, W, 3] uint8 canvases.
+      image_hw: [B, 2] content height, width on the canvas.
+
+    Returns (D = detections_per_image):
+      boxes [B, D, 4] canvas coordinates, scores [B, D], classes [B, D] (1..13), valid [B, D],
+      masks [B, D, 28, 28] probabilities in the box frame, landmarks [B, D, 294, 3]
+      (x, y, score; only the detection's category slice is filled, zeros elsewhere),
+      embeddings [B, D, embed_dim]. All float32 except classes (int32) and valid.
+    """
+    c = self.config
+    b = images.shape[0]
+    feats = self._features(images)
+    _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False)
+    k = proposals.shape[1]
+    class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7))
+    probs = jax.nn.softmax(class_logits.reshape(b, k, -1), axis=-1)[..., 1:]  # [B, K, 13]
+    nc = probs.shape[-1]
+    boxes = box_ops.decode(box_deltas.reshape(b, k, nc, 4), proposals[:, :, None, :],
+                           box_ops.ROI_BOX_WEIGHTS)
+    boxes = box_ops.clip_boxes(boxes.reshape(b, k * nc, 4), image_hw)
+    scores = probs.reshape(b, k * nc)
+    classes = jnp.broadcast_to(jnp.arange(1, nc + 1, dtype=jnp.int32), (b, k, nc))
+    classes = classes.reshape(b, k * nc)
+    ok = (jnp.repeat(proposal_valid, nc, axis=1) & (scores > c.score_threshold)
+          & box_ops.nonempty(boxes))
+    # A fixed candidate budget before NMS (the highest scores), then class-aware NMS.
+    cand = min(c.detection_candidates, k * nc)
+    top_scores, top = jax.lax.top_k(jnp.where(ok, scores, -jnp.inf), cand)
+    take = lambda x: jnp.take_along_axis(x, top[..., None] if x.ndim == 3 else top, axis=1)
+    cand_boxes, cand_classes, cand_ok = take(boxes), take(classes), take(ok)
+    keep, keep_valid = nms_ops.batched_nms(cand_boxes, top_scores, cand_classes, cand_ok,
+                                           c.detection_nms_threshold, c.detections_per_image)
+    det_boxes = jnp.take_along_axis(cand_boxes, keep[..., None], axis=1)
+    det_scores = jnp.where(keep_valid, jnp.take_along_axis(top_scores, keep, axis=1), 0.0)
+    det_classes = jnp.where(keep_valid, jnp.take_along_axis(cand_classes, keep, axis=1), 0)
+    det_boxes = jnp.where(keep_valid[..., None], det_boxes, 0.0)
+    d = det_boxes.shape[1]
+    channel = jnp.maximum(det_classes, 1) - 1
+
+    mask_logits = self.mask_head(self._pool(feats, det_boxes, 14)).reshape(b, d, 28, 28, -1)
+    masks = jax.nn.sigmoid(jnp.take_along_axis(
+        mask_logits, channel[:, :, None, None, None], axis=-1)[..., 0])
+
+    landmarks = self._landmarks(feats, det_boxes, det_classes)
+    embeddings = self._embed(feats, det_boxes)
+    return dict(boxes=det_boxes, scores=det_scores, classes=det_classes, valid=keep_valid,
+                masks=masks, landmarks=landmarks, embeddings=embeddings)
+
+  def _landmarks(self, feats, boxes: Array, classes: Array) -> Array:
+    """[B, D, 294, 3] landmarks of each box's category (others zero)."""
+    b, d = boxes.shape[:2]
+    logits = self.landmark_head(self._pool(feats, boxes, 14))  # [B*D, 28, 28, 294]
+    cls = jnp.maximum(classes, 1).reshape(-1)
+    channels = jnp.asarray(loss_lib.CATEGORY_CHANNELS)[cls]  # [B*D, 39]
+    own = jnp.asarray(loss_lib.CATEGORY_CHANNEL_VALID)[cls]
+    gathered = jnp.take_along_axis(logits, channels[:, None, None, :], axis=-1)
+    points = heatmaps_to_landmarks(upsample_heatmaps(gathered), boxes.reshape(-1, 4))
+    points = jnp.where(own[..., None], points, 0.0)  # [B*D, 39, 3]
+    out = jnp.zeros((b * d, df2.NUM_LANDMARKS, 3), jnp.float32)
+    rows = jnp.arange(b * d)[:, None]
+    # Padded slots of a category all point at its first channel with zeros: add, not set.
+    out = out.at[rows, channels].add(points)
+    valid = (classes > 0).reshape(-1)[:, None, None]
+    return jnp.where(valid, out, 0.0).reshape(b, d, df2.NUM_LANDMARKS, 3)
+
+  def embed(self, images: Array, boxes: Array) -> Array:
+    """Embeddings [B, N, D] of given boxes [B, N, 4] (canvas coordinates)."""
+    return self._embed(self._features(images), boxes.astype(jnp.float32))
+
+  def match_logits(self, query: Array, gallery: Array) -> Array:
+    """Match logits [..., Q, G] of query embeddings [..., Q, D] against a gallery [..., G, D]."""
+    return self.scorer(query, gallery)
+
+
+def init_variables(model: MatchRCNN, rng: Array, batch: dict[str, Any]) -> dict[str, Any]:
+  """Parameters ("params") and frozen constants ("constants") from a training batch's shapes."""
+  params_rng, sampling_rng = jax.random.split(rng)
+  init = jax.jit(lambda r1, r2, b: model.init({"params": r1, "sampling": r2}, b,
+                                                method=MatchRCNN.losses))
+  return init(params_rng, sampling_rng, batch)
