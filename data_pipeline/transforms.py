@@ -2,7 +2,7 @@
 
 This module also defines the per-image part of the batch contract (``image_spec``); the input
 pipeline stacks these into batches and the model reads them. It imports neither TensorFlow nor
-JAX, so every part of the project can use it.
+JAX (and OpenCV only inside ``encode_image``), so every part of the project can use it.
 
 Coordinates are continuous: a pixel (i, j) covers [j, j + 1) x [i, i + 1); resizing multiplies
 coordinates by the per-axis scale; a horizontal flip of content of width w maps x to w - x.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import cv2
 import numpy as np
 
 from data_pipeline import deepfashion2 as df2
@@ -156,6 +155,7 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
     geometry: canvas and instance sizes.
     flip: whether to flip horizontally.
   """
+  import cv2  # Here, not at the top: the batch contract must import without OpenCV.
   h, w = image.shape[:2]
   if (h, w) != (record.height, record.width):
     raise ValueError(f"{record.image_path}: decoded size {w}x{h} differs from the record's "

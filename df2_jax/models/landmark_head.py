@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from df2_jax.models.layers import SubpixelConvTranspose
 from data_pipeline.deepfashion2 import NUM_LANDMARKS
 
 Array = jnp.ndarray
@@ -79,15 +80,11 @@ class LandmarkHead(nn.Module):
                   name=f"conv_fcn{i + 1}", **kw)(x)
       x = nn.relu(x)
     k = self.deconv_kernel
-    # torch ConvTranspose2d(k, stride=2, padding=k // 2 - 1) gives 2h; lax pads
-    # the dilated input by k - 1 - padding = k // 2 on each side.
-    # transpose_kernel=True gives torch's kernel orientation and the
-    # [k, k, out, in] layout (so fan_out = in * k * k, as torch computes it).
-    x = nn.ConvTranspose(self.num_landmarks, (k, k), strides=(2, 2),
-                         padding=((k // 2, k // 2), (k // 2, k // 2)),
-                         transpose_kernel=True,
-                         preferred_element_type=jnp.float32,
-                         name="score_lowres", **kw)(x)
+    # torch ConvTranspose2d(k, stride=2, padding=k // 2 - 1): 14 -> 28, kernel stored as
+    # [k, k, out, in] (torch's fan_out = in * k * k), run as a conv + pixel shuffle.
+    x = SubpixelConvTranspose(self.num_landmarks, k, k // 2 - 1,
+                              preferred_element_type=jnp.float32,
+                              name="score_lowres", **kw)(x)
     return x.astype(jnp.float32)
 
 

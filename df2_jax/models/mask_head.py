@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from df2_jax.models.layers import SubpixelConvTranspose
 from data_pipeline.deepfashion2 import NUM_CATEGORIES
 
 Array = jnp.ndarray
@@ -67,12 +68,10 @@ class MaskHead(nn.Module):
       x = nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                   kernel_init=c2_msra_fill, name=f"mask_fcn{i + 1}", **kw)(x)
       x = nn.relu(x)
-    # torch ConvTranspose2d(k=2, s=2, p=0): lax pads the dilated input by
-    # k - 1 - p = 1 on each side; transpose_kernel=True gives torch's kernel
-    # orientation and its [k, k, out, in] layout (so fan_out = in * k * k).
-    x = nn.ConvTranspose(self.conv_dim, (2, 2), strides=(2, 2),
-                         padding=((1, 1), (1, 1)), transpose_kernel=True,
-                         kernel_init=c2_msra_fill, name="deconv", **kw)(x)
+    # torch ConvTranspose2d(k=2, s=2, p=0): 14 -> 28, kernel stored as [k, k, out, in]
+    # (torch's fan_out = in * k * k), run as a 1x1 conv + pixel shuffle.
+    x = SubpixelConvTranspose(self.conv_dim, 2, 0, kernel_init=c2_msra_fill, name="deconv",
+                              **kw)(x)
     x = nn.relu(x)
     x = nn.Conv(self.num_classes, (1, 1),
                 kernel_init=nn.initializers.normal(0.001),

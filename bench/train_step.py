@@ -1,0 +1,184 @@
+r"""Full Match R-CNN train-step throughput (forward + backward + SGD), images per second.
+
+  # The paper's resolution on a GPU, bf16, 4 image pairs = 8 images, plus the torchvision peer:
+  python bench/train_step.py --canvas 800x1344 --pairs 4 --dtype bfloat16 --peer
+  # A tiny CPU run:
+  python bench/train_step.py --model tiny --canvas 128x128 --pairs 2 --steps 5
+
+Batches are random but valid (boxes inside the canvas, 3 items per image, masks and landmarks
+of each item's category) and built with numpy only: no TensorFlow, no OpenCV. The step is the
+real one (df2_jax.train_step) with donated state. Prints img/s after warm-up, the compile time,
+and peak device memory where the backend reports it. ``--peer`` times torchvision's Mask R-CNN
+with a 294-landmark keypoint head (bf16 autocast) at the same batch and size in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipeline import deepfashion2 as df2
+from data_pipeline import transforms
+from df2_jax import train_step as ts
+from df2_jax.models.match_rcnn import MatchRCNN, MatchRCNNConfig, init_variables
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("canvas", "800x1344", "Canvas HxW (multiples of 32).")
+flags.DEFINE_integer("pairs", 4, "Image pairs per step (2 images each).")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_enum("model", "full", ["full", "tiny"], "Full ResNet-50 model or a tiny one.")
+flags.DEFINE_integer("items", 3, "Items per image.")
+flags.DEFINE_integer("max_instances", 8, "M.")
+flags.DEFINE_integer("mask_size", 112, "GT mask crop size.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_boolean("peer", False, "Also time torchvision Mask R-CNN + 294-landmark head.")
+
+TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, fpn_channels=32, rpn_pre_nms_topk_train=300,
+            rpn_post_nms_topk_train=100, roi_batch_size_per_image=64, box_fc_dim=64,
+            mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2,
+            landmark_rois_per_image=8, match_conv_dim=16, match_proj_dim=32, embed_dim=16)
+
+
+def random_batch(rng: np.random.Generator, pairs: int, geometry: transforms.ImageGeometry,
+                 items: int) -> dict[str, np.ndarray]:
+  """A valid random training batch (the pipeline's contract) in numpy."""
+  h, w = geometry.canvas_hw
+  m, s = geometry.max_instances, geometry.mask_size
+  lead = (pairs, 2)
+  spec = transforms.image_spec(geometry)
+  b = {k: np.zeros(lead + shape, dtype) for k, (shape, dtype) in spec.items()}
+  b["image"] = rng.integers(0, 255, lead + (h, w, 3), dtype=np.uint8)
+  b["image_hw"][:] = (h, w)
+  b["scale"][:] = 1.0
+  b["orig_hw"][:] = (h, w)
+  b["image_id"][:] = np.arange(2 * pairs).reshape(lead)
+  wh = rng.uniform(0.15, 0.6, lead + (items, 2)) * (w, h)
+  xy = rng.uniform(0, 1, lead + (items, 2)) * ((w, h) - wh)
+  b["boxes"][..., :items, :] = np.concatenate([xy, xy + wh], -1)
+  cls = rng.integers(1, 14, lead + (items,))
+  b["classes"][..., :items] = cls
+  b["instance_valid"][..., :items] = True
+  b["masks"][..., :items, s // 8:-s // 8, s // 8:-s // 8] = 1
+  pts = rng.uniform(0, 1, lead + (items, df2.NUM_LANDMARKS, 2)) * wh[..., None, :] + xy[..., None, :]
+  vis = rng.integers(1, 3, lead + (items, df2.NUM_LANDMARKS))
+  own = df2.CATEGORY_LANDMARK_MASK[cls]
+  b["landmarks"][..., :items, :, :2] = np.where(own[..., None], pts, 0)
+  b["landmarks"][..., :items, :, 2] = np.where(own, vis, 0)
+  b["pair_id"][..., :items] = np.arange(pairs)[:, None, None] + 1
+  b["style"][..., :items] = np.arange(1, items + 1)
+  b["match_valid"] = np.ones(pairs, bool)
+  return b
+
+
+def peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def bench_jax(canvas, geometry) -> None:
+  fields = TINY if FLAGS.model == "tiny" else {}
+  config = dataclasses.replace(MatchRCNNConfig(**fields), dtype=FLAGS.dtype)
+  model = MatchRCNN(config, canvas)
+  rng = np.random.default_rng(0)
+  batches = [random_batch(rng, FLAGS.pairs, geometry, FLAGS.items) for _ in range(2)]
+  batches = [jax.device_put(b) for b in batches]
+  variables = init_variables(model, jax.random.key(0), batches[0])
+  tx = ts.make_optimizer(0.02, variables["params"], freeze_at=config.freeze_at)
+  state = ts.create_train_state(variables, tx)
+  step = ts.make_train_step(model, tx, {})
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  state, metrics = step(state, batches[0], key)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  for i in range(FLAGS.warmup):
+    state, metrics = step(state, batches[i % 2], key)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for i in range(FLAGS.steps):
+    state, metrics = step(state, batches[i % 2], key)
+  jax.block_until_ready(metrics)
+  elapsed = time.perf_counter() - start
+  images = FLAGS.steps * FLAGS.pairs * 2
+  peak = peak_memory_gib()
+  print(f"df2-jax Match R-CNN ({FLAGS.model}, {FLAGS.dtype}) {canvas[0]}x{canvas[1]}, "
+        f"{2 * FLAGS.pairs} images/step: {images / elapsed:.1f} img/s "
+        f"({1000 * elapsed / FLAGS.steps:.1f} ms/step, compile+first step {compile_s:.1f} s"
+        + (f", peak {peak:.1f} GiB" if peak is not None else "") + f"); loss "
+        f"{float(metrics['loss']):.3f}; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+
+
+def bench_peer(canvas) -> None:
+  import torch
+  import torchvision
+  from torchvision.models.detection import MaskRCNN, KeypointRCNN  # noqa: F401
+  from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+  from torchvision.models.detection.roi_heads import KeypointRCNNHeads, KeypointRCNNPredictor
+  from torchvision.ops import MultiScaleRoIAlign
+  device = torch.device("cuda")
+  backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+  model = MaskRCNN(backbone, num_classes=14, min_size=canvas[0], max_size=canvas[1])
+  model.roi_heads.keypoint_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+  model.roi_heads.keypoint_head = KeypointRCNNHeads(256, tuple([512] * 8))
+  model.roi_heads.keypoint_predictor = KeypointRCNNPredictor(512, df2.NUM_LANDMARKS)
+  model.to(device).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+  n = 2 * FLAGS.pairs
+  rng = np.random.default_rng(0)
+  geometry = transforms.ImageGeometry(canvas, canvas[0], canvas[1], FLAGS.items, 28)
+  b = random_batch(rng, FLAGS.pairs, geometry, FLAGS.items)
+  images = [torch.rand(3, canvas[0], canvas[1], device=device) for _ in range(n)]
+  targets = []
+  for i in range(n):
+    p, j = divmod(i, 2)
+    boxes = torch.tensor(b["boxes"][p, j, :FLAGS.items], device=device)
+    masks = torch.zeros(FLAGS.items, canvas[0], canvas[1], dtype=torch.uint8, device=device)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+      masks[k, y1:y2, x1:x2] = 1
+    kp = torch.tensor(b["landmarks"][p, j, :FLAGS.items], device=device)
+    targets.append(dict(boxes=boxes, labels=torch.tensor(b["classes"][p, j, :FLAGS.items],
+                                                          device=device, dtype=torch.int64),
+                        masks=masks, keypoints=kp))
+
+  def one_step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+      losses = model(images, targets)
+    loss = sum(losses.values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  for _ in range(FLAGS.warmup + 1):
+    one_step()
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    one_step()
+  torch.cuda.synchronize()
+  elapsed = time.perf_counter() - start
+  print(f"torchvision {torchvision.__version__} Mask R-CNN + keypoint head (294, 8 conv 512), "
+        f"bf16 autocast, batch {n} at {canvas[0]}x{canvas[1]}: "
+        f"{FLAGS.steps * n / elapsed:.1f} img/s, peak "
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def main(argv):
+  del argv
+  canvas = tuple(int(v) for v in FLAGS.canvas.split("x"))
+  geometry = transforms.ImageGeometry(canvas, min(canvas), max(canvas), FLAGS.max_instances,
+                                      FLAGS.mask_size)
+  bench_jax(canvas, geometry)
+  if FLAGS.peer:
+    bench_peer(canvas)
+
+
+if __name__ == "__main__":
+  app.run(main)

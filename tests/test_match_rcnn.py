@@ -1,0 +1,149 @@
+"""The assembled Match R-CNN: loss terms, inference outputs, the compiled train step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from data_pipeline import deepfashion2 as df2
+from data_pipeline import memory, transforms
+from df2_jax import train_step as ts
+from df2_jax.models import matching
+from df2_jax.models.match_rcnn import LOSS_TERMS, MatchRCNN, MatchRCNNConfig, init_variables
+from df2_jax.ops import boxes as box_ops
+
+SIZE = 128
+GEOMETRY = transforms.ImageGeometry((SIZE, SIZE), 96, SIZE, 4, 28)
+TINY = MatchRCNNConfig(
+    stage_sizes=(1, 1, 1, 1), width=8, freeze_at=0, fpn_channels=32,
+    rpn_pre_nms_topk_train=300, rpn_post_nms_topk_train=100, rpn_pre_nms_topk_test=300,
+    rpn_post_nms_topk_test=100, roi_batch_size_per_image=64, box_fc_dim=64, mask_conv_dim=16,
+    landmark_conv_dim=32, landmark_num_convs=2, landmark_rois_per_image=8, match_conv_dim=16,
+    match_proj_dim=32, embed_dim=16, detections_per_image=10, detection_candidates=200)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch(first_pair=0):
+  return memory.synthetic_pair_batch(2, GEOMETRY, image_size=SIZE, first_pair=first_pair)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_and_variables():
+  model = MatchRCNN(TINY, (SIZE, SIZE))
+  return model, init_variables(model, jax.random.key(0), _batch())
+
+
+def _state(variables, tx):
+  """A train state on copies: the step donates its state, the cached variables must survive."""
+  return ts.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)
+
+
+def _flat(x):
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def test_initial_loss_terms_are_the_uninformed_values():
+  model, variables = _model_and_variables()
+  assert set(variables) == {"params", "constants"}
+  terms = jax.jit(lambda v, b, k: model.apply(v, b, rngs={"sampling": k},
+                                              method=MatchRCNN.losses))(
+                                                  variables, _batch(), jax.random.key(1))
+  assert set(terms) == set(LOSS_TERMS)
+  assert all(np.isfinite(float(v)) for v in terms.values())
+  # Near-zero initial logits: BCE = ln 2 (mask, pair), softmax over 56 x 56 = ln 3136.
+  np.testing.assert_allclose(float(terms["mask"]), np.log(2), atol=0.01)
+  np.testing.assert_allclose(float(terms["pair"]), np.log(2), atol=0.01)
+  np.testing.assert_allclose(float(terms["landmark"]), np.log(56 * 56), atol=0.3)
+  np.testing.assert_allclose(float(terms["cls"]), np.log(14), atol=0.5)
+
+
+def test_detect_outputs():
+  model, variables = _model_and_variables()
+  b = _batch()
+  out = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))(
+      variables, _flat(b["image"]), _flat(b["image_hw"]))
+  d = TINY.detections_per_image
+  shapes = {k: v.shape for k, v in out.items()}
+  assert shapes == {"boxes": (4, d, 4), "scores": (4, d), "classes": (4, d), "valid": (4, d),
+                    "masks": (4, d, 28, 28), "landmarks": (4, d, 294, 3),
+                    "embeddings": (4, d, 16)}
+  classes, valid = np.asarray(out["classes"]), np.asarray(out["valid"])
+  assert ((classes > 0) == valid).all()
+  lms = np.asarray(out["landmarks"])
+  for i, j in zip(*np.nonzero(valid)):
+    outside = ~df2.CATEGORY_LANDMARK_MASK[classes[i, j]]
+    assert (lms[i, j][outside] == 0).all()
+  masks = np.asarray(out["masks"])
+  assert ((masks >= 0) & (masks <= 1)).all()
+
+
+def test_gallery_scores_are_the_pairwise_formula():
+  model, variables = _model_and_variables()
+  b = _batch()
+  emb = model.apply(variables, _flat(b["image"]), _flat(b["boxes"]), method=MatchRCNN.embed)
+  assert emb.shape == (4, 4, 16)
+  query, gallery = emb[0], emb.reshape(-1, 16)
+  got = model.apply(variables, query, gallery, method=MatchRCNN.match_logits)
+  scorer = variables["params"]["scorer"]
+  want = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"], query, gallery)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_compiles_once_and_has_no_host_callbacks():
+  model, variables = _model_and_variables()
+  tx = ts.make_optimizer(0.01, variables["params"], freeze_at=0)
+  state = _state(variables, tx)
+  step = ts.make_train_step(model, tx, {})
+  key = jax.random.key(0)
+  hlo = step.lower(state, _batch(), key).as_text()
+  assert "callback" not in hlo.lower()
+  for first in (0, 2, 4):
+    state, metrics = step(state, _batch(first), key)
+  assert int(state.step) == 3
+  assert step._cache_size() == 1
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_frozen_stages_do_not_move():
+  model = MatchRCNN(TINY, (SIZE, SIZE))
+  variables = _model_and_variables()[1]
+  tx = ts.make_optimizer(0.01, variables["params"], freeze_at=2)
+  state = _state(variables, tx)
+  before = jax.tree_util.tree_map(np.asarray, state.params)
+  state, _ = ts.make_train_step(model, tx, {})(state, _batch(), jax.random.key(0))
+  after = state.params
+  np.testing.assert_array_equal(after["backbone"]["conv1"]["kernel"],
+                                before["backbone"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(after["backbone"]["layer1_0"]["conv1"]["kernel"],
+                                before["backbone"]["layer1_0"]["conv1"]["kernel"])
+  assert not np.array_equal(after["backbone"]["layer2_0"]["conv1"]["kernel"],
+                            before["backbone"]["layer2_0"]["conv1"]["kernel"])
+
+
+def test_overfits_two_synthetic_pairs():
+  """A narrow model on 2 image pairs: every loss term falls below half its start, and every
+  ground-truth item of the training images is detected with IoU > 0.5."""
+  model, variables = _model_and_variables()
+  tx = optax.adam(1e-3)
+  state = _state(variables, tx)
+  step = ts.make_train_step(model, tx, {})
+  batch, key = _batch(), jax.random.key(3)
+  history = []
+  for _ in range(200):
+    state, metrics = step(state, batch, key)
+    history.append({k: float(v) for k, v in metrics.items()})
+  first = history[0]
+  last = {k: np.mean([h[k] for h in history[-10:]]) for k in first}
+  for term in ("cls", "box", "landmark", "mask", "pair", "rpn_cls"):
+    assert last[term] < 0.5 * first[term], (term, first[term], last[term])
+  out = model.apply({"params": state.params, "constants": state.constants},
+                    _flat(batch["image"]), _flat(batch["image_hw"]), method=MatchRCNN.detect)
+  gt_boxes, gt_valid = _flat(batch["boxes"]), _flat(batch["instance_valid"])
+  for i in range(4):
+    iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt_boxes[i][gt_valid[i]]),
+                                          out["boxes"][i]))
+    iou = np.where(np.asarray(out["valid"][i])[None], iou, 0)
+    assert (iou.max(axis=1) > 0.5).all(), (i, iou.max(axis=1))
