@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import deepfashion2 as df2
+from df2_jax.models.landmark_head import upsample_heatmaps
 
 Array = jnp.ndarray
 
@@ -154,16 +155,6 @@ def mask_loss(mask_logits: Array, classes: Array, targets: Array,
   return _safe_div(jnp.sum(jnp.where(fg[:, :, None, None], bce, 0.0)), num)
 
 
-def upsample_bilinear_x2(x: Array) -> Array:
-  """Bilinear x2 upsampling of [N, H, W, C] -> [N, 2H, 2W, C].
-
-  Equals torch interpolate(scale_factor=2, mode='bilinear',
-  align_corners=False): half-pixel centres, edges clamped.
-  """
-  n, h, w, c = x.shape
-  return jax.image.resize(x, (n, 2 * h, 2 * w, c), method='bilinear')
-
-
 def landmark_loss(
     heatmap_logits: Array, indices: Array, valid: Array, classes: Array,
     upsample: Optional[Callable[[Array], Array]] = None) -> Array:
@@ -184,12 +175,12 @@ def landmark_loss(
     valid: [B, R, 294] bool.
     classes: [B, R] int32 in 0..13 (0: the RoI has no landmarks).
     upsample: maps [N, h, w, C] to [N, H, W, C]; default
-      `upsample_bilinear_x2`.
+      `landmark_head.upsample_heatmaps` (torch bilinear x2, align_corners=False).
 
   Returns:
     float32 scalar; 0 without valid entries.
   """
-  upsample = upsample_bilinear_x2 if upsample is None else upsample
+  upsample = upsample_heatmaps if upsample is None else upsample
   b, r, h, w, _ = heatmap_logits.shape
   classes = jnp.clip(jnp.asarray(classes, jnp.int32), 0,
                      df2.NUM_CATEGORIES)

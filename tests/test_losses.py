@@ -9,6 +9,7 @@ import pytest
 
 from data_pipeline import deepfashion2 as df2
 from df2_jax import losses
+from df2_jax.models.landmark_head import upsample_heatmaps
 
 LN2 = math.log(2.0)
 
@@ -138,31 +139,6 @@ def test_mask_loss_soft_targets():
 # ----------------------------------------------------------------- landmarks
 
 
-def _torch_bilinear_x2(x):
-  """torch interpolate(scale_factor=2, bilinear, align_corners=False), NHWC."""
-  x = np.asarray(x, np.float64)
-
-  def axis_weights(n):
-    w = np.zeros((2 * n, n))
-    for o in range(2 * n):
-      src = max((o + 0.5) / 2 - 0.5, 0.0)
-      i0 = int(math.floor(src))
-      i1 = min(i0 + 1, n - 1)
-      lam = src - i0
-      w[o, i0] += 1 - lam
-      w[o, i1] += lam
-    return w
-
-  wy, wx = axis_weights(x.shape[1]), axis_weights(x.shape[2])
-  return np.einsum('yi,xj,nijc->nyxc', wy, wx, x)
-
-
-def test_upsample_matches_torch_bilinear():
-  x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
-  np.testing.assert_allclose(losses.upsample_bilinear_x2(jnp.asarray(x)),
-                             _torch_bilinear_x2(x), rtol=1e-5, atol=1e-5)
-
-
 def _landmark_loss_all_channels(logits, indices, valid, upsample):
   """Reference: upsample all 294 channels, CE per valid (RoI, landmark)."""
   b, r, h, w, k = logits.shape
@@ -199,7 +175,7 @@ def test_landmark_loss_equals_all_channel_loss():
   logits, indices, valid, classes = _landmark_case(6)
   got = jax.jit(losses.landmark_loss)(logits, indices, valid, classes)
   want = _landmark_loss_all_channels(logits, indices, valid,
-                                     losses.upsample_bilinear_x2)
+                                     upsample_heatmaps)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert got.dtype == jnp.float32
 

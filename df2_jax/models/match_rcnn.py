@@ -211,8 +211,7 @@ class MatchRCNN(nn.Module):
             g, rr, m, cc, 2 * lm_logits.shape[2], visible_only=c.landmark_visible_only)
     )(_flatten_pairs(batch["landmarks"]).astype(jnp.float32), lm_rois, matched[:, :n_lm],
       lm_classes)
-    landmark = loss_lib.landmark_loss(lm_logits, lm_index, lm_valid, lm_classes,
-                                      upsample=upsample_heatmaps)
+    landmark = loss_lib.landmark_loss(lm_logits, lm_index, lm_valid, lm_classes)
 
     # Matching: embeddings of the ground-truth items, every user item x shop item of a pair.
     emb = self._embed(feats, gt_boxes).reshape((num_pairs, 2) + gt_boxes.shape[1:2] + (-1,))
