@@ -58,3 +58,61 @@ def coco_source(json_path: str, image_dir: str, *, strict: bool = False,
   scan = annotations.read_coco(json_path, image_dir, strict=strict, check_image=check_image,
                                num_workers=num_workers)
   return DataSource(scan.records, _path_loader(scan.records), str(json_path), scan.num_skipped)
+
+
+def ensure_synthetic(data) -> str:
+  """The synthetic dataset of ``data`` (a ConfigDict), generated on first use and cached.
+
+  The cache folder is ``{synthetic_dir}/s{seed}_t{train}_v{val}_px{size}``, so changing the
+  recipe generates a new dataset instead of reusing a stale one.
+  """
+  import os
+  from data_pipeline import synthetic
+  root = os.path.join(data.synthetic_dir, f"s{data.synthetic_seed}_t{data.synthetic_train_pairs}"
+                      f"_v{data.synthetic_val_pairs}_px{data.synthetic_image_size}")
+  done = os.path.join(root, "COMPLETE")
+  if not os.path.exists(done):
+    log.info("Generating the synthetic DeepFashion2 dataset in %s (cached for later runs).", root)
+    synthetic.generate(root, data.synthetic_train_pairs, data.synthetic_val_pairs,
+                       data.synthetic_image_size, data.synthetic_seed,
+                       workers=max(1, os.cpu_count() or 1))
+    with open(done, "w") as f:
+      f.write("ok\n")
+  return root
+
+
+def source_from_config(data, split: str) -> DataSource:
+  """The ``DataSource`` of one split as ``config.data`` describes it.
+
+  ``data.format``: "raw" (``data.root/split``), "coco" (``coco_json_{train,eval}`` with
+  ``coco_images_{train,eval}``; ``split`` must be ``data.train_split`` or
+  ``data.eval_split``), "tfds" (``tfds_data_dir``), "synthetic" (generated on first use).
+  """
+  import os
+  kw = dict(strict=data.strict, check_image=data.check_images,
+            num_workers=data.num_workers or None)
+  if data.format == "synthetic":
+    return raw_source(os.path.join(ensure_synthetic(data), split), **kw)
+  if data.format == "raw":
+    if not data.root:
+      raise ValueError("config.data.root is empty: set it to the DeepFashion2 root "
+                       "(holding train/ and validation/), or use config.data.format=synthetic")
+    return raw_source(os.path.join(data.root, split), **kw)
+  if data.format == "coco":
+    which = "train" if split == data.train_split else "eval"
+    json_path, image_dir = data[f"coco_json_{which}"], data[f"coco_images_{which}"]
+    if not json_path or not image_dir:
+      raise ValueError(f"config.data.coco_json_{which} / coco_images_{which} must be set "
+                       f"for format=coco")
+    return coco_source(json_path, image_dir, **kw)
+  if data.format == "tfds":
+    from data_pipeline import tfds_deepfashion2
+    return tfds_deepfashion2.tfds_source(data.tfds_data_dir, split)
+  raise ValueError(f"config.data.format={data.format!r}: expected raw, coco, tfds or synthetic")
+
+
+def geometry_from_config(data):
+  """The ``transforms.ImageGeometry`` of ``config.data``."""
+  from data_pipeline.transforms import ImageGeometry
+  return ImageGeometry(tuple(int(v) for v in data.canvas), int(data.short_side),
+                       int(data.max_size), int(data.max_instances), int(data.mask_size))

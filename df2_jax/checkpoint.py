@@ -1,0 +1,176 @@
+"""Checkpoints of the training state: a thin wrapper over orbax's ``CheckpointManager``.
+
+Each saved step is a directory ``<directory>/<step>/`` with two items:
+
+* ``state``: the ``TrainState`` pytree (step, params, constants, opt_state), written with
+  orbax's PyTree handler (tensorstore, one file set per array; sharded arrays are written by
+  the processes that own them).
+* ``extra``: a small JSON dict for everything that is not an array: the position in the data
+  stream, the config, the git revision.
+
+orbax writes each step into a temporary directory and renames it when complete, saves
+asynchronously (training continues while the arrays are written), saves only every
+``save_interval_steps`` and keeps the ``max_to_keep`` newest steps. Rerunning with the same
+directory resumes from ``latest_step()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE = "state"
+EXTRA = "extra"
+_ITEMS = (STATE, EXTRA)
+
+
+def _handlers() -> dict[str, Any]:
+  return {STATE: ocp.PyTreeCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()}
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with the shardings of jax.Arrays) describing ``tree``."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class CheckpointManager:
+  """Saves and restores ``(TrainState, extra JSON)`` under one directory.
+
+  Args:
+    directory: where the step directories live (created if missing; any path orbax/etils
+      accepts, e.g. ``gs://``).
+    save_interval_steps: ``save`` writes only steps that are multiples of this (``force=True``
+      writes any step).
+    max_to_keep: how many of the newest steps to keep; None keeps all.
+    async_save: write in a background thread; call ``wait_until_finished`` before reading the
+      files and ``close`` at the end.
+  """
+
+  def __init__(self, directory: str | os.PathLike, save_interval_steps: int = 1,
+               max_to_keep: int | None = None, async_save: bool = True):
+    self.directory = os.fspath(directory)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps,
+                                           max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=async_save,
+                                           create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS,
+                                          item_handlers=_handlers())
+
+  def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Saves ``state`` (any pytree of arrays) and ``extra`` (JSON-serialisable) at ``step``.
+
+    Returns whether a checkpoint was started (False when ``step`` is not on the interval or
+    already saved). With async saving, the write finishes in the background.
+    """
+    args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state),
+                                 EXTRA: ocp.args.JsonSave(dict(extra or {}))})
+    return bool(self._manager.save(int(step), args=args, force=force))
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None when the directory holds no checkpoint."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The saved steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, step: int | None = None, target_state: Any = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Reads ``(state, extra)`` of ``step`` (default: the latest).
+
+    Args:
+      step: which step; None for ``latest_step()``.
+      target_state: a pytree with the structure of the saved state (e.g. a freshly created
+        ``TrainState``, real or ``jax.ShapeDtypeStruct`` leaves). Leaves are restored with its
+        dtypes and shardings (jax.Array leaves keep theirs; numpy leaves come back as numpy),
+        and the result has its tree type. Without it the state comes back as nested dicts and
+        lists of arrays placed as they were saved, which needs the same devices.
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint (at ``step``).
+    """
+    self.wait_until_finished()
+    step = self._resolve_step(step)
+    if target_state is None:
+      state_args = ocp.args.PyTreeRestore()
+    else:
+      abstract = _abstract(target_state)
+      state_args = ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE: state_args, EXTRA: ocp.args.JsonRestore()}))
+    return restored[STATE], dict(restored[EXTRA] or {})
+
+  def _resolve_step(self, step: int | None) -> int:
+    steps = self._manager.all_steps()
+    if step is None:
+      step = self._manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    elif int(step) not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} "
+                              f"(saved steps: {sorted(steps)})")
+    return int(step)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "CheckpointManager":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_params(directory: str | os.PathLike, step: int | None = None
+                   ) -> tuple[Any, Any]:
+  """``(params, constants)`` of a saved TrainState as numpy arrays, nothing else.
+
+  For evaluation or prediction anywhere (another machine, another device count): no target
+  state or optimizer is needed, the optimizer state is not read, and the arrays are host numpy
+  arrays to place as the caller likes (``jax.device_put``, ``parallel.replicate``).
+
+  Args:
+    directory: a ``CheckpointManager`` directory.
+    step: which step; None for the latest.
+
+  Raises:
+    FileNotFoundError: when there is no checkpoint (at ``step``).
+  """
+  directory = os.fspath(directory)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=_ITEMS,
+                                  item_handlers=_handlers())
+  try:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.latest_step()
+    if step is None or int(step) not in steps:
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
+                              f"{directory} (saved steps: {sorted(steps)})")
+    metadata = manager.item_metadata(int(step))[STATE]
+    tree = getattr(metadata, "tree", metadata)
+    wanted = {k: tree[k] for k in ("params", "constants") if k in tree}
+    if "params" not in wanted:
+      raise KeyError(f"checkpoint step {step} in {directory} has no 'params' "
+                     f"(top-level keys: {sorted(tree)})")
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          wanted)
+    state_args = ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                        partial_restore=True)
+    restored = manager.restore(int(step), args=ocp.args.Composite(**{STATE: state_args}))
+  finally:
+    manager.close()
+  state = restored[STATE]
+  return state["params"], state.get("constants", {})

@@ -1,0 +1,393 @@
+"""DeepFashion2 detection, segmentation and landmark evaluation (pycocotools COCOeval).
+
+The protocol is stock COCO evaluation with the official DeepFashion2 change (spec section 4 of
+reference/deepfashion2.md): keypoint OKS uses the 294 DeepFashion2 sigmas. bbox/segm use IoU
+.50:.05:.95 with maxDets 1/10/100 and areas all/small/medium/large; keypoints use OKS
+.50:.05:.95 with maxDets 20 and areas all/medium/large; GT with ``num_keypoints`` 0 is ignored
+for keypoints. Landmark AP comes in two flavours:
+
+  * "visible + occluded" (``visible_only=False``): the GT as converted, v in {1, 2} labelled;
+  * "visible" (``visible_only=True``): in a copy of the GT every occluded landmark (v == 1)
+    becomes unlabelled (x = y = v = 0) and ``num_keypoints`` is recounted, so items with only
+    occluded landmarks drop out (ignored, as COCOeval does for num_keypoints 0).
+
+A quirk of the official protocol, kept: for a GT item without labelled landmarks COCOeval's OKS
+measures how far *all* 294 predicted points lie outside the doubled GT box, including the
+(0, 0) points outside the prediction's category slice. A detection of such an item therefore
+usually fails to match it (a false positive instead of an ignored detection), so even perfect
+predictions can score "visible" AP slightly below 1 when some items have only occluded
+landmarks (0.981 on the 16-image real fixture).
+
+Result formats (spec section 4): bbox ``{image_id, category_id, bbox [x, y, w, h], score}``;
+segm ``{image_id, category_id, segmentation: RLE with utf-8 counts, score}``; keypoints
+``{image_id, category_id, keypoints: 882 numbers (294 x [x, y, v]), score}``.
+
+  python -m df2_jax.evaluation.coco --gt GT.json --results R.json --type keypoints \
+      [--visible_only] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+import contextlib
+import copy
+import io
+import json
+import sys
+from typing import Any
+
+import numpy as np
+from pycocotools import coco as coco_api
+from pycocotools import cocoeval
+from pycocotools import mask as mask_utils
+
+from data_pipeline.deepfashion2 import COCO_NAMES
+from data_pipeline.deepfashion2 import NUM_LANDMARKS
+from data_pipeline.deepfashion2 import OKS_SIGMAS
+from data_pipeline.deepfashion2 import landmark_slice
+
+IOU_TYPES = ("bbox", "segm", "keypoints")
+
+# Names of COCOeval.stats entries, by iou type (COCOeval.summarize's order).
+STAT_NAMES = {
+    "bbox": ("AP", "AP50", "AP75", "APs", "APm", "APl",
+             "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"),
+    "keypoints": ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"),
+}
+STAT_NAMES["segm"] = STAT_NAMES["bbox"]
+
+# Rows of format_table: key in metrics_by_type -> row label.
+TABLE_ROWS = (
+    ("bbox", "bbox"),
+    ("segm", "segm"),
+    ("keypoints_visible", "landmarks visible"),
+    ("keypoints", "landmarks vis+occ"),
+)
+
+# Keys a result entry keeps for each iou type (anything else is dropped before loadRes, whose
+# branch choice depends on which keys the first entry has).
+_RESULT_KEYS = {
+    "bbox": ("image_id", "category_id", "bbox", "score"),
+    "segm": ("image_id", "category_id", "segmentation", "score"),
+    "keypoints": ("image_id", "category_id", "keypoints", "score"),
+}
+
+
+def _load_json(obj_or_path: Any) -> Any:
+  if isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__"):
+    with open(obj_or_path) as f:
+      return json.load(f)
+  return obj_or_path
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+  """Swallows pycocotools' prints unless ``verbose``."""
+  if verbose:
+    yield
+  else:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+
+
+def _copy_dataset(gt: dict) -> dict:
+  """A copy of a COCO dataset dict safe to hand to COCOeval.
+
+  COCOeval replaces keys of the annotation dicts (``ignore``, ``segmentation`` -> RLE) but never
+  mutates nested values, so copying the top level and every annotation dict suffices (a deep
+  copy of the 882 keypoint numbers per annotation would dominate the run time).
+  """
+  out = dict(gt)
+  out["annotations"] = [dict(a) for a in gt.get("annotations", [])]
+  return out
+
+
+def visible_only_gt(gt: dict) -> dict:
+  """A copy of a COCO GT dict with occluded landmarks (v == 1) made unlabelled.
+
+  Args:
+    gt: COCO dataset dict whose annotations hold ``keypoints`` (882 numbers).
+
+  Returns:
+    The copy: v == 1 landmarks become (0, 0, 0) and ``num_keypoints`` = count of v > 0.
+    Annotations without ``keypoints`` are copied unchanged. ``gt`` is not modified (changed
+    keypoint lists are new lists; unchanged ones are shared, read-only).
+  """
+  out = _copy_dataset(gt)
+  for ann in out["annotations"]:
+    if "keypoints" not in ann:
+      continue
+    kps = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
+    occluded = kps[:, 2] == 1
+    if occluded.any():
+      kps[occluded] = 0.0
+      ann["keypoints"] = kps.reshape(-1).tolist()
+    ann["num_keypoints"] = int((kps[:, 2] > 0).sum())
+  return out
+
+
+def _coco_from_dict(dataset: dict, verbose: bool) -> coco_api.COCO:
+  coco = coco_api.COCO()
+  coco.dataset = dataset
+  with _quiet(verbose):
+    coco.createIndex()
+  return coco
+
+
+def _empty_results(gt: coco_api.COCO, verbose: bool) -> coco_api.COCO:
+  """A result object with no detections (loadRes cannot take an empty list)."""
+  dataset = {"info": copy.deepcopy(gt.dataset.get("info", {})),
+             "images": list(gt.dataset["images"]),
+             "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+             "annotations": []}
+  return _coco_from_dict(dataset, verbose)
+
+
+def _category_name(gt: coco_api.COCO, cat_id: int) -> str:
+  if cat_id in COCO_NAMES:
+    return COCO_NAMES[cat_id]
+  return str(gt.cats.get(cat_id, {}).get("name", cat_id))
+
+
+def _per_category_ap(evaluator: cocoeval.COCOeval, gt: coco_api.COCO) -> dict[str, float]:
+  """Per-category AP: mean of precision[:, :, k, area all, last maxDet] over entries > -1.
+
+  -1.0 for a category with no (non-ignored) GT, COCOeval's convention for "undefined".
+  """
+  precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+  area_all = evaluator.params.areaRngLbl.index("all")
+  out = {}
+  for k, cat_id in enumerate(evaluator.params.catIds):
+    p = precision[:, :, k, area_all, -1]
+    p = p[p > -1]
+    out[_category_name(gt, cat_id)] = float(np.mean(p)) if p.size else -1.0
+  return out
+
+
+def evaluate(gt: dict | str,
+             results: list[dict] | str,
+             iou_type: str,
+             *,
+             visible_only: bool = False,
+             per_category: bool = True,
+             verbose: bool = False) -> dict:
+  """COCO evaluation of DeepFashion2 results.
+
+  Args:
+    gt: COCO GT dataset dict (data_pipeline.convert.to_coco) or a path to its JSON file. Not
+      modified.
+    results: list of result dicts in the format of ``iou_type`` or a path to a JSON file. Not
+      modified (entries are copied; keys other than those of the format are dropped).
+    iou_type: "bbox", "segm" or "keypoints".
+    visible_only: keypoints only: the paper's "visible" landmark AP (occluded GT landmarks
+      unlabelled). False gives "visible + occluded".
+    per_category: add "per_category" {category name: AP} to the output.
+    verbose: let pycocotools print its progress and summary.
+
+  Returns:
+    {stat name: float} from COCOeval.stats (names in STAT_NAMES[iou_type]: bbox/segm "AP",
+    "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"; keypoints
+    "AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"); -1.0 marks a stat
+    with no GT in its range (COCO's convention). Plus "num_results" and, when per_category,
+    "per_category" {name: AP} (-1.0 for categories without GT). Empty results give AP 0 (not a
+    crash) wherever GT exists.
+
+  Raises:
+    ValueError: unknown iou_type, or visible_only with an iou_type other than keypoints.
+  """
+  if iou_type not in IOU_TYPES:
+    raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+  if visible_only and iou_type != "keypoints":
+    raise ValueError("visible_only applies to iou_type='keypoints' only")
+  gt_dict = _load_json(gt)
+  gt_dict = visible_only_gt(gt_dict) if visible_only else _copy_dataset(gt_dict)
+  results = _load_json(results)
+  keys = _RESULT_KEYS[iou_type]
+  res_list = []
+  for r in results:
+    missing = [k for k in keys if k not in r]
+    if missing:
+      raise ValueError(f"{iou_type} result lacks {missing}: keys {sorted(r)}")
+    res_list.append({k: r[k] for k in keys})  # loadRes/COCOeval only set keys
+
+  coco_gt = _coco_from_dict(gt_dict, verbose)
+  with _quiet(verbose):
+    coco_dt = coco_gt.loadRes(res_list) if res_list else _empty_results(coco_gt, verbose)
+    evaluator = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
+    if iou_type == "keypoints":
+      evaluator.params.kpt_oks_sigmas = np.asarray(OKS_SIGMAS, np.float64)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+  out: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES[iou_type], evaluator.stats)}
+  out["num_results"] = len(res_list)
+  if per_category:
+    out["per_category"] = _per_category_ap(evaluator, coco_gt)
+  return out
+
+
+def evaluate_all(gt: dict | str,
+                 bbox_results: list[dict] | str | None = None,
+                 segm_results: list[dict] | str | None = None,
+                 keypoint_results: list[dict] | str | None = None,
+                 *,
+                 verbose: bool = False) -> dict[str, dict]:
+  """Every evaluation the paper reports, keyed as format_table expects.
+
+  Returns:
+    {"bbox": ..., "segm": ..., "keypoints_visible": ..., "keypoints": ...} (each an
+    ``evaluate`` output), leaving out the types whose results are None.
+  """
+  gt = _load_json(gt)
+  out = {}
+  if bbox_results is not None:
+    out["bbox"] = evaluate(gt, bbox_results, "bbox", verbose=verbose)
+  if segm_results is not None:
+    out["segm"] = evaluate(gt, segm_results, "segm", verbose=verbose)
+  if keypoint_results is not None:
+    out["keypoints_visible"] = evaluate(gt, keypoint_results, "keypoints", visible_only=True,
+                                        verbose=verbose)
+    out["keypoints"] = evaluate(gt, keypoint_results, "keypoints", verbose=verbose)
+  return out
+
+
+def _fmt(value: Any) -> str:
+  if value is None:
+    return "-"
+  value = float(value)
+  return "-" if value < 0 else f"{value:.3f}"
+
+
+def format_table(metrics_by_type: Mapping[str, Mapping]) -> str:
+  """Plain-text summary tables.
+
+  Args:
+    metrics_by_type: {"bbox" | "segm" | "keypoints_visible" | "keypoints": evaluate output}
+      (evaluate_all's output); missing keys are left out of the table.
+
+  Returns:
+    A table with rows bbox / segm / landmarks visible / landmarks vis+occ and columns AP, AP50,
+    AP75, then a per-category AP table (one column per evaluated type) when any entry has
+    "per_category". "-" marks undefined values (-1).
+  """
+  rows = [(label, metrics_by_type[key]) for key, label in TABLE_ROWS if key in metrics_by_type]
+  width = max([len(label) for label, _ in rows] + [len("type")])
+  lines = [f"{'type':<{width}}  {'AP':>6}  {'AP50':>6}  {'AP75':>6}"]
+  lines.append("-" * len(lines[0]))
+  for label, m in rows:
+    lines.append(f"{label:<{width}}  {_fmt(m.get('AP')):>6}  {_fmt(m.get('AP50')):>6}  "
+                 f"{_fmt(m.get('AP75')):>6}")
+  per_cat = [(label, m["per_category"]) for label, m in rows if m.get("per_category")]
+  if per_cat:
+    names: list[str] = []
+    for _, pc in per_cat:
+      names.extend(n for n in pc if n not in names)
+    name_w = max([len(n) for n in names] + [len("category")])
+    col_w = [max(len(label), 6) for label, _ in per_cat]
+    header = f"{'category':<{name_w}}" + "".join(
+        f"  {label:>{w}}" for (label, _), w in zip(per_cat, col_w))
+    lines += ["", "per-category AP", header, "-" * len(header)]
+    for n in names:
+      lines.append(f"{n:<{name_w}}" + "".join(
+          f"  {_fmt(pc.get(n)):>{w}}" for (_, pc), w in zip(per_cat, col_w)))
+  return "\n".join(lines)
+
+
+def _encode_mask(mask: np.ndarray) -> dict:
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  counts = rle["counts"]
+  return {"size": [int(s) for s in rle["size"]],
+          "counts": counts.decode("utf-8") if isinstance(counts, bytes) else counts}
+
+
+def detections_to_results(image_id: int,
+                          boxes_xyxy: np.ndarray,
+                          scores: np.ndarray,
+                          classes: np.ndarray,
+                          valid: np.ndarray | None = None,
+                          masks: np.ndarray | None = None,
+                          landmarks: np.ndarray | None = None,
+                          ) -> tuple[list[dict], list[dict], list[dict]]:
+  """One image's detections -> DeepFashion2 result entries.
+
+  Args:
+    image_id: the COCO image id.
+    boxes_xyxy: [D, 4] boxes [x1, y1, x2, y2] in original image pixels.
+    scores: [D] detection scores.
+    classes: [D] category ids 1..13.
+    valid: [D] bool, False for padding rows (None: all valid).
+    masks: optional [D, H, W] full-image masks, bool (any nonzero value counts as foreground,
+      so threshold soft masks before passing them).
+    landmarks: optional [D, 294, 3] (x, y, score) in original image pixels; only the
+      detection's own category slice is used.
+
+  Returns:
+    (bbox_results, segm_results, keypoint_results): bbox ``{image_id, category_id, bbox
+    [x, y, w, h] with w = x2 - x1, score}``; segm (empty when masks is None) ``{image_id,
+    category_id, segmentation: RLE {size [H, W], counts utf-8 str}, score}``; keypoints (empty
+    when landmarks is None) ``{image_id, category_id, keypoints: 882 numbers, score}`` where the
+    detection's category slice holds (x, y, 2) and every other landmark (0, 0, 0) (COCOeval
+    ignores predicted v), score = the detection score.
+  """
+  boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  classes = np.asarray(classes).reshape(-1).astype(np.int64)
+  num = boxes.shape[0]
+  valid = np.ones(num, bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+  if not scores.shape[0] == classes.shape[0] == valid.shape[0] == num:
+    raise ValueError(f"inconsistent lengths: boxes {num}, scores {scores.shape[0]}, "
+                     f"classes {classes.shape[0]}, valid {valid.shape[0]}")
+  if masks is not None:
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[0] != num:
+      raise ValueError(f"masks must be [D, H, W] with D = {num}, got {masks.shape}")
+  if landmarks is not None:
+    landmarks = np.asarray(landmarks, np.float64)
+    if landmarks.shape != (num, NUM_LANDMARKS, 3):
+      raise ValueError(f"landmarks must be [{num}, {NUM_LANDMARKS}, 3], got {landmarks.shape}")
+  bbox_res, segm_res, kp_res = [], [], []
+  for i in np.nonzero(valid)[0]:
+    cat = int(classes[i])
+    score = float(scores[i])
+    x1, y1, x2, y2 = (float(v) for v in boxes[i])
+    base = {"image_id": int(image_id), "category_id": cat}
+    bbox_res.append({**base, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    if masks is not None:
+      segm_res.append({**base, "segmentation": _encode_mask(masks[i] != 0), "score": score})
+    if landmarks is not None:
+      kps = np.zeros((NUM_LANDMARKS, 3), np.float64)
+      sl = landmark_slice(cat)
+      kps[sl, :2] = landmarks[i, sl, :2]
+      kps[sl, 2] = 2.0
+      kp_res.append({**base, "keypoints": [float(v) for v in kps.reshape(-1)], "score": score})
+  return bbox_res, segm_res, kp_res
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m df2_jax.evaluation.coco",
+      description="DeepFashion2 COCO-style evaluation (bbox, segm, keypoints with 294 sigmas).")
+  parser.add_argument("--gt", required=True, help="COCO GT JSON (data_pipeline.convert)")
+  parser.add_argument("--results", required=True, help="results JSON (a list of entries)")
+  parser.add_argument("--type", required=True, choices=IOU_TYPES, dest="iou_type")
+  parser.add_argument("--visible_only", action="store_true",
+                      help="keypoints: the 'visible' landmark AP (occluded GT unlabelled)")
+  parser.add_argument("--verbose", action="store_true", help="show pycocotools' output")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  metrics = evaluate(args.gt, args.results, args.iou_type, visible_only=args.visible_only,
+                     verbose=args.verbose)
+  key = "keypoints_visible" if args.visible_only else args.iou_type
+  for name in STAT_NAMES[args.iou_type]:
+    print(f"{name:>6}: {_fmt(metrics[name])}")
+  print()
+  print(format_table({key: metrics}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,222 @@
+"""Data parallelism: one mesh axis over all devices, batches sharded along image pairs.
+
+The training state is replicated; each batch array is one global ``jax.Array`` whose leading
+pair axis is split over the "data" axis, so a user/shop pair never straddles two devices. The
+train step is an ordinary ``jax.jit`` with these shardings (no pmap): the model computes its
+losses as means over the whole (global) batch arrays, XLA inserts the cross-device reductions,
+and the loss and gradients are those of the global batch, identical to a one-device run up to
+float summation order.
+
+Random sampling (anchors and RoIs per image) uses keys split from the step key inside the
+program. With ``jax_threefry_partitionable`` (the default since jax 0.5, and set again here)
+the bits drawn do not depend on how the arrays are sharded, so 1 and N devices sample the
+same anchors and RoIs.
+
+Multi-host: every process calls ``initialize_distributed`` first, reads its own slice of the
+global batch (``global_batch_pairs / jax.process_count()`` pairs) and turns it into global
+arrays with ``host_local_to_global``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+
+def _ensure_partitionable_random() -> None:
+  """Random bits independent of sharding (the default from jax 0.5 on; enforced here)."""
+  try:
+    if not jax.config.jax_threefry_partitionable:
+      jax.config.update("jax_threefry_partitionable", True)
+  except AttributeError:
+    pass  # The option is gone once partitionable bits are the only behaviour.
+
+
+_ensure_partitionable_random()
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Joins a multi-process run; a no-op for a single process.
+
+  ``jax.distributed.initialize`` is called when any argument is given or when the environment
+  announces a cluster that jax detects by itself (SLURM: ``SLURM_JOB_ID`` with more than one
+  task; Open MPI: ``OMPI_COMM_WORLD_SIZE``; a multi-host Cloud TPU slice: ``TPU_WORKER_HOSTNAMES``
+  / ``MEGASCALE_COORDINATOR_ADDRESS``; or ``JAX_COORDINATOR_ADDRESS``). Called without
+  arguments in such an environment, jax reads the coordinator, process count and id from it.
+  Must run before any other jax call that touches devices.
+
+  Returns:
+    True if ``jax.distributed.initialize`` was called.
+  """
+  configured = any(v is not None for v in (coordinator_address, num_processes, process_id))
+  env = _cluster_environment()
+  if not configured and not env:
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True
+
+
+def _cluster_environment() -> bool:
+  """Whether the environment describes a multi-process job that jax can auto-detect."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) > 1:
+    return True
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh with axis "data" over all devices, or the first ``num_devices`` of them.
+
+  A subset is only possible in a single-process run (every process must own mesh devices).
+  """
+  devices = jax.devices()
+  n = len(devices) if num_devices is None else int(num_devices)
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
+  if n != len(devices) and jax.process_count() > 1:
+    raise ValueError(f"num_devices={n} must be all {len(devices)} devices when running "
+                     f"{jax.process_count()} processes")
+  chosen = devices[:n]
+  if hasattr(jax, "make_mesh"):
+    kwargs = {}
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+      kwargs["axis_types"] = (axis_type.Auto,)  # shardings propagate as with plain jit.
+    return jax.make_mesh((n,), (DATA_AXIS,), devices=chosen, **kwargs)
+  return Mesh(np.asarray(chosen), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (pair) axis split along "data", every other axis whole."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def num_data_shards(mesh: Mesh) -> int:
+  return int(mesh.shape[DATA_AXIS])
+
+
+def check_batch_divisible(global_batch_pairs: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the global batch (in image pairs) splits evenly over devices."""
+  n = num_data_shards(mesh)
+  if global_batch_pairs <= 0 or global_batch_pairs % n:
+    lower = (global_batch_pairs // n) * n
+    suggestion = f"{lower} or {lower + n}" if lower else f"{n}"
+    raise ValueError(
+        f"The global batch of {global_batch_pairs} image pairs cannot be split evenly over "
+        f"{n} devices (the mesh's '{DATA_AXIS}' axis): pairs are never split, so the batch "
+        f"must be a multiple of {n} pairs, e.g. {suggestion}.")
+  if global_batch_pairs % jax.process_count():
+    raise ValueError(f"The global batch of {global_batch_pairs} image pairs cannot be split "
+                     f"evenly over {jax.process_count()} processes.")
+
+
+def local_batch_pairs(global_batch_pairs: int, mesh: Mesh) -> int:
+  """Pairs this process loads per step (its slice of the global batch)."""
+  check_batch_divisible(global_batch_pairs, mesh)
+  return global_batch_pairs // jax.process_count()
+
+
+_NARROW = {"i": np.int32, "u": np.uint32, "f": np.float32, "c": np.complex64}
+
+
+def _canonical(x: Any) -> np.ndarray:
+  """A numpy array with the dtype jax will use (int64 -> int32 unless x64 is enabled)."""
+  x = np.asarray(x)
+  if x.dtype.kind not in "biufc":
+    raise TypeError(f"batch arrays must be numeric or bool, got dtype {x.dtype}")
+  if x.dtype.itemsize > np.dtype(_NARROW.get(x.dtype.kind, x.dtype)).itemsize and not (
+      jax.config.jax_enable_x64):
+    return x.astype(_NARROW[x.dtype.kind])
+  return x
+
+
+def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's slice of the batch -> global arrays sharded along the leading axis.
+
+  Args:
+    batch: numpy arrays whose leading axis is this host's consecutive slice of the global
+      batch (in a single-process run, the whole batch). Every array has the same leading size.
+    mesh: the data mesh.
+
+  Returns:
+    The same keys as global ``jax.Array``s of leading size ``local * process_count``.
+  """
+  sharding = batch_sharding(mesh)
+  leads = {k: np.shape(v)[0] for k, v in batch.items()}
+  if len(set(leads.values())) > 1:
+    raise ValueError(f"batch arrays disagree on the leading (pair) axis: {leads}")
+  if leads:
+    global_pairs = next(iter(leads.values())) * jax.process_count()
+    check_batch_divisible(global_pairs, mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, _canonical(v))
+          for k, v in batch.items()}
+
+
+def _replicate_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    data = _replicate_leaf(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=impl)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: y, out_shardings=sharding)(x)
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf copied to all devices of the mesh (the same value on every process)."""
+  sharding = replicated(mesh)
+  return jax.tree_util.tree_map(lambda x: _replicate_leaf(x, sharding), tree)
+
+
+def shard_train_step(build_step: Callable[..., Callable[..., Any]], mesh: Mesh, *args,
+                     **kwargs) -> Callable[..., Any]:
+  """A train step jitted for data parallelism on ``mesh``.
+
+  ``build_step(*args, in_shardings=..., out_shardings=..., **kwargs)`` must return the jitted
+  ``step(state, batch, key) -> (state, metrics)`` with the state donated, as
+  ``train_step.make_train_step(model, tx, loss_weights, **jit_kwargs)`` does::
+
+    step = shard_train_step(train_step.make_train_step, mesh, model, tx, loss_weights)
+
+  The state and key are replicated, every batch array is split along its leading pair axis,
+  and the new state and the (scalar) metrics come back replicated. The losses are means over
+  the global batch arrays, so they and the gradients are those of the global batch.
+  """
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  return build_step(*args, in_shardings=(rep, data, rep), out_shardings=(rep, rep), **kwargs)
+
+
+def global_batch_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+  """The shapes ``host_local_to_global`` will produce from this process's batch."""
+  n = jax.process_count()
+  return {k: (np.shape(v)[0] * n,) + tuple(np.shape(v)[1:]) for k, v in batch.items()}
+
+
+__all__ = ["DATA_AXIS", "batch_sharding", "check_batch_divisible", "global_batch_shapes",
+           "host_local_to_global", "initialize_distributed", "local_batch_pairs", "make_mesh",
+           "num_data_shards", "replicate", "replicated", "shard_train_step"]

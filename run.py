@@ -1,0 +1,53 @@
+r"""Match R-CNN for DeepFashion2: train, or evaluate a checkpoint.
+
+  python run.py --config configs/demo_synthetic.py --workdir runs/demo
+  python run.py --config configs/match_rcnn_r50_fpn_1x_df2.py --workdir runs/r50 \
+      --config.data.root=/data/deepfashion2
+  python run.py --config configs/tiny.py --workdir runs/tiny --mode eval [--step N] \
+      [--checkpoint_dir DIR]
+
+Configs are ml_collections files with ``get_config()``; any field can be overridden as
+``--config.a.b=value`` and an unknown field fails at start. The logic lives in
+``df2_jax.train`` (``train_and_evaluate(config, workdir)``), which tests import.
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (resuming from workdir) then evaluate; eval: evaluate a "
+                  "checkpoint.")
+flags.DEFINE_integer("step", None, "--mode eval: the checkpoint step (default: the latest).")
+flags.DEFINE_string("checkpoint_dir", None,
+                    "--mode eval: a checkpoint directory (default: WORKDIR/checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  # orbax logs every checkpoint step at INFO through absl; keep its warnings only.
+  quiet_orbax = lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(quiet_orbax)
+  # Keep TensorFlow (input pipeline only) off the accelerators.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  from df2_jax import parallel, train
+  parallel.initialize_distributed()
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
+                              step=FLAGS.step)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,151 @@
+"""Data parallelism on 8 fake CPU devices: one train step equals the one-device step.
+
+The pytest process has already initialised jax with one CPU device, so the 8-device checks
+run in a subprocess started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+(this file's ``__main__``), which prints its findings as one JSON line for the asserts here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from df2_jax import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+CANVAS = 64
+PAIRS = 8  # the pair axis is what is sharded: one pair per device
+
+
+def _worker() -> dict:
+  """Runs inside the 8-device subprocess."""
+  # pylint: disable=import-outside-toplevel
+  from data_pipeline import memory, transforms
+  from df2_jax import train_step as ts
+  from df2_jax.models.match_rcnn import MatchRCNN, init_variables
+  from tests.test_match_rcnn import TINY
+
+  out = {"devices": jax.device_count(), "threefry_partitionable":
+         bool(jax.config.jax_threefry_partitionable)}
+  geometry = transforms.ImageGeometry((CANVAS, CANVAS), 48, CANVAS, 4, 28)
+  batch = memory.synthetic_pair_batch(PAIRS, geometry, image_size=CANVAS)
+  model = MatchRCNN(TINY, (CANVAS, CANVAS))
+  variables = init_variables(model, jax.random.key(0), batch)
+  tx = ts.make_optimizer(0.01, variables["params"], freeze_at=0)
+  host_state = jax.tree_util.tree_map(np.asarray,
+                                      ts.create_train_state(variables, tx))
+  key = np.asarray(jax.random.key_data(jax.random.key(7)))
+
+  def run(num_devices):
+    mesh = parallel.make_mesh(num_devices)
+    # Fresh device copies from numpy each time: the step donates its state.
+    state = parallel.replicate(host_state, mesh)
+    step_key = parallel.replicate(jax.random.wrap_key_data(key), mesh)
+    global_batch = parallel.host_local_to_global(batch, mesh)
+    step = parallel.shard_train_step(ts.make_train_step, mesh, model, tx, {})
+    new_state, metrics = step(state, global_batch, step_key)
+    image = global_batch["image"]
+    info = {"image_shards": len(image.addressable_shards),
+            "image_shard_shape": list(image.addressable_shards[0].data.shape),
+            "params_replicated": bool(jax.tree_util.tree_leaves(
+                new_state.params)[0].sharding.is_fully_replicated)}
+    return (jax.tree_util.tree_map(np.asarray, new_state.params),
+            {k: float(v) for k, v in metrics.items()}, info)
+
+  params8, metrics8, info8 = run(NUM_DEVICES)
+  params1, metrics1, info1 = run(1)
+  out.update(metrics8=metrics8, metrics1=metrics1, info8=info8, info1=info1)
+  worst, moved = None, False
+  flat8 = jax.tree_util.tree_leaves_with_path(params8)
+  flat1 = jax.tree_util.tree_leaves(params1)
+  before = jax.tree_util.tree_leaves(host_state.params)
+  mismatched = []
+  for (path, a), b, p0 in zip(flat8, flat1, before):
+    name = jax.tree_util.keystr(path)
+    excess = np.abs(a - b) - (1e-6 + 1e-5 * np.abs(b))
+    if (excess > 0).any():
+      mismatched.append(name)
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    if worst is None or diff > worst[1]:
+      worst = (name, diff)
+    moved |= bool(np.any(b != p0))
+  out.update(params_mismatched=mismatched, worst_param=worst, params_moved=moved,
+             num_param_leaves=len(flat8))
+
+  try:
+    parallel.check_batch_divisible(6, parallel.make_mesh(4))
+    out["divisible_error"] = None
+  except ValueError as e:
+    out["divisible_error"] = str(e)
+  parallel.check_batch_divisible(8, parallel.make_mesh(4))
+  return out
+
+
+@pytest.fixture(scope="module")
+def eight_device_run():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("{")][-1]
+  return json.loads(line)
+
+
+def test_eight_devices_shard_the_pair_axis(eight_device_run):
+  r = eight_device_run
+  assert r["devices"] == NUM_DEVICES
+  assert r["threefry_partitionable"]
+  assert r["info8"]["image_shards"] == NUM_DEVICES
+  assert r["info8"]["image_shard_shape"] == [1, 2, CANVAS, CANVAS, 3]
+  assert r["info1"]["image_shard_shape"] == [PAIRS, 2, CANVAS, CANVAS, 3]
+  assert r["info8"]["params_replicated"] and r["info1"]["params_replicated"]
+
+
+def test_one_step_on_eight_devices_equals_one_device(eight_device_run):
+  r = eight_device_run
+  assert r["params_moved"]
+  assert not r["params_mismatched"], (r["params_mismatched"][:10], r["worst_param"])
+  m8, m1 = r["metrics8"], r["metrics1"]
+  assert set(m8) == set(m1) and "loss" in m8 and "grad_norm" in m8
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_check_batch_divisible_message(eight_device_run):
+  msg = eight_device_run["divisible_error"]
+  assert msg is not None
+  assert "6 image pairs" in msg and "4 devices" in msg and "multiple of 4" in msg
+
+
+def test_single_device_helpers():
+  mesh = parallel.make_mesh()
+  assert mesh.axis_names == ("data",) and mesh.size == jax.device_count()
+  batch = {"image": np.zeros((2, 2, 4, 4, 3), np.uint8), "element": np.arange(2)}
+  g = parallel.host_local_to_global(batch, mesh)
+  assert g["image"].shape == (2, 2, 4, 4, 3) and g["element"].dtype == np.int32
+  assert g["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  with pytest.raises(ValueError, match="leading"):
+    parallel.host_local_to_global({"a": np.zeros(2), "b": np.zeros(3)}, mesh)
+  rep = parallel.replicate({"w": np.ones(3), "key": jax.random.key(1)}, mesh)
+  assert rep["w"].sharding.is_fully_replicated
+  assert jax.random.key_data(rep["key"]).tolist() == jax.random.key_data(
+      jax.random.key(1)).tolist()
+  with pytest.raises(ValueError, match="num_devices"):
+    parallel.make_mesh(jax.device_count() + 1)
+  if not parallel._cluster_environment():  # pylint: disable=protected-access
+    assert parallel.initialize_distributed() is False
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+  print(json.dumps(_worker()))
