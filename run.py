@@ -5,6 +5,8 @@ r"""Match R-CNN for DeepFashion2: train, or evaluate a checkpoint.
       --config.data.root=/data/deepfashion2
   python run.py --config configs/tiny.py --workdir runs/tiny --mode eval [--step N] \
       [--checkpoint_dir DIR]
+  python run.py --config configs/tiny.py --workdir runs/tiny --mode predict \
+      --input_dir my_photos/ [--output_dir DIR]
 
 Configs are ml_collections files with ``get_config()``; any field can be overridden as
 ``--config.a.b=value`` and an unknown field fails at start. The logic lives in
@@ -12,6 +14,7 @@ Configs are ml_collections files with ``get_config()``; any field can be overrid
 """
 
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,12 +23,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                   "train: train (resuming from workdir) then evaluate; eval: evaluate a "
-                  "checkpoint.")
-flags.DEFINE_integer("step", None, "--mode eval: the checkpoint step (default: the latest).")
+                  "checkpoint; predict: draw and save predictions for a folder of images.")
+flags.DEFINE_string("input_dir", None, "--mode predict: a folder of images.")
+flags.DEFINE_string("output_dir", None,
+                    "--mode predict: where PNGs and predictions.json go "
+                    "(default: WORKDIR/predictions).")
+flags.DEFINE_integer("step", None, "--mode eval/predict: the checkpoint step (default: the latest).")
 flags.DEFINE_string("checkpoint_dir", None,
-                    "--mode eval: a checkpoint directory (default: WORKDIR/checkpoints).")
+                    "--mode eval/predict: a checkpoint directory (default: WORKDIR/checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,9 +51,17 @@ def main(argv):
   parallel.initialize_distributed()
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
+  elif FLAGS.mode == "eval":
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
                               step=FLAGS.step)
+  else:
+    if not FLAGS.input_dir:
+      raise app.UsageError("--mode predict needs --input_dir")
+    from df2_jax import predict
+    variables, _ = train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
+                                        step=FLAGS.step)
+    predict.predict(FLAGS.config, variables, FLAGS.input_dir,
+                    FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
 
 
 if __name__ == "__main__":

@@ -174,10 +174,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
 
 
-def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
-                        step: int | None = None) -> dict[str, Any]:
-  """Evaluates the params of a checkpoint (the latest by default), no optimizer state needed."""
-  from df2_jax.evaluation import evaluator
+def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
+                   step: int | None = None) -> tuple[dict[str, Any], int]:
+  """``({"params", "constants"}, step)`` of a checkpoint (the latest by default), params only:
+  no optimizer state is read, so a directory copied to another machine works."""
   directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if step is None:
     with ckpt_lib.CheckpointManager(directory) as manager:
@@ -185,5 +185,12 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = No
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
   params, constants = ckpt_lib.restore_params(directory, step)
-  variables = jax.device_put({"params": params, "constants": constants})
+  return jax.device_put({"params": params, "constants": constants}), int(step)
+
+
+def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
+                        step: int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint's params into workdir/eval_<step>/."""
+  from df2_jax.evaluation import evaluator
+  variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step)
   return evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -39,3 +40,19 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   assert int(state.step) == 15
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in logged] == [5, 10, 15]
+
+  # Prediction on a folder of images (two real DeepFashion2 photos and one corrupt file).
+  from conftest import fixtures_dir
+  from df2_jax import predict
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for name in ("002092.jpg", "151674.jpg"):
+    shutil.copy(fixtures_dir() / "image" / name, photos / name)
+  (photos / "000001.jpg").write_bytes(b"not a jpeg")
+  variables, step = train.load_variables(workdir, step=10)
+  assert step == 10
+  out = predict.predict(config, variables, str(photos), str(tmp_path / "pred"))
+  assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+      "002092.png", "151674.png", "predictions.json"]
+  assert set(out["embeddings"]) == {"2092", "151674"}
+  assert {r["image_id"] for r in out["bbox"]} <= {2092, 151674}
