@@ -19,7 +19,6 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import deepfashion2 as df2
@@ -49,7 +48,7 @@ def random_batch(rng: np.random.Generator, pairs: int, geometry: transforms.Imag
                  items: int) -> dict[str, np.ndarray]:
   """A valid random training batch (the pipeline's contract) in numpy."""
   h, w = geometry.canvas_hw
-  m, s = geometry.max_instances, geometry.mask_size
+  s = geometry.mask_size
   lead = (pairs, 2)
   spec = transforms.image_spec(geometry)
   b = {k: np.zeros(lead + shape, dtype) for k, (shape, dtype) in spec.items()}
@@ -120,7 +119,7 @@ def bench_jax(canvas, geometry) -> None:
 def bench_peer(canvas) -> None:
   import torch
   import torchvision
-  from torchvision.models.detection import MaskRCNN, KeypointRCNN  # noqa: F401
+  from torchvision.models.detection import MaskRCNN
   from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
   from torchvision.models.detection.roi_heads import KeypointRCNNHeads, KeypointRCNNPredictor
   from torchvision.ops import MultiScaleRoIAlign

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import memory, transforms

@@ -3,7 +3,6 @@ import logging
 import numpy as np
 import pytest
 
-from data_pipeline import deepfashion2 as df2
 from data_pipeline import transforms
 from data_pipeline.transforms import ImageGeometry
 from conftest import make_item, make_record

@@ -18,23 +18,16 @@ bfloat16 inputs and weights but accumulate into and return float32
 (preferred_element_type), so logits and deltas are never rounded to bfloat16.
 """
 
-import functools
 from typing import Any, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from df2_jax.models.layers import c2_xavier_fill, f32_dot
 from data_pipeline.deepfashion2 import NUM_CATEGORIES
 
 Array = jnp.ndarray
 Dtype = Any
-
-# detectron2 c2_xavier_fill: kaiming_uniform_(a=1) -> U(+-sqrt(3 / fan_in)).
-c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-_f32_dot = functools.partial(jax.lax.dot_general,
-                             preferred_element_type=jnp.float32)
 
 
 class BoxHead(nn.Module):
@@ -75,7 +68,7 @@ class BoxHead(nn.Module):
                    name=f"fc{6 + i}")(x)
       x = nn.relu(x)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              bias_init=nn.initializers.zeros, dot_general=_f32_dot)
+              bias_init=nn.initializers.zeros, dot_general=f32_dot)
     logits = nn.Dense(self.num_classes + 1,
                       kernel_init=nn.initializers.normal(0.01),
                       name="cls_score", **kw)(x)

@@ -15,11 +15,10 @@ from typing import Any, Dict, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from df2_jax.models.layers import c2_xavier_fill
+
 Array = jnp.ndarray
 Dtype = Any
-
-# detectron2 c2_xavier_fill: kaiming_uniform_(a=1) -> U(+-sqrt(3 / fan_in)).
-c2_xavier_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 def upsample2x_nearest(x: Array) -> Array:
@@ -54,7 +53,7 @@ class FPN(nn.Module):
        "P6": [B, ceil(H/64), ceil(W/64), channels]} in `dtype`.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=c2_xavier_init, bias_init=nn.initializers.zeros)
+              kernel_init=c2_xavier_fill, bias_init=nn.initializers.zeros)
     for k in (2, 3, 4):
       fine, coarse = feats[f"C{k}"].shape[1:3], feats[f"C{k + 1}"].shape[1:3]
       if fine != (2 * coarse[0], 2 * coarse[1]):

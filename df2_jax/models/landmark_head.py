@@ -34,14 +34,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from df2_jax.models.layers import SubpixelConvTranspose
+from df2_jax.models.layers import SubpixelConvTranspose, c2_msra_fill
 from data_pipeline.deepfashion2 import NUM_LANDMARKS
 
 Array = jnp.ndarray
 Dtype = Any
 
 # kaiming_normal_(mode="fan_out", nonlinearity="relu"), as detectron2.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class LandmarkHead(nn.Module):
@@ -74,7 +73,7 @@ class LandmarkHead(nn.Module):
       to `upsample_heatmaps` for the 56x56 heatmaps.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=_kaiming_fan_out, bias_init=nn.initializers.zeros)
+              kernel_init=c2_msra_fill, bias_init=nn.initializers.zeros)
     for i in range(self.num_convs):
       x = nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                   name=f"conv_fcn{i + 1}", **kw)(x)

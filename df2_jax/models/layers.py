@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -10,6 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+# detectron2's initialisations. c2_xavier_fill: kaiming_uniform_(a=1) -> U(+-sqrt(3 / fan_in));
+# c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Matmul / convolution that accumulate and return float32 whatever the input dtype: the last
+# layer of a head takes bf16 activations and weights but its logits are never rounded to bf16.
+f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+f32_conv = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=jnp.float32)
 
 
 def _phase_taps(kernel: int, padding: int) -> tuple[np.ndarray, int]:

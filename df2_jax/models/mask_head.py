@@ -15,24 +15,16 @@ With a bfloat16 `dtype` the convs run in bfloat16; the predictor takes
 bfloat16 inputs and weights but accumulates into and returns float32.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from df2_jax.models.layers import SubpixelConvTranspose
+from df2_jax.models.layers import SubpixelConvTranspose, c2_msra_fill, f32_conv
 from data_pipeline.deepfashion2 import NUM_CATEGORIES
 
 Array = jnp.ndarray
 Dtype = Any
-
-# detectron2 c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-_f32_conv = functools.partial(jax.lax.conv_general_dilated,
-                              preferred_element_type=jnp.float32)
 
 
 class MaskHead(nn.Module):
@@ -75,5 +67,5 @@ class MaskHead(nn.Module):
     x = nn.relu(x)
     x = nn.Conv(self.num_classes, (1, 1),
                 kernel_init=nn.initializers.normal(0.001),
-                conv_general_dilated=_f32_conv, name="predictor", **kw)(x)
+                conv_general_dilated=f32_conv, name="predictor", **kw)(x)
     return x.astype(jnp.float32)

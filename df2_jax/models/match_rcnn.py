@@ -16,7 +16,7 @@ mask branch (the sampler puts foreground first), L <= F RoIs for the landmark br
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

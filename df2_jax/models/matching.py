@@ -28,24 +28,18 @@ Retrieval with trained weights, outside any Linen module:
   logits = pairwise_logits(variables["params"]["scorer"], v_query, v_gallery)
 """
 
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from df2_jax.models.layers import c2_msra_fill, c2_xavier_fill, f32_dot
+
 Array = jnp.ndarray
 Dtype = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-# detectron2 c2_msra_fill / c2_xavier_fill (see mask_head.py and box_head.py).
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-_f32_dot = functools.partial(jax.lax.dot_general,
-                             preferred_element_type=jnp.float32)
 
 
 class MatchingHead(nn.Module):
@@ -78,7 +72,7 @@ class MatchingHead(nn.Module):
       [N, embed_dim] float32 embeddings v.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=_kaiming_fan_out, bias_init=nn.initializers.zeros)
+              kernel_init=c2_msra_fill, bias_init=nn.initializers.zeros)
     for i in range(self.num_convs):
       x = nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                   name=f"conv{i + 1}", **kw)(x)
@@ -88,8 +82,8 @@ class MatchingHead(nn.Module):
     x = nn.relu(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # global average pool
     x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_xavier_fill, bias_init=nn.initializers.zeros,
-                 dot_general=_f32_dot, name="fc")(x)
+                 kernel_init=c2_xavier_fill, bias_init=nn.initializers.zeros,
+                 dot_general=f32_dot, name="fc")(x)
     return x.astype(jnp.float32)
 
 

@@ -12,12 +12,12 @@ and weights but accumulate into and return float32 (preferred_element_type),
 so logits and deltas are never rounded to bfloat16.
 """
 
-import functools
 from typing import Any, Mapping, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from df2_jax.models.layers import f32_conv
 
 Array = jnp.ndarray
 Dtype = Any
@@ -58,12 +58,10 @@ class RPNHead(nn.Module):
     a = self.num_anchors
     conv = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
                    name="conv", **kw)
-    f32_out = functools.partial(jax.lax.conv_general_dilated,
-                                preferred_element_type=jnp.float32)
     cls = nn.Conv(a, (1, 1), name="objectness_logits",
-                  conv_general_dilated=f32_out, **kw)
+                  conv_general_dilated=f32_conv, **kw)
     box = nn.Conv(4 * a, (1, 1), name="anchor_deltas",
-                  conv_general_dilated=f32_out, **kw)
+                  conv_general_dilated=f32_conv, **kw)
     logits, deltas = [], []
     for name in self.in_features:
       x = feats[name]
