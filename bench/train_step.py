@@ -1,7 +1,7 @@
 r"""Full Match R-CNN train-step throughput (forward + backward + SGD), images per second.
 
   # The paper's resolution on a GPU, bf16, 4 image pairs = 8 images, plus the torchvision peer:
-  python bench/train_step.py --canvas 800x1344 --pairs 4 --dtype bfloat16 --peer
+  python bench/train_step.py --canvas 800x1344 --pairs 4 --dtype bfloat16 --peer --infer 1,8
   # A tiny CPU run:
   python bench/train_step.py --model tiny --canvas 128x128 --pairs 2 --steps 5
 
@@ -37,6 +37,9 @@ flags.DEFINE_integer("mask_size", 112, "GT mask crop size.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_boolean("peer", False, "Also time torchvision Mask R-CNN + 294-landmark head.")
+flags.DEFINE_boolean("peer_only", False, "Time only the torchvision peer.")
+flags.DEFINE_list("infer", [], "Also time jitted inference (detect: boxes, masks, 294 "
+                  "landmarks, embeddings) at these batch sizes, e.g. 1,8.")
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, fpn_channels=32, rpn_pre_nms_topk_train=300,
             rpn_post_nms_topk_train=100, roi_batch_size_per_image=64, box_fc_dim=64,
@@ -89,6 +92,8 @@ def bench_jax(canvas, geometry) -> None:
   batches = [random_batch(rng, FLAGS.pairs, geometry, FLAGS.items) for _ in range(2)]
   batches = [jax.device_put(b) for b in batches]
   variables = init_variables(model, jax.random.key(0), batches[0])
+  for n in FLAGS.infer:
+    bench_inference(model, variables, canvas, int(n))
   # The first learning rate of the 1x recipe's linear warm-up (0.02 x 0.001): from random
   # init, the full 0.02 diverges within steps on random data, and a timing needs finite losses.
   tx = ts.make_optimizer(0.02 * 0.001, variables["params"], freeze_at=config.freeze_at)
@@ -116,12 +121,35 @@ def bench_jax(canvas, geometry) -> None:
         f"{float(metrics['loss']):.3f}; {jax.devices()[0].device_kind}, jax {jax.__version__}")
 
 
+def bench_inference(model, variables, canvas, n: int) -> None:
+  """Images/s of the jitted detect() at batch n, untrained weights, random images."""
+  detect = jax.jit(lambda v, im, hw: model.apply(v, im, hw, method=MatchRCNN.detect))
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 255, (n,) + canvas + (3,), dtype=np.uint8))
+  hw = jax.device_put(np.tile(np.array(canvas, np.int32), (n, 1)))
+  start = time.perf_counter()
+  jax.block_until_ready(detect(variables, images, hw))
+  compile_s = time.perf_counter() - start
+  for _ in range(FLAGS.warmup):
+    out = detect(variables, images, hw)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    out = detect(variables, images, hw)
+  jax.block_until_ready(out)
+  elapsed = time.perf_counter() - start
+  print(f"df2-jax inference ({FLAGS.model}, {FLAGS.dtype}) {canvas[0]}x{canvas[1]}, batch {n}: "
+        f"{FLAGS.steps * n / elapsed:.1f} img/s ({1000 * elapsed / FLAGS.steps:.1f} ms/batch, "
+        f"compile+first {compile_s:.1f} s, {int(np.asarray(out['valid']).sum())} detections "
+        f"in the last batch)")
+
+
 def bench_peer(canvas) -> None:
   import torch
   import torchvision
   from torchvision.models.detection import MaskRCNN
   from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-  from torchvision.models.detection.roi_heads import KeypointRCNNHeads, KeypointRCNNPredictor
+  from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
   from torchvision.ops import MultiScaleRoIAlign
   device = torch.device("cuda")
   backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
@@ -148,6 +176,29 @@ def bench_peer(canvas) -> None:
                                                           device=device, dtype=torch.int64),
                         masks=masks, keypoints=kp))
 
+  # Inference first, on the untrained weights (as for df2-jax): after a few SGD steps on random
+  # data the scores collapse and no detection reaches the mask and landmark heads.
+  model.eval()
+  for bs in (int(v) for v in FLAGS.infer):
+    batch = images[:bs] if bs <= n else [images[0]] * bs
+
+    def infer():
+      with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        return model(batch)
+
+    for _ in range(FLAGS.warmup + 1):
+      out = infer()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      out = infer()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    print(f"torchvision inference (same model, bf16 autocast), batch {bs}: "
+          f"{FLAGS.steps * bs / elapsed:.1f} img/s ({len(out[-1]['boxes'])} detections in the "
+          f"last image)")
+  model.train()
+
   def one_step():
     with torch.autocast("cuda", dtype=torch.bfloat16):
       losses = model(images, targets)
@@ -171,13 +222,15 @@ def bench_peer(canvas) -> None:
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
+
 def main(argv):
   del argv
   canvas = tuple(int(v) for v in FLAGS.canvas.split("x"))
   geometry = transforms.ImageGeometry(canvas, min(canvas), max(canvas), FLAGS.max_instances,
                                       FLAGS.mask_size)
-  bench_jax(canvas, geometry)
-  if FLAGS.peer:
+  if not FLAGS.peer_only:
+    bench_jax(canvas, geometry)
+  if FLAGS.peer or FLAGS.peer_only:
     bench_peer(canvas)
 
 

@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
       global_batch_pairs=8,          # 16 images
       epochs=12,
       decay_epochs=(8, 11),
+      optimizer="sgd",               # or "adamw"
       base_lr=0.02,                  # for 16 images; scale linearly for other batch sizes
       warmup_steps=1000,
       warmup_factor=0.001,

@@ -105,7 +105,8 @@ def train(config, workdir: str, *, train_source=None) -> ts.TrainState:
   variables = init_variables(model, jax.random.key(config.seed),
                              zero_train_batch(geometry, tc.global_batch_pairs))
   tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
-                         weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at)
+                         weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
+                         optimizer=tc.optimizer)
   state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
   del variables
 
