@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.model = ml_collections.ConfigDict(dict(
-      stage_sizes=(3, 4, 6, 3), width=64, freeze_at=2, fpn_channels=256,
+      stage_sizes=(3, 4, 6, 3), width=64, freeze_at=2, norm="FrozenBN", fpn_channels=256,
       rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=1000,
       rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000, rpn_nms_threshold=0.7,
       rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
@@ -74,5 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
       retrieval_topk=20,
+      num_drawn_images=8,        # drawn into eval_<step>/detections.png and TensorBoard
+      draw_score_threshold=0.3,  # detections drawn there score at least this
+      num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn
   ))
   return config

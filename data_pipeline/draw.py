@@ -97,3 +97,23 @@ def draw_batch(batch: dict[str, np.ndarray], max_rows: int | None = None) -> np.
   width = max(r.shape[1] for r in rows)
   rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
   return np.concatenate(rows, axis=0)
+
+
+def draw_detections(pixels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                    classes: np.ndarray, valid: np.ndarray, masks: np.ndarray,
+                    landmarks: np.ndarray, score_threshold: float = 0.3) -> np.ndarray:
+  """Draws a model's detections (valid and scoring >= score_threshold) onto an RGB image.
+
+  Args:
+    pixels: [H, W, 3] uint8.
+    boxes: [D, 4] in the image's pixels; scores [D]; classes [D]; valid [D] bool.
+    masks: [D, H, W] bool, pasted into the image.
+    landmarks: [D, 294, 3] (x, y, score); points with a nonzero entry (the category's slice)
+      are drawn filled.
+  """
+  shown = np.nonzero(valid & (scores >= score_threshold))[0]
+  points = landmarks[shown].copy()
+  points[..., 2] = np.where(points[..., 2] != 0, 2, 0)
+  labels = [f"{df2.COCO_NAMES[int(classes[d])]} {scores[d]:.2f}" for d in shown]
+  return draw_instances(pixels, boxes[shown], classes[shown], masks=masks[shown],
+                        landmarks=points, labels=labels)

@@ -22,7 +22,6 @@ import jax
 import numpy as np
 
 from data_pipeline import annotations, draw, images, transforms
-from data_pipeline.deepfashion2 import COCO_NAMES
 from data_pipeline.records import DataError, ImageRecord
 from df2_jax.evaluation import coco
 from df2_jax.models.match_rcnn import MatchRCNN
@@ -76,13 +75,8 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
       results["segm"] += s
       results["keypoints"] += k
       results["embeddings"][str(image_id)] = out["embeddings"][i][keep].tolist()
-      shown = np.nonzero(keep & (out["scores"][i] >= score_threshold))[0]
-      drawn_lms = lms[shown].copy()
-      drawn_lms[..., 2] = np.where(drawn_lms[..., 2] != 0, 2, 0)  # predicted points: filled
-      labels = [f"{COCO_NAMES[int(out['classes'][i, d])]} {out['scores'][i, d]:.2f}"
-                for d in shown]
-      picture = draw.draw_instances(pixels, boxes[shown], out["classes"][i][shown],
-                                    masks=masks[shown], landmarks=drawn_lms, labels=labels)
+      picture = draw.draw_detections(pixels, boxes, out["scores"][i], out["classes"][i], keep,
+                                     masks, lms, score_threshold)
       cv2.imwrite(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"),
                   picture[:, :, ::-1])
     pending.clear()

@@ -171,7 +171,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   variables = {"params": state.params, "constants": state.constants}
   if jax.process_index() != 0:
     return {}
-  return evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
+  writer = MetricsWriter(workdir)
+  try:
+    metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"),
+                                 writer=writer, step=step)
+  finally:
+    writer.close()
+  log.info("%s", headline(metrics, step))
+  return metrics
+
+
+def headline(metrics: dict[str, Any], step: int) -> str:
+  """One table of the headline numbers (the README's results table has these columns)."""
+  cols = [("AP_box", metrics["bbox"]["AP"]), ("AP_mask", metrics["segm"]["AP"]),
+          ("AP_pt", metrics["keypoints"]["AP"]),
+          ("top-1", metrics["retrieval"]["top1"]), ("top-20", metrics["retrieval"]["top20"]),
+          ("top-20 (GT boxes)", metrics["retrieval_gt_boxes"]["top20"])]
+  head = " | ".join(["step"] + [c for c, _ in cols])
+  row = " | ".join([str(step)] + [f"{v:.3f}".rjust(len(c)) for c, v in cols])
+  return f"Results at step {step}:\n| {head} |\n| {row} |"
 
 
 def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
@@ -193,4 +211,6 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = No
   """Evaluates a checkpoint's params into workdir/eval_<step>/."""
   from df2_jax.evaluation import evaluator
   variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step)
-  return evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
+  metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
+  log.info("%s", headline(metrics, step))
+  return metrics

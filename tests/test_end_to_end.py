@@ -4,10 +4,20 @@ import json
 import os
 import shutil
 
+import cv2
 import numpy as np
 
 from configs import tiny
 from df2_jax import checkpoint, train
+
+
+def tensorboard_tags(workdir: str) -> set[str]:
+  """Every summary tag in the TensorBoard event files of ``workdir``."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0, "images": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  return set(tags["tensors"]) | set(tags["scalars"]) | set(tags["images"])
 
 
 def test_train_checkpoint_evaluate_and_resume(tmp_path):
@@ -30,16 +40,30 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
     assert 0.0 <= metrics[kind]["AP"] <= 1.0
   for kind in ("retrieval", "retrieval_gt_boxes"):
     assert 0.0 <= metrics[kind]["top1"] <= metrics[kind]["top20"] <= 1.0
+  # Pictures: drawn detections of the first images, retrieval strips of the first queries.
+  for name in ("detections.png", "retrieval.png"):
+    picture = cv2.imread(os.path.join(outdir, name))
+    assert picture is not None and picture.shape[0] > 64 and picture.shape[1] > 64, name
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [m["step"] for m in logged] == [5, 10]
-  assert all(np.isfinite(m["loss"]) for m in logged)
+  train_lines = [m for m in logged if "loss" in m]
+  eval_lines = [m for m in logged if "eval/bbox/AP" in m]
+  assert [m["step"] for m in train_lines] == [5, 10]
+  assert all(np.isfinite(m["loss"]) for m in train_lines)
+  assert [m["step"] for m in eval_lines] == [10]
+  assert eval_lines[0]["eval/bbox/AP"] == metrics["bbox"]["AP"]
+  assert eval_lines[0]["eval/retrieval/top20"] == metrics["retrieval"]["top20"]
+  # TensorBoard: training scalars, evaluation scalars and the two pictures.
+  tags = tensorboard_tags(workdir)
+  assert {"loss", "learning_rate", "grad_norm", "steps_per_second", "landmark"} <= tags
+  assert {"eval/bbox/AP", "eval/keypoints/AP", "eval/retrieval/top1",
+          "eval/detections", "eval/retrieval"} <= tags
 
   # The same command again with more steps resumes at step 10 and stops at 15.
   config.train.num_steps = 15
   state = train.train(config, workdir)
   assert int(state.step) == 15
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [m["step"] for m in logged] == [5, 10, 15]
+  assert [m["step"] for m in logged if "loss" in m] == [5, 10, 15]
 
   # Prediction on a folder of images (two real DeepFashion2 photos and one corrupt file).
   from conftest import fixtures_dir

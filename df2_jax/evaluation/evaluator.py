@@ -7,6 +7,7 @@ landmarks), and writes into ``outdir``:
   bbox_results.json, segm_results.json, keypoints_results.json  (DeepFashion2 result formats)
   retrieval_submission.json                                      (official format, top 20)
   metrics.json                                                   (every number below)
+  detections.png, retrieval.png                                  (pictures; see ``evaluate``)
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
 boxes and with ground-truth boxes.
@@ -19,11 +20,12 @@ import logging
 import os
 from typing import Any
 
+import cv2
 import jax
 import numpy as np
 
-from data_pipeline import convert, transforms
-from df2_jax.evaluation import coco, retrieval
+from data_pipeline import convert, draw, transforms
+from df2_jax.evaluation import coco, retrieval, visualize
 from df2_jax.models import matching
 from df2_jax.models.match_rcnn import MatchRCNN
 
@@ -38,11 +40,16 @@ def _to_original(boxes: np.ndarray, image_hw: np.ndarray, orig_hw: np.ndarray) -
 
 
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict,
-                  with_gt_embeddings: bool = True):
-  """Detections and embeddings of every image of ``dataset`` (eval batches), on the host."""
+                  with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset()):
+  """Detections and embeddings of every image of ``dataset`` (eval batches), on the host.
+
+  The raw outputs (original-image boxes, scores, classes, valid, pasted masks, landmarks) of
+  the images in ``keep_outputs`` (image ids) are returned under "outputs", for drawing.
+  """
   detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
   embed = jax.jit(lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed))
   bbox, segm, kps, query, gallery, gt_query, gt_gallery = [], [], [], [], [], [], []
+  outputs = {}
   for batch in dataset.as_numpy_iterator():
     out = jax.device_get(detect(variables, batch["image"], batch["image_hw"]))
     gt_emb = (jax.device_get(embed(variables, batch["image"], batch["boxes"]))
@@ -67,6 +74,10 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
       bbox += b
       segm += s
       kps += k
+      if image_id in keep_outputs:
+        outputs[image_id] = dict(boxes=boxes, scores=out["scores"][i],
+                                 classes=out["classes"][i], valid=keep, masks=masks,
+                                 landmarks=lms)
       dets = [dict(image_id=image_id, bbox=boxes[d].tolist(), cls=int(out["classes"][i, d]),
                    score=float(out["scores"][i, d]), embedding=out["embeddings"][i, d])
               for d in np.nonzero(keep)[0]]
@@ -78,11 +89,19 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
                for m in np.nonzero(batch["instance_valid"][i])[0]]
         (gt_query if record.source == "user" else gt_gallery).extend(gts)
   return dict(bbox=bbox, segm=segm, keypoints=kps, query=query, gallery=gallery,
-              gt_query=gt_query, gt_gallery=gt_gallery)
+              gt_query=gt_query, gt_gallery=gt_gallery, outputs=outputs)
 
 
-def evaluate(config, variables: Any, outdir: str, *, eval_source=None) -> dict[str, Any]:
-  """Evaluates ``variables`` ({"params", "constants"}) on ``config.data.eval_split``."""
+def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=None,
+             step: int | None = None) -> dict[str, Any]:
+  """Evaluates ``variables`` ({"params", "constants"}) on ``config.data.eval_split``.
+
+  Also draws the first ``config.eval.num_drawn_images`` images with their detections
+  (``detections.png``) and, for the first ``config.eval.num_retrieval_strips`` consumer images,
+  the top-5 shop items retrieved for their best detection (``retrieval.png``). With a
+  ``writer`` (train.MetricsWriter) the metrics and both pictures also go to TensorBoard at
+  ``step``.
+  """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
   from df2_jax.train import model_from_config
   if eval_source is None:
@@ -92,7 +111,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None) -> dict[s
   dataset = pipeline.eval_dataset(eval_source, geometry, batch_size=config.eval.batch_size,
                                   process_index=0, process_count=1)
   records = {r.image_id: r for r in eval_source.records}
-  found = run_detection(model, variables, dataset, records)
+  drawn_ids = [r.image_id for r in eval_source.records[:int(config.eval.num_drawn_images)]]
+  found = run_detection(model, variables, dataset, records, keep_outputs=frozenset(drawn_ids))
 
   gt = convert.to_coco(eval_source.records)
   metrics: dict[str, Any] = coco.evaluate_all(gt, found["bbox"], found["segm"],
@@ -116,8 +136,18 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None) -> dict[s
     json.dump(submission, f)
   with open(os.path.join(outdir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=1, default=float)
-  log.info("Evaluation (%d images) written to %s:\n%s\nretrieval (detected boxes): %s\n"
-           "retrieval (GT boxes): %s", len(eval_source.records), outdir,
+  pictures = draw_pictures(eval_source, found["outputs"], drawn_ids, submission, query_gt,
+                           gallery_gt, int(config.eval.num_retrieval_strips),
+                           float(config.eval.get("draw_score_threshold", 0.3)))
+  for name, picture in pictures.items():
+    cv2.imwrite(os.path.join(outdir, f"{name}.png"), picture[:, :, ::-1])
+  if writer is not None and step is not None:
+    writer.scalars(step, summary_scalars(metrics))
+    for name, picture in pictures.items():
+      writer.image(step, f"eval/{name}", picture)
+  log.info("Evaluation (%d images) written to %s (metrics.json, result files, %s):\n%s\n"
+           "retrieval (detected boxes): %s\nretrieval (GT boxes): %s",
+           len(eval_source.records), outdir, ", ".join(f"{n}.png" for n in pictures),
            coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}), _topk_line(metrics["retrieval"]),
            _topk_line(metrics["retrieval_gt_boxes"]))
   return metrics
@@ -125,3 +155,57 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None) -> dict[s
 
 def _topk_line(r: dict) -> str:
   return "  ".join(f"top-{k} {r[f'top{k}']:.3f}" for k in (1, 5, 10, 15, 20))
+
+
+def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  """The headline numbers as flat "eval/..." scalars (for TensorBoard and metrics.jsonl)."""
+  out = {}
+  for kind in COCO_TYPES:
+    for key in ("AP", "AP50", "AP75"):
+      if kind in metrics and key in metrics[kind]:
+        out[f"eval/{kind}/{key}"] = float(metrics[kind][key])
+  for kind in ("retrieval", "retrieval_gt_boxes"):
+    for k in (1, 5, 10, 15, 20):
+      if kind in metrics:
+        out[f"eval/{kind}/top{k}"] = float(metrics[kind][f"top{k}"])
+  return out
+
+
+def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
+                  submission: list[dict], query_gt: list[dict], gallery_gt: list[dict],
+                  num_strips: int, score_threshold: float = 0.3, k: int = 5
+                  ) -> dict[str, np.ndarray]:
+  """{"detections": grid of drawn images, "retrieval": strips} (each only when non-empty)."""
+  index_of = {r.image_id: i for i, r in enumerate(source.records)}
+  cache: dict[int, np.ndarray] = {}
+
+  def pixels(image_id: int) -> np.ndarray:
+    if image_id not in cache:
+      cache[image_id] = source.load_image(index_of[image_id])
+    return cache[image_id]
+
+  pictures = {}
+  drawn = [draw.draw_detections(pixels(i), **outputs[i], score_threshold=score_threshold)
+           for i in drawn_ids if i in outputs]
+  if drawn:
+    pictures["detections"] = visualize.tile_grid(drawn)
+  # The best-scoring detection of each of the first consumer images that has one.
+  best: dict[int, dict] = {}
+  for entry in submission:
+    qid = int(entry["query_image_id"])
+    if qid not in best or entry["query_score"] > best[qid]["query_score"]:
+      best[qid] = entry
+  strips = []
+  for record in source.records:
+    if len(strips) >= num_strips:
+      break
+    entry = best.get(record.image_id)
+    if entry is None or not entry["gallery_image_id"]:
+      continue
+    hits, status = visualize.hits_of_entry(entry, query_gt, gallery_gt, k)
+    gallery = {int(g): pixels(int(g)) for g in entry["gallery_image_id"][:k]}
+    strips.append(visualize.retrieval_strip(pixels(record.image_id), entry, gallery, hits,
+                                            status, k=k))
+  if strips:
+    pictures["retrieval"] = visualize.stack_rows(strips)
+  return pictures

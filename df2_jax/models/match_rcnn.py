@@ -50,6 +50,7 @@ class MatchRCNNConfig:
   stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
   width: int = 64
   freeze_at: int = 2
+  norm: str = "FrozenBN"  # or "GN": trainable GroupNorm in the ResNet, for training from scratch
   fpn_channels: int = 256
   # RPN.
   rpn_pre_nms_topk_train: int = 2000
@@ -109,7 +110,7 @@ class MatchRCNN(nn.Module):
       raise ValueError(f"canvas_hw {self.canvas_hw} must be multiples of 32")
     dtype = jnp.dtype(c.dtype)
     self.backbone = ResNet(stage_sizes=tuple(c.stage_sizes), width=c.width,
-                           freeze_at=c.freeze_at, dtype=dtype)
+                           freeze_at=c.freeze_at, norm=c.norm, dtype=dtype)
     self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
     self.rpn = RPNHead(channels=c.fpn_channels, dtype=dtype)
     self.box_head = BoxHead(fc_dim=c.box_fc_dim, dtype=dtype)

@@ -88,6 +88,36 @@ class FrozenBatchNorm(nn.Module):
     return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
+NORMS = ("FrozenBN", "GN")
+
+
+def make_norm(norm: str, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
+  """The normalisation after a conv: "FrozenBN" (constants; detectron2's default for
+  pretrained backbones) or "GN" (GroupNorm with up to 32 groups, trainable scale and bias in
+  "params"; detectron2's choice for training from scratch)."""
+  if norm == "FrozenBN":
+    return FrozenBatchNorm(name=name, dtype=dtype, param_dtype=param_dtype)
+  if norm == "GN":
+    return _GroupNorm(name=name, dtype=dtype, param_dtype=param_dtype)
+  raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+
+
+class _GroupNorm(nn.Module):
+  """GroupNorm over min(32, C) groups (C = channels), statistics in float32."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    groups = min(32, c)
+    while c % groups:
+      groups -= 1
+    y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32,
+                     param_dtype=self.param_dtype, name="gn")(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype,
           param_dtype: Dtype) -> nn.Conv:
   pad = (kernel - 1) // 2
@@ -110,6 +140,7 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -117,16 +148,17 @@ class Bottleneck(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[B, H, W, Cin] -> [B, H / stride, W / stride, 4 * planes]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: make_norm(self.norm, name, **kw)
     out = _conv(self.planes, 1, 1, "conv1", **kw)(x)
-    out = nn.relu(FrozenBatchNorm(name="bn1", **kw)(out))
+    out = nn.relu(norm("bn1")(out))
     out = _conv(self.planes, 3, self.stride, "conv2", **kw)(out)
-    out = nn.relu(FrozenBatchNorm(name="bn2", **kw)(out))
+    out = nn.relu(norm("bn2")(out))
     out = _conv(4 * self.planes, 1, 1, "conv3", **kw)(out)
-    out = FrozenBatchNorm(name="bn3", **kw)(out)
+    out = norm("bn3")(out)
     if self.downsample:
       identity = _conv(4 * self.planes, 1, self.stride, "downsample_conv",
                        **kw)(x)
-      identity = FrozenBatchNorm(name="downsample_bn", **kw)(identity)
+      identity = norm("downsample_bn")(identity)
     else:
       identity = jnp.asarray(x, self.dtype)
     return nn.relu(out + identity)
@@ -145,12 +177,15 @@ class ResNet(nn.Module):
       computed for it and the gradients of its params are exactly zero. Use
       `frozen_param_mask` with the same value to keep the optimizer (and
       weight decay) off them.
+    norm: "FrozenBN" (frozen batch norm in "constants", for pretrained
+      weights) or "GN" (trainable GroupNorm, for training from scratch).
     dtype: compute dtype (bfloat16 works).
     param_dtype: parameter dtype.
   """
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   freeze_at: int = 0
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -172,7 +207,7 @@ class ResNet(nn.Module):
       raise ValueError(f"freeze_at must be in [0, 5], got {self.freeze_at}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = _conv(self.width, 7, 2, "conv1", **kw)(jnp.asarray(x, self.dtype))
-    x = nn.relu(FrozenBatchNorm(name="bn1", **kw)(x))
+    x = nn.relu(make_norm(self.norm, "bn1", **kw)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
@@ -181,7 +216,8 @@ class ResNet(nn.Module):
       planes = self.width * 2**i
       for j in range(num_blocks):
         x = Bottleneck(planes, stride=(2 if i > 0 and j == 0 else 1),
-                       downsample=(j == 0), name=f"layer{i + 1}_{j}", **kw)(x)
+                       downsample=(j == 0), norm=self.norm, name=f"layer{i + 1}_{j}",
+                       **kw)(x)
       if self.freeze_at >= i + 2:
         x = jax.lax.stop_gradient(x)
       feats[f"C{i + 2}"] = x
