@@ -11,7 +11,10 @@ in the training split (337,293 in the release: 42,162 steps per epoch at 8 pairs
 Expected: the paper's validation numbers are box AP .667, landmark AP .641 (visible) /
 .563 (visible + occluded), mask AP .674; the official baseline retrained on the release:
 box .638, landmarks .605 / .529, mask .640, retrieval top-1 .192 / top-20 .524. No run of this
-recipe has been made with this code yet; the runtime is not measured.
+recipe has been made with this code yet. Runtime: the train step (bf16, 8 images at 800x1344)
+measured 126 img/s on one H100 (docs/PERFORMANCE.md), so the 12 epochs (8.1M images) would
+take about 18 hours on one H100 if the input pipeline keeps up (an estimate from that figure,
+not a measured run; the pipeline needs several CPU cores per GPU).
 """
 
 import ml_collections
@@ -74,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
       retrieval_topk=20,
+      gallery_nms_threshold=0.5,  # class-agnostic NMS of each shop image's gallery boxes
       num_drawn_images=8,        # drawn into eval_<step>/detections.png and TensorBoard
       draw_score_threshold=0.3,  # detections drawn there score at least this
       num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn

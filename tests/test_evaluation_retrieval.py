@@ -247,3 +247,18 @@ def test_cli(tmp_path, capsys):
                   "--gallery-gt", str(tmp_path / "g.json")]) == 0
   out = capsys.readouterr().out
   assert "top-1: 0.0000" in out and "top-5: 1.0000" in out and "top-20: 1.0000" in out
+
+
+def test_dedupe_gallery_keeps_the_best_of_overlapping_boxes_per_image():
+  dets = [
+      dict(image_id=1, bbox=[0, 0, 10, 10], score=0.5, cls=1),
+      dict(image_id=1, bbox=[1, 0, 11, 10], score=0.9, cls=2),   # IoU 0.82 with the first
+      dict(image_id=1, bbox=[20, 20, 30, 30], score=0.1, cls=3),  # apart
+      dict(image_id=2, bbox=[0, 0, 10, 10], score=0.2, cls=1),    # same box, other image
+      dict(image_id=1, bbox=[5, 0, 15, 10], score=0.3, cls=4),    # IoU 0.43 with the best
+  ]
+  kept = rv.dedupe_gallery(dets, 0.5)
+  assert [d["cls"] for d in kept] == [2, 3, 1, 4]  # input order, the 0.5 box dropped
+  assert [d["image_id"] for d in kept] == [1, 1, 2, 1]
+  assert len(rv.dedupe_gallery(dets, 0.3)) == 3  # 0.43 > 0.3: the last box goes too
+  assert rv.dedupe_gallery(dets, 1.0) == dets

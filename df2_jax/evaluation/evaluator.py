@@ -10,7 +10,9 @@ landmarks), and writes into ``outdir``:
   detections.png, retrieval.png                                  (pictures; see ``evaluate``)
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
-boxes and with ground-truth boxes.
+boxes and with ground-truth boxes. Every detection of a consumer image is a query; the gallery
+is the detections of the shop images after a class-agnostic NMS per image
+(``config.eval.gallery_nms_threshold``; see ``retrieval.dedupe_gallery``).
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
   query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
   k = int(config.eval.retrieval_topk)
-  submission = retrieval.build_submission(found["query"], found["gallery"], score_fn, k=k)
+  gallery = retrieval.dedupe_gallery(found["gallery"],
+                                     float(config.eval.gallery_nms_threshold))
+  submission = retrieval.build_submission(found["query"], gallery, score_fn, k=k)
   metrics["retrieval"] = retrieval.evaluate_retrieval(submission, query_gt, gallery_gt)
   gt_submission = retrieval.build_submission(found["gt_query"], found["gt_gallery"], score_fn,
                                              k=k)
@@ -138,7 +142,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
     json.dump(metrics, f, indent=1, default=float)
   pictures = draw_pictures(eval_source, found["outputs"], drawn_ids, submission, query_gt,
                            gallery_gt, int(config.eval.num_retrieval_strips),
-                           float(config.eval.get("draw_score_threshold", 0.3)))
+                           float(config.eval.draw_score_threshold))
   for name, picture in pictures.items():
     cv2.imwrite(os.path.join(outdir, f"{name}.png"), picture[:, :, ::-1])
   if writer is not None and step is not None:
@@ -171,6 +175,19 @@ def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+def _upscaled(pixels: np.ndarray, out: dict, min_side: int = 320):
+  """An image and its detections scaled by an integer factor so the shorter side is at least
+  ``min_side`` (small images are unreadable once boxes, labels and points are drawn)."""
+  f = max(1, -(-min_side // min(pixels.shape[:2])))
+  out = dict(out)
+  if f > 1:
+    pixels = cv2.resize(pixels, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+    out["boxes"] = out["boxes"] * f
+    out["masks"] = out["masks"].repeat(f, axis=1).repeat(f, axis=2)
+    out["landmarks"] = out["landmarks"] * np.array([f, f, 1], np.float32)
+  return pixels, out
+
+
 def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
                   submission: list[dict], query_gt: list[dict], gallery_gt: list[dict],
                   num_strips: int, score_threshold: float = 0.3, k: int = 5
@@ -185,8 +202,11 @@ def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
     return cache[image_id]
 
   pictures = {}
-  drawn = [draw.draw_detections(pixels(i), **outputs[i], score_threshold=score_threshold)
-           for i in drawn_ids if i in outputs]
+  drawn = []
+  for i in drawn_ids:
+    if i in outputs:
+      scaled, out = _upscaled(pixels(i), outputs[i])
+      drawn.append(draw.draw_detections(scaled, **out, score_threshold=score_threshold))
   if drawn:
     pictures["detections"] = visualize.tile_grid(drawn)
   # The best-scoring detection of each of the first consumer images that has one.
