@@ -154,8 +154,8 @@ def test_group_norm_option():
   """norm="GN": trainable GroupNorm (in "params", nothing in "constants"); each group of a
   block's output is normalised (mean 0, variance 1 before the ReLU and skip)."""
   model = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, norm="GN")
-  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  variables = model.init(jax.random.key(1), x)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), x)
   assert set(variables) == {"params"}
   assert set(variables["params"]["bn1"]["gn"]) == {"scale", "bias"}
   assert variables["params"]["layer2_0"]["bn3"]["gn"]["scale"].shape == (64,)
@@ -164,8 +164,8 @@ def test_group_norm_option():
   assert mask["bn1"]["gn"]["scale"] and mask["layer1_0"]["bn2"]["gn"]["bias"]
   assert not mask["layer2_0"]["bn2"]["gn"]["bias"]
   # The stem's norm output: 8 channels in 8 groups, so every channel has mean 0 and variance 1.
-  _, state = model.apply(variables, x, capture_intermediates=True,
-                         mutable=["intermediates"])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+                                              mutable=["intermediates"]))(variables, x)
   stem = state["intermediates"]["bn1"]["__call__"][0]
   np.testing.assert_allclose(stem.mean(axis=(1, 2)), 0.0, atol=1e-4)
   np.testing.assert_allclose(stem.var(axis=(1, 2)), 1.0, atol=1e-2)

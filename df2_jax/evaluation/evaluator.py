@@ -42,11 +42,13 @@ def _to_original(boxes: np.ndarray, image_hw: np.ndarray, orig_hw: np.ndarray) -
 
 
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict,
-                  with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset()):
+                  with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
+                  keep_min_score: float = 0.0):
   """Detections and embeddings of every image of ``dataset`` (eval batches), on the host.
 
-  The raw outputs (original-image boxes, scores, classes, valid, pasted masks, landmarks) of
-  the images in ``keep_outputs`` (image ids) are returned under "outputs", for drawing.
+  The outputs (original-image boxes, scores, classes, valid, pasted masks, landmarks) of the
+  valid detections scoring at least ``keep_min_score`` in the images of ``keep_outputs``
+  (image ids) are returned under "outputs", for drawing.
   """
   detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
   embed = jax.jit(lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed))
@@ -77,9 +79,10 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
       segm += s
       kps += k
       if image_id in keep_outputs:
-        outputs[image_id] = dict(boxes=boxes, scores=out["scores"][i],
-                                 classes=out["classes"][i], valid=keep, masks=masks,
-                                 landmarks=lms)
+        sel = np.nonzero(keep & (out["scores"][i] >= keep_min_score))[0]
+        outputs[image_id] = dict(boxes=boxes[sel], scores=out["scores"][i][sel],
+                                 classes=out["classes"][i][sel], valid=keep[sel],
+                                 masks=masks[sel], landmarks=lms[sel])
       dets = [dict(image_id=image_id, bbox=boxes[d].tolist(), cls=int(out["classes"][i, d]),
                    score=float(out["scores"][i, d]), embedding=out["embeddings"][i, d])
               for d in np.nonzero(keep)[0]]
@@ -114,7 +117,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                                   process_index=0, process_count=1)
   records = {r.image_id: r for r in eval_source.records}
   drawn_ids = [r.image_id for r in eval_source.records[:int(config.eval.num_drawn_images)]]
-  found = run_detection(model, variables, dataset, records, keep_outputs=frozenset(drawn_ids))
+  found = run_detection(model, variables, dataset, records, keep_outputs=frozenset(drawn_ids),
+                        keep_min_score=float(config.eval.draw_score_threshold))
 
   gt = convert.to_coco(eval_source.records)
   metrics: dict[str, Any] = coco.evaluate_all(gt, found["bbox"], found["segm"],
@@ -175,16 +179,24 @@ def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def _upscaled(pixels: np.ndarray, out: dict, min_side: int = 320):
-  """An image and its detections scaled by an integer factor so the shorter side is at least
-  ``min_side`` (small images are unreadable once boxes, labels and points are drawn)."""
-  f = max(1, -(-min_side // min(pixels.shape[:2])))
+def _fitted(pixels: np.ndarray, out: dict, min_side: int = 320, max_side: int = 640):
+  """An image and its detections rescaled for drawing: small images up by an integer factor
+  (shorter side >= ``min_side``: boxes, labels and points are unreadable on 128 px), large ones
+  down (longer side <= ``max_side``, so the picture grid stays small)."""
+  h, w = pixels.shape[:2]
+  f = float(max(1, -(-min_side // min(h, w))))
+  if max(h, w) > max_side:
+    f = max_side / max(h, w)
+  if f == 1.0:
+    return pixels, out
+  size = (max(1, round(w * f)), max(1, round(h * f)))
   out = dict(out)
-  if f > 1:
-    pixels = cv2.resize(pixels, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
-    out["boxes"] = out["boxes"] * f
-    out["masks"] = out["masks"].repeat(f, axis=1).repeat(f, axis=2)
-    out["landmarks"] = out["landmarks"] * np.array([f, f, 1], np.float32)
+  pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
+  out["boxes"] = out["boxes"] * f
+  out["masks"] = np.stack([cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+                           for m in out["masks"]]).astype(bool) if len(out["masks"]) else (
+                               np.zeros((0, size[1], size[0]), bool))
+  out["landmarks"] = out["landmarks"] * np.array([f, f, 1], np.float32)
   return pixels, out
 
 
@@ -205,7 +217,7 @@ def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
   drawn = []
   for i in drawn_ids:
     if i in outputs:
-      scaled, out = _upscaled(pixels(i), outputs[i])
+      scaled, out = _fitted(pixels(i), outputs[i])
       drawn.append(draw.draw_detections(scaled, **out, score_threshold=score_threshold))
   if drawn:
     pictures["detections"] = visualize.tile_grid(drawn)
