@@ -28,12 +28,13 @@ def get_config():
   config.model.update(dict(
       stage_sizes=(1, 1, 1, 1), width=8, freeze_at=0, fpn_channels=64,
       rpn_pre_nms_topk_train=500, rpn_post_nms_topk_train=200, rpn_pre_nms_topk_test=500,
-      rpn_post_nms_topk_test=200, roi_batch_size_per_image=64, box_fc_dim=512,
-      mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2, landmark_rois_per_image=4,
+      rpn_post_nms_topk_test=200, roi_align_method="matmul", roi_batch_size_per_image=32,
+      roi_positive_fraction=0.5, box_fc_dim=512, mask_conv_dim=16, landmark_conv_dim=32,
+      landmark_num_convs=2, landmark_rois_per_image=4, landmark_select_channels=True,
       match_conv_dim=32, match_proj_dim=64, embed_dim=32, detections_per_image=20,
       detection_candidates=500, dtype="float32"))
-  # 20 epochs of 100 steps (200 image pairs, 2 per step); x0.1 at epochs 15 and 18.
-  config.train.update(dict(global_batch_pairs=2, epochs=20, decay_epochs=(15, 18),
+  # 30 epochs of 100 steps (200 image pairs, 2 per step); x0.1 at epochs 22 and 27.
+  config.train.update(dict(global_batch_pairs=2, epochs=30, decay_epochs=(22, 27),
                            optimizer="adamw", base_lr=0.001, weight_decay=1e-4,
                            warmup_steps=50, log_every_steps=100, checkpoint_every_steps=500))
   config.eval.batch_size = 8

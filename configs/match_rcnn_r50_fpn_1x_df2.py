@@ -44,12 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       stage_sizes=(3, 4, 6, 3), width=64, freeze_at=2, norm="FrozenBN", fpn_channels=256,
+      anchor_sizes=(32, 64, 128, 256, 512),  # one per level P2..P6
       rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=1000,
       rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000, rpn_nms_threshold=0.7,
       rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
+      roi_align_method="gather",  # or "matmul": faster for small feature maps on a CPU
       roi_batch_size_per_image=512, roi_positive_fraction=0.25,
       box_fc_dim=1024, mask_conv_dim=256, landmark_conv_dim=512, landmark_num_convs=8,
       landmark_rois_per_image=32, landmark_visible_only=False,
+      landmark_select_channels=False,  # True: only each RoI's category channels (narrow heads)
       match_conv_dim=256, match_proj_dim=1024, embed_dim=256,
       score_threshold=0.05, detection_nms_threshold=0.5, detections_per_image=100,
       detection_candidates=2000, dtype="bfloat16",

@@ -22,8 +22,9 @@ def get_config():
   config.model.update(dict(
       stage_sizes=(1, 1, 1, 1), width=8, freeze_at=0, fpn_channels=32,
       rpn_pre_nms_topk_train=300, rpn_post_nms_topk_train=100, rpn_pre_nms_topk_test=300,
-      rpn_post_nms_topk_test=100, roi_batch_size_per_image=64, box_fc_dim=64,
-      mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2, landmark_rois_per_image=8,
+      rpn_post_nms_topk_test=100, roi_align_method="matmul", roi_batch_size_per_image=64,
+      box_fc_dim=64, mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2,
+      landmark_rois_per_image=8, landmark_select_channels=True,
       match_conv_dim=16, match_proj_dim=32, embed_dim=16, detections_per_image=10,
       detection_candidates=200, dtype="float32"))
   config.train.update(dict(global_batch_pairs=2, num_steps=20, base_lr=0.01, warmup_steps=5,

@@ -157,7 +157,7 @@ def mask_loss(mask_logits: Array, classes: Array, targets: Array,
 
 def landmark_loss(
     heatmap_logits: Array, indices: Array, valid: Array, classes: Array,
-    upsample: Optional[Callable[[Array], Array]] = None) -> Array:
+    upsample: Optional[Callable[[Array], Array]] = None, gathered: bool = False) -> Array:
   """Landmark heatmap loss on each RoI's own category channels only.
 
   For every RoI the (at most 39) channels of its class are gathered from
@@ -176,6 +176,8 @@ def landmark_loss(
     classes: [B, R] int32 in 0..13 (0: the RoI has no landmarks).
     upsample: maps [N, h, w, C] to [N, H, W, C]; default
       `landmark_head.upsample_heatmaps` (torch bilinear x2, align_corners=False).
+    gathered: heatmap_logits is [B, R, h, w, 39]: each RoI's category channels already
+      (CATEGORY_CHANNELS[classes] order, the head's ``channels`` argument).
 
   Returns:
     float32 scalar; 0 without valid entries.
@@ -186,8 +188,8 @@ def landmark_loss(
                      df2.NUM_CATEGORIES)
   channels = jnp.asarray(CATEGORY_CHANNELS)[classes]  # [B, R, 39]
   own = jnp.asarray(CATEGORY_CHANNEL_VALID)[classes]  # [B, R, 39]
-  logits = jnp.take_along_axis(heatmap_logits,
-                               channels[:, :, None, None, :], axis=-1)
+  logits = heatmap_logits if gathered else jnp.take_along_axis(
+      heatmap_logits, channels[:, :, None, None, :], axis=-1)
   logits = logits.astype(jnp.float32).reshape(
       (b * r, h, w, MAX_CATEGORY_LANDMARKS))
   up = upsample(logits)

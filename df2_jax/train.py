@@ -30,6 +30,7 @@ def model_from_config(config) -> MatchRCNN:
   canvas = tuple(int(v) for v in config.data.canvas)
   fields = dict(config.model.to_dict())
   fields["stage_sizes"] = tuple(fields["stage_sizes"])
+  fields["anchor_sizes"] = tuple(fields["anchor_sizes"])
   return MatchRCNN(MatchRCNNConfig(**fields), canvas)
 
 

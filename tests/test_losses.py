@@ -180,6 +180,24 @@ def test_landmark_loss_equals_all_channel_loss():
   assert got.dtype == jnp.float32
 
 
+def test_landmark_loss_on_pre_gathered_channels():
+  """gathered=True takes each RoI's category channels (the head's channel-selecting path)
+  and gives the same loss and gradient."""
+  logits, indices, valid, classes = _landmark_case(6, seed=4)
+  channels = losses.CATEGORY_CHANNELS[classes]  # [B, R, 39]
+  own = np.take_along_axis(logits, channels[:, :, None, None, :], axis=-1)
+  full = jax.jit(jax.value_and_grad(losses.landmark_loss))(logits, indices, valid, classes)
+  sel = jax.jit(jax.value_and_grad(
+      lambda x, i, v, c: losses.landmark_loss(x, i, v, c, gathered=True)))(
+          own, indices, valid, classes)
+  np.testing.assert_allclose(sel[0], full[0], rtol=1e-6)
+  want_grad = np.take_along_axis(np.asarray(full[1]), channels[:, :, None, None, :], axis=-1)
+  # Padded slots of a category repeat its first channel with no loss: compare real slots.
+  real = losses.CATEGORY_CHANNEL_VALID[classes][:, :, None, None, :]
+  np.testing.assert_allclose(np.where(real, sel[1], 0), np.where(real, want_grad, 0),
+                             rtol=1e-5, atol=1e-7)
+
+
 def test_landmark_loss_custom_upsample_and_foreign_channels():
   logits, indices, valid, classes = _landmark_case(4, seed=1)
   nearest = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

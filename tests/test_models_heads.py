@@ -209,6 +209,32 @@ def test_landmark_deconv_is_torch_conv_transpose(kernel, torch_padding):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_landmark_head_selected_channels_equal_full_output(dtype):
+  """channels=[N, M] computes exactly those output channels of each RoI."""
+  from df2_jax import losses
+  head = landmark_head.LandmarkHead(conv_dim=16, num_convs=1, dtype=dtype)
+  x = jax.random.normal(jax.random.key(1), (4, 7, 7, 8)).astype(dtype)
+  variables = head.init(jax.random.key(0), x)
+  # A non-zero bias, so that its per-channel gather is checked too.
+  variables = jax.tree.map(lambda a: a + 0.01 * jnp.arange(a.size).reshape(a.shape) / a.size,
+                           variables)
+  channels = jnp.asarray(losses.CATEGORY_CHANNELS[np.array([1, 4, 13, 9])])
+  full = head.apply(variables, x)
+  sel = head.apply(variables, x, channels)
+  assert sel.shape == (4, 14, 14, 39) and sel.dtype == jnp.float32
+  want = jnp.take_along_axis(full, channels[:, None, None, :], axis=-1)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(sel, want, rtol=tol, atol=tol)
+  # Gradients with respect to the parameters agree as well (on the selected channels).
+  cot = jax.random.normal(jax.random.key(2), sel.shape)
+  g_sel = jax.grad(lambda v: jnp.sum(head.apply(v, x, channels) * cot))(variables)
+  g_full = jax.grad(lambda v: jnp.sum(jnp.take_along_axis(
+      head.apply(v, x), channels[:, None, None, :], axis=-1) * cot))(variables)
+  for a, b in zip(jax.tree.leaves(g_sel), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=10 * tol, atol=10 * tol)
+
+
 def test_upsample_heatmaps_hand_values():
   x = jnp.array([[0.0, 1.0], [2.0, 3.0]])[None, :, :, None]
   got = landmark_head.upsample_heatmaps(x)[0, :, :, 0]

@@ -397,6 +397,20 @@ def test_mask_target_threshold_and_matching():
   np.testing.assert_array_equal(hard[0], (soft[0] >= 0.5).astype(np.float32))
 
 
+def test_mask_targets_matmul_method_equals_gather():
+  crop = _crop(3)
+  masks = np.stack([crop, 1 - crop])
+  boxes = np.stack([_MASK_GT_BOX, _MASK_GT_BOX + 100]).astype(np.float32)
+  rois = np.array([[18, 20, 26, 36], [2, 12, 34, 44], [-6, 20, 10, 36], [120, 125, 130, 133]],
+                  np.float32)
+  matched = np.array([1, 1, 0, 1], np.int32)
+  run = jax.jit(targets.mask_targets, static_argnums=(4, 5, 6, 7))
+  gather = run(masks, boxes, rois, matched, 7, 2, None, "gather")
+  matmul = run(masks, boxes, rois, matched, 7, 2, None, "matmul")
+  assert float(jnp.max(gather)) > 0.5
+  np.testing.assert_allclose(matmul, gather, atol=1e-6)
+
+
 def test_mask_targets_vmapped():
   crop = _crop()
   masks = np.stack([crop[None], 1 - crop[None]])  # [B=2, M=1, S, S]

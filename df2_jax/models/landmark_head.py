@@ -27,6 +27,8 @@ formula, on the fixed H x W grid instead of a map resized to the box), and
 score = the maximal logit.
 """
 
+from __future__ import annotations
+
 import functools
 from typing import Any
 
@@ -62,15 +64,18 @@ class LandmarkHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, channels: Array | None = None) -> Array:
     """Predicts landmark logits before the x2 upsampling.
 
     Args:
       x: [N, h, w, C] pooled RoI features (14x14x256 in Match R-CNN).
+      channels: optional [N, M] int32: compute only these output channels of each RoI
+        (its category's, losses.CATEGORY_CHANNELS), the same values as gathering them
+        from the full output (see SubpixelConvTranspose).
 
     Returns:
-      [N, 2h, 2w, num_landmarks] float32 logits (28x28 from 14x14); feed them
-      to `upsample_heatmaps` for the 56x56 heatmaps.
+      [N, 2h, 2w, num_landmarks] float32 logits (28x28 from 14x14), or [N, 2h, 2w, M] with
+      ``channels``; feed them to `upsample_heatmaps` for the 56x56 heatmaps.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernel_init=c2_msra_fill, bias_init=nn.initializers.zeros)
@@ -83,7 +88,7 @@ class LandmarkHead(nn.Module):
     # [k, k, out, in] (torch's fan_out = in * k * k), run as a conv + pixel shuffle.
     x = SubpixelConvTranspose(self.num_landmarks, k, k // 2 - 1,
                               preferred_element_type=jnp.float32,
-                              name="score_lowres", **kw)(x)
+                              name="score_lowres", **kw)(x, channels)
     return x.astype(jnp.float32)
 
 

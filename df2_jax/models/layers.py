@@ -64,7 +64,16 @@ class SubpixelConvTranspose(nn.Module):
   preferred_element_type: Any = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, channels: Array | None = None) -> Array:
+    """[N, h, w, in] -> [N, 2h, 2w, features], or [N, 2h, 2w, M] with ``channels``.
+
+    ``channels`` [N, M] int32 computes only output channels ``channels[n]`` for sample n (the
+    same values as the full layer followed by a gather of those channels): the kernel columns
+    of each sample are gathered and applied to the input's 3x3 patches as one batched matmul.
+    That costs N * K * 4M gathered weights (K = (2R + 1)^2 * in) instead of the full layer's
+    features / M times more multiply-adds; worth it when M is much smaller than features and
+    the input is narrow (the landmark head's 39 of 294 channels in small models).
+    """
     k, c_in = self.kernel_size, x.shape[-1]
     if 2 * self.padding != k - 2:
       raise ValueError(f"kernel {k} with padding {self.padding} does not double the size")
@@ -76,6 +85,8 @@ class SubpixelConvTranspose(nn.Module):
     w = jnp.pad(jnp.transpose(kernel, (0, 1, 3, 2)), ((0, 1), (0, 1), (0, 0), (0, 0)))
     t = np.where(taps < 0, k, taps)  # [2 phases, 2R + 1 offsets]
     w = w[t[:, :, None, None], t[None, None, :, :]]  # [py, dy, px, dx, in, out]
+    if channels is not None:
+      return self._selected(x, w, bias, r, channels)
     w = jnp.transpose(w, (1, 3, 4, 0, 2, 5)).reshape(2 * r + 1, 2 * r + 1, c_in,
                                                       4 * self.features)
     y = jax.lax.conv_general_dilated(
@@ -86,3 +97,19 @@ class SubpixelConvTranspose(nn.Module):
     y = y.reshape(n, h, wd, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(n, 2 * h, 2 * wd, self.features)
     return y + bias.astype(y.dtype)
+
+  def _selected(self, x: Array, w: Array, bias: Array, r: int, channels: Array) -> Array:
+    # w: [py, dy, px, dx, in, out] -> per sample [N, dy * dx * in, py * px * M].
+    n, m = channels.shape
+    side = 2 * r + 1
+    wsel = jnp.take(w, channels, axis=-1)  # [py, dy, px, dx, in, N, M]
+    wsel = jnp.transpose(wsel, (5, 1, 3, 4, 0, 2, 6)).reshape(n, side * side * x.shape[-1],
+                                                              4 * m)
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (r, r), (r, r), (0, 0)))
+    h, wd = x.shape[1:3]
+    patches = jnp.concatenate([xp[:, dy:dy + h, dx:dx + wd]
+                               for dy in range(side) for dx in range(side)], axis=-1)
+    y = jnp.einsum("nhwk,nkq->nhwq", patches, wsel.astype(self.dtype),
+                   preferred_element_type=self.preferred_element_type)
+    y = y.reshape(n, h, wd, 2, 2, m).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * wd, m)
+    return y + jnp.take(bias, channels, axis=0)[:, None, None, :].astype(y.dtype)

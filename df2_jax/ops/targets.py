@@ -195,7 +195,7 @@ def roi_targets(key: Array, proposals: Array, proposal_valid: Array,
 def mask_targets(gt_masks: Array, gt_boxes: Array, rois: Array,
                  matched_gt: Array, output_size: Size = 28,
                  sampling_ratio: int = 2,
-                 threshold: Optional[float] = None) -> Array:
+                 threshold: Optional[float] = None, method: str = "gather") -> Array:
   """Each RoI's matched GT mask resampled into the RoI's output grid.
 
   RoI coordinates map into the matched GT's crop grid by
@@ -219,6 +219,7 @@ def mask_targets(gt_masks: Array, gt_boxes: Array, rois: Array,
     sampling_ratio: static samples per bin and axis.
     threshold: static; None keeps soft targets, a float returns
       (value >= threshold) as 0/1.
+    method: static; RoIAlign's "gather" or "matmul" (same values).
 
   Returns:
     [R, oh, ow] float32 in [0, 1].
@@ -238,7 +239,7 @@ def mask_targets(gt_masks: Array, gt_boxes: Array, rois: Array,
   v2 = (rois[:, 3] - g[:, 1]) * (sh / gh) + 1.0
   crop_boxes = jnp.stack([u1, v1, u2, v2], axis=-1)[:, None, :]  # [R, 1, 4]
   out = roi_align_ops.roi_align(crops[..., None], crop_boxes, output_size,
-                                1.0, sampling_ratio, aligned=True)
+                                1.0, sampling_ratio, aligned=True, method=method)
   out = jnp.clip(out[:, 0, :, :, 0], 0.0, 1.0)  # [R, oh, ow]
   if threshold is not None:
     out = (out >= threshold).astype(jnp.float32)
