@@ -145,17 +145,17 @@ def _bilinear_taps(boxes: Array, spatial_scale: Array, height: Array,
   return idx.reshape(lead + (oh, ow, k)), w.reshape(lead + (oh, ow, k))
 
 
-def _axis_matrix(coords: Array, size: int) -> Array:
-  """Dense interpolation weights along one axis: [..., out, s] -> [..., out, size].
+def _axis_matrix(idx: Array, w: Array, size: int) -> Array:
+  """Dense interpolation weights along one axis from `_axis_taps`' [..., out, s, 2] indices
+  and weights -> [..., out, size].
 
   Row o holds the bilinear weights of bin o's s samples on the axis' cells, averaged over
   the samples (the bin's 1 / s^2 average is 1 / s per axis). Bilinear sampling, its border
   rules and the average all factor into a y part times an x part, so RoIAlign is
   ``My @ F @ Mx^T`` per channel.
   """
-  idx, w = _axis_taps(coords, jnp.asarray(size, coords.dtype))  # [..., out, s, 2]
   onehot = jax.nn.one_hot(idx, size, dtype=w.dtype)  # [..., out, s, 2, size]
-  return jnp.sum(onehot * w[..., None], axis=(-3, -2)) / coords.shape[-1]
+  return jnp.sum(onehot * w[..., None], axis=(-3, -2)) / idx.shape[-2]
 
 
 def _separable_reduce(features: Array, my: Array, mx: Array) -> Array:
@@ -213,8 +213,9 @@ def roi_align(features: Array, boxes: Array, output_size: Size,
   if method == "matmul":
     ys, xs = _sample_coords(boxes, spatial_scale, _pair(output_size), sampling_ratio,
                             aligned)
-    out = _separable_reduce(features.astype(cdt), _axis_matrix(ys, height),
-                            _axis_matrix(xs, width))
+    my = _axis_matrix(*_axis_taps(ys, jnp.asarray(height, cdt)), height)
+    mx = _axis_matrix(*_axis_taps(xs, jnp.asarray(width, cdt)), width)
+    out = _separable_reduce(features.astype(cdt), my, mx)
     return out.astype(features.dtype)
   idx, w = _bilinear_taps(boxes, spatial_scale, height, width, 0,
                           _pair(output_size), sampling_ratio, aligned)
@@ -349,8 +350,6 @@ def _multilevel_matmul(features_by_level: Sequence[Array], boxes: Array,
   y_idx, y_w = _axis_taps(ys, e(table(heights)))
   x_idx, x_w = _axis_taps(xs, e(table(widths)))
   y_idx = y_idx + e(jnp.asarray(starts, jnp.int32)[level])[..., None]
-  s = sampling_ratio
-  my = jnp.sum(jax.nn.one_hot(y_idx, stacked.shape[1], dtype=cdt) * y_w[..., None],
-               axis=(-3, -2)) / s
-  mx = jnp.sum(jax.nn.one_hot(x_idx, wmax, dtype=cdt) * x_w[..., None], axis=(-3, -2)) / s
+  my = _axis_matrix(y_idx, y_w, stacked.shape[1])
+  mx = _axis_matrix(x_idx, x_w, wmax)
   return _separable_reduce(stacked, my, mx)
