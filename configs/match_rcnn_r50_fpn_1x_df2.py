@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
       rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
       roi_align_method="gather",  # or "matmul": faster for small feature maps on a CPU
       roi_batch_size_per_image=512, roi_positive_fraction=0.25,
-      box_fc_dim=1024, mask_conv_dim=256, landmark_conv_dim=512, landmark_num_convs=8,
+      box_fc_dim=1024, cls_agnostic_bbox_reg=False, mask_conv_dim=256, landmark_conv_dim=512, landmark_num_convs=8,
       landmark_rois_per_image=32, landmark_visible_only=False,
       landmark_select_channels=False,  # True: only each RoI's category channels (narrow heads)
       match_conv_dim=256, match_proj_dim=1024, embed_dim=256,

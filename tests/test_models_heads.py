@@ -105,6 +105,28 @@ def test_box_head_init():
 
 # ---------------------------------------------------------------- mask head
 
+def test_box_head_class_agnostic_regression():
+  """One 4-output regressor, its deltas repeated in every class's columns; the loss of RoIs
+  of different classes trains that one regressor."""
+  head = box_head.BoxHead(fc_dim=16, cls_agnostic_bbox_reg=True)
+  x = jax.random.normal(jax.random.key(2), (3, 7, 7, 4))
+  variables = head.init(jax.random.key(0), x)
+  assert variables["params"]["bbox_pred"]["kernel"].shape == (16, 4)
+  _, deltas = head.apply(variables, x)
+  assert deltas.shape == (3, 13 * 4)
+  per_class = np.asarray(deltas).reshape(3, 13, 4)
+  np.testing.assert_array_equal(per_class, np.broadcast_to(per_class[:, :1], (3, 13, 4)))
+
+  def class_columns_sum(params, cls):  # the loss's view: RoI i reads class cls[i]'s columns
+    _, d = head.apply({"params": params}, x)
+    return jnp.take_along_axis(d.reshape(3, 13, 4), cls[:, None, None], axis=1).sum()
+  g_a = jax.grad(class_columns_sum)(variables["params"], jnp.array([0, 5, 12]))
+  g_b = jax.grad(class_columns_sum)(variables["params"], jnp.array([3, 3, 3]))
+  np.testing.assert_allclose(g_a["bbox_pred"]["kernel"], g_b["bbox_pred"]["kernel"],
+                             rtol=1e-6)
+  assert np.abs(np.asarray(g_a["bbox_pred"]["kernel"])).sum() > 0
+
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mask_head_shapes_and_dtypes(dtype):

@@ -38,12 +38,16 @@ class BoxHead(nn.Module):
       (background, index 0).
     fc_dim: width of each fc (1024).
     num_fc: number of hidden fcs (2).
+    cls_agnostic_bbox_reg: one set of deltas for every class (detectron2's
+      CLS_AGNOSTIC_BBOX_REG): `bbox_pred` has 4 outputs, repeated into every
+      class's columns, so all foreground RoIs train the same regressor.
     dtype: compute dtype of the fcs (bfloat16 works); outputs are float32.
     param_dtype: parameter dtype.
   """
   num_classes: int = NUM_CATEGORIES
   fc_dim: int = 1024
   num_fc: int = 2
+  cls_agnostic_bbox_reg: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -72,7 +76,10 @@ class BoxHead(nn.Module):
     logits = nn.Dense(self.num_classes + 1,
                       kernel_init=nn.initializers.normal(0.01),
                       name="cls_score", **kw)(x)
-    deltas = nn.Dense(self.num_classes * 4,
+    num_reg = 1 if self.cls_agnostic_bbox_reg else self.num_classes
+    deltas = nn.Dense(num_reg * 4,
                       kernel_init=nn.initializers.normal(0.001),
                       name="bbox_pred", **kw)(x)
+    if self.cls_agnostic_bbox_reg:
+      deltas = jnp.tile(deltas, (1, self.num_classes))
     return logits.astype(jnp.float32), deltas.astype(jnp.float32)

@@ -68,6 +68,7 @@ class MatchRCNNConfig:
   roi_batch_size_per_image: int = 512
   roi_positive_fraction: float = 0.25
   box_fc_dim: int = 1024
+  cls_agnostic_bbox_reg: bool = False  # one regressor for all classes (learns faster)
   mask_conv_dim: int = 256
   landmark_conv_dim: int = 512
   landmark_num_convs: int = 8
@@ -122,7 +123,8 @@ class MatchRCNN(nn.Module):
                            freeze_at=c.freeze_at, norm=c.norm, dtype=dtype)
     self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
     self.rpn = RPNHead(channels=c.fpn_channels, dtype=dtype)
-    self.box_head = BoxHead(fc_dim=c.box_fc_dim, dtype=dtype)
+    self.box_head = BoxHead(fc_dim=c.box_fc_dim,
+                           cls_agnostic_bbox_reg=c.cls_agnostic_bbox_reg, dtype=dtype)
     self.mask_head = MaskHead(conv_dim=c.mask_conv_dim, dtype=dtype)
     self.landmark_head = LandmarkHead(conv_dim=c.landmark_conv_dim,
                                       num_convs=c.landmark_num_convs, dtype=dtype)
