@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=8,
       retrieval_topk=20,
       gallery_nms_threshold=0.5,  # class-agnostic NMS of each shop image's gallery boxes
+      gallery_score_threshold=0.0,  # gallery boxes scoring less are left out
       num_drawn_images=8,        # drawn into eval_<step>/detections.png and TensorBoard
       draw_score_threshold=0.3,  # detections drawn there score at least this
       num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn

@@ -262,3 +262,7 @@ def test_dedupe_gallery_keeps_the_best_of_overlapping_boxes_per_image():
   assert [d["image_id"] for d in kept] == [1, 1, 2, 1]
   assert len(rv.dedupe_gallery(dets, 0.3)) == 3  # 0.43 > 0.3: the last box goes too
   assert rv.dedupe_gallery(dets, 1.0) == dets
+  # With a score threshold of 0.25 the 0.1 and 0.2 boxes go first; NMS as before among the rest.
+  assert [d["cls"] for d in rv.dedupe_gallery(dets, 0.5, min_score=0.25)] == [2, 4]
+  assert [d["cls"] for d in rv.dedupe_gallery(dets, 1.0, min_score=0.25)] == [1, 2, 4]
+  assert rv.dedupe_gallery(dets, 0.5, min_score=0.95) == []

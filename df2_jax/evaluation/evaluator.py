@@ -11,8 +11,9 @@ landmarks), and writes into ``outdir``:
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
 boxes and with ground-truth boxes. Every detection of a consumer image is a query; the gallery
-is the detections of the shop images after a class-agnostic NMS per image
-(``config.eval.gallery_nms_threshold``; see ``retrieval.dedupe_gallery``).
+is the detections of the shop images scoring at least ``config.eval.gallery_score_threshold``,
+after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
+``retrieval.dedupe_gallery``).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
   k = int(config.eval.retrieval_topk)
   gallery = retrieval.dedupe_gallery(found["gallery"],
-                                     float(config.eval.gallery_nms_threshold))
+                                     float(config.eval.gallery_nms_threshold),
+                                     float(config.eval.gallery_score_threshold))
   submission = retrieval.build_submission(found["query"], gallery, score_fn, k=k)
   metrics["retrieval"] = retrieval.evaluate_retrieval(submission, query_gt, gallery_gt)
   gt_submission = retrieval.build_submission(found["gt_query"], found["gt_gallery"], score_fn,

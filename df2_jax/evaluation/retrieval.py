@@ -217,8 +217,9 @@ def _top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
   return np.take_along_axis(cols, order, axis=1).astype(np.int64)
 
 
-def dedupe_gallery(dets: Sequence[dict], iou_threshold: float = 0.5) -> list[dict]:
-  """Class-agnostic NMS of gallery detections within each shop image.
+def dedupe_gallery(dets: Sequence[dict], iou_threshold: float = 0.5,
+                   min_score: float = 0.0) -> list[dict]:
+  """Class-agnostic NMS of gallery detections within each shop image, after a score threshold.
 
   Class-aware detection keeps one box per class on the same garment; as gallery entries these
   near-copies fill a query's top-k with one item. Keeping, per image, only the highest-scoring
@@ -229,13 +230,16 @@ def dedupe_gallery(dets: Sequence[dict], iou_threshold: float = 0.5) -> list[dic
     dets: detections {image_id, bbox [x1, y1, x2, y2], score, ...}.
     iou_threshold: boxes overlapping a kept, higher-scoring box of the same image by more than
       this are dropped; 1.0 keeps everything.
+    min_score: detections scoring below this are dropped first (low-confidence boxes, often
+      fragments of a garment, otherwise compete with the whole garment for a query's top-k).
 
   Returns:
     The kept detections, in their input order.
   """
   by_image: dict[int, list[int]] = defaultdict(list)
   for i, d in enumerate(dets):
-    by_image[int(d["image_id"])].append(i)
+    if float(d["score"]) >= min_score:
+      by_image[int(d["image_id"])].append(i)
   keep = np.zeros(len(dets), bool)
   for idx in by_image.values():
     order = sorted(idx, key=lambda i: (-float(dets[i]["score"]), i))
