@@ -20,7 +20,7 @@ What moved it. The wide box head (fc 512) and FPN (64 channels) on a narrow ResN
 AP_box 0.346, top-20 0.518) overfitted, scoring AP_box 0.589 on its own training split; the
 generator makes 1800 pairs in seconds, and class-agnostic box regression plus landmark loss
 weight 0.5 gained a little more. Retrieval: with more data the gallery of shop detections
-(every box scoring >= 0.05) let low-scoring fragments outrank whole garments; keeping gallery
+(every box scoring >= 0.05) let low-scoring boxes crowd the ranked lists; keeping gallery
 boxes scoring >= 0.3 and a class-agnostic NMS at 0.3 per shop image took the 2000-pair
 checkpoint below from top-20 0.304 to 0.589 (and the 200-pair one from 0.518 to 0.661). Those
 two thresholds were set looking at validation numbers; every stricter setting tried helped

@@ -230,8 +230,8 @@ def dedupe_gallery(dets: Sequence[dict], iou_threshold: float = 0.5,
     dets: detections {image_id, bbox [x1, y1, x2, y2], score, ...}.
     iou_threshold: boxes overlapping a kept, higher-scoring box of the same image by more than
       this are dropped; 1.0 keeps everything.
-    min_score: detections scoring below this are dropped first (low-confidence boxes, often
-      fragments of a garment, otherwise compete with the whole garment for a query's top-k).
+    min_score: detections scoring below this are dropped first (low-confidence boxes
+      otherwise compete with the confident ones for a query's top-k).
 
   Returns:
     The kept detections, in their input order.
