@@ -103,8 +103,6 @@ def test_box_head_init():
     assert not np.any(np.asarray(params[name]["bias"]))
 
 
-# ---------------------------------------------------------------- mask head
-
 def test_box_head_class_agnostic_regression():
   """One 4-output regressor, its deltas repeated in every class's columns; the loss of RoIs
   of different classes trains that one regressor."""
@@ -125,6 +123,10 @@ def test_box_head_class_agnostic_regression():
   np.testing.assert_allclose(g_a["bbox_pred"]["kernel"], g_b["bbox_pred"]["kernel"],
                              rtol=1e-6)
   assert np.abs(np.asarray(g_a["bbox_pred"]["kernel"])).sum() > 0
+
+
+# ---------------------------------------------------------------- mask head
+
 
 
 
