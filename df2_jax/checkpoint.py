@@ -28,6 +28,13 @@ EXTRA = "extra"
 _ITEMS = (STATE, EXTRA)
 
 
+def _resolve(directory: str | os.PathLike) -> str:
+  """An absolute path for a local directory (orbax's array writer rejects relative ones, so
+  ``--workdir runs/demo`` would fail at the first save); URLs such as ``gs://`` unchanged."""
+  directory = os.fspath(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 def _handlers() -> dict[str, Any]:
   return {STATE: ocp.PyTreeCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()}
 
@@ -41,8 +48,9 @@ class CheckpointManager:
   """Saves and restores ``(TrainState, extra JSON)`` under one directory.
 
   Args:
-    directory: where the step directories live (created if missing; any path orbax/etils
-      accepts, e.g. ``gs://``).
+    directory: where the step directories live (created if missing; a local path, relative
+      ones resolved against the working directory, or any URL orbax/etils accepts, e.g.
+      ``gs://``).
     save_interval_steps: ``save`` writes only steps that are multiples of this (``force=True``
       writes any step).
     max_to_keep: how many of the newest steps to keep; None keeps all.
@@ -52,7 +60,7 @@ class CheckpointManager:
 
   def __init__(self, directory: str | os.PathLike, save_interval_steps: int = 1,
                max_to_keep: int | None = None, async_save: bool = True):
-    self.directory = os.fspath(directory)
+    self.directory = _resolve(directory)
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps,
                                            max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save,
@@ -148,7 +156,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None
   Raises:
     FileNotFoundError: when there is no checkpoint (at ``step``).
   """
-  directory = os.fspath(directory)
+  directory = _resolve(directory)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   manager = ocp.CheckpointManager(directory, options=options, item_names=_ITEMS,
                                   item_handlers=_handlers())

@@ -100,6 +100,21 @@ def test_resume_in_a_new_manager(tmp_path):
     assert again.restore(6, target_state=_tiny_state(0))[1] == {}
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  """A relative directory (``--workdir runs/demo``) saves, resumes and restores params: orbax's
+  array writer rejects relative paths, so the manager resolves them against the cwd."""
+  monkeypatch.chdir(tmp_path)
+  mgr, states = _save_steps("runs/demo/checkpoints")
+  assert mgr.all_steps() == [2, 4]
+  assert mgr.directory == str(tmp_path / "runs" / "demo" / "checkpoints")
+  mgr.close()
+  with checkpoint.CheckpointManager("runs/demo/checkpoints") as again:
+    state, _ = again.restore(target_state=_tiny_state(0))
+  _assert_trees_equal(state, states[4])
+  params, _ = checkpoint.restore_params("runs/demo/checkpoints", step=2)
+  _assert_trees_equal(params, states[2].params)
+
+
 def test_params_only_restore_from_a_copied_directory(tmp_path):
   mgr, states = _save_steps(tmp_path / "ckpt")
   mgr.close()
