@@ -13,9 +13,10 @@ also generated the data): 13 min 7 s wall (2.5 GB peak RSS, 4.7-5.8 steps/s); AP
 (AP50 0.674, AP75 0.602), AP_mask 0.449, landmark AP 0.370 (visible) / 0.332 (visible +
 occluded), retrieval top-1 0.107 / top-20 0.821 with detected boxes, top-20 0.893 with
 ground-truth boxes. Both targets (AP_box >= 0.5 and top-20 >= 0.5 in 15 minutes) are reached;
-AP_box by a small margin. Training is deterministic on one machine (two runs of the tiny
-config logged identical losses); another CPU compiles other kernels, so expect a spread of
-about the seed-to-seed one (0.482 and 0.488 AP_box for seeds 0 and 1 below).
+AP_box by a small margin. The README's command in a fresh clone (pip install included, workdir runs/demo) took 13 min
+34 s and gave the same numbers to the last digit: training is deterministic on one machine.
+Another CPU compiles other kernels, so expect a spread of about the seed-to-seed one (0.482
+and 0.488 AP_box for seeds 0 and 1 below).
 
 What moved it. The wide box head (fc 512) and FPN (64 channels) on a narrow ResNet; speed
 (matmul RoIAlign, category-only landmark channels, 32 RoIs per image at half foreground: 2.9 ->
