@@ -1,13 +1,35 @@
 """Shared test helpers: fixture locations and tiny in-memory records."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from data_pipeline import deepfashion2 as df2
 from data_pipeline.records import ImageRecord, Item
+
+
+_XLA_CACHE = None
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache per test session, in a temporary folder: a test
+  that builds the same program twice (the end-to-end test's resumed run compiles the train
+  step again) compiles it once. JAX_COMPILATION_CACHE_DIR, when set, is used instead."""
+  global _XLA_CACHE
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _XLA_CACHE = tempfile.mkdtemp(prefix="df2_jax_xla_cache_")
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def pytest_unconfigure(config):
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 def fixtures_dir() -> Path:

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import cv2
+import jax
 import numpy as np
 
 from configs import tiny
@@ -65,16 +66,28 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in logged if "loss" in m] == [5, 10, 15]
 
-  # Prediction on a folder of images (two real DeepFashion2 photos and one corrupt file).
+  # Params-only restore of a chosen step (what --mode eval and --mode predict read).
+  variables, step = train.load_variables(workdir, step=10)
+  assert step == 10
+  assert set(variables) == {"params", "constants"}
+
+
+def test_predict_on_a_folder_of_images(tmp_path):
+  """--mode predict: drawn PNGs and a predictions JSON for each readable image of a folder
+  (two real DeepFashion2 photos and one corrupt file, which is skipped)."""
   from conftest import fixtures_dir
+  from data_pipeline import sources
   from df2_jax import predict
+  from df2_jax.models.match_rcnn import init_variables
+  config = tiny.get_config()
   photos = tmp_path / "photos"
   photos.mkdir()
   for name in ("002092.jpg", "151674.jpg"):
     shutil.copy(fixtures_dir() / "image" / name, photos / name)
   (photos / "000001.jpg").write_bytes(b"not a jpeg")
-  variables, step = train.load_variables(workdir, step=10)
-  assert step == 10
+  geometry = sources.geometry_from_config(config.data)
+  variables = init_variables(train.model_from_config(config), jax.random.key(config.seed),
+                             train.zero_train_batch(geometry, config.train.global_batch_pairs))
   out = predict.predict(config, variables, str(photos), str(tmp_path / "pred"))
   assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
       "002092.png", "151674.png", "predictions.json"]
