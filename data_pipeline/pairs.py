@@ -1,12 +1,23 @@
-"""The image-pair index: which (user image, shop image) combinations are training elements.
+"""The pair index: which images are partners, and how each epoch groups the images in twos.
 
-DeepFashion2 gives no pairs, only ``pair_id`` per image and ``style`` per item. An image pair is
-a user image and a shop image with the same pair_id that share at least one item style > 0
-(spec section 1). Inside a pair, items with equal style > 0 are positive instance pairs.
+DeepFashion2 gives no pairs, only ``pair_id`` per image and ``style`` per item. Two images are
+partners when one is a user image and the other a shop image with the same pair_id, and they
+share at least one item style > 0 (spec section 1). Inside a partner pair, items with equal
+style > 0 are positive instance pairs.
 
-A dataset without image pairs (no ``source`` field, e.g. the COCO conversion; or a
-detection-only subset) still trains: elements are then two different images treated as
-singles, with the matching targets masked (``match_valid`` False).
+An epoch visits every training image once, in elements of two images. An epoch over the partner
+pairs would not: in the DeepFashion2 train split 337k pairs cover 191,961 images, one image in
+many pairs and many images in none, so images would train unevenly and the images without a
+partner never. Instead each epoch draws a maximum matching of the bipartite user-shop partner
+graph, randomised from (seed, epoch): its pairs are the matched elements, (user, shop), which
+train the matching loss. Every other image (no partner, or its partners matched to others this
+epoch) is paired at random with another such image, with the matching targets masked
+(``match_valid`` False), so it still trains detection, masks and landmarks. The matching being
+maximum, its size is the same every epoch, and no two of the leftover images are partners.
+
+A dataset without partners (no ``source`` field, e.g. the COCO conversion; or a detection-only
+subset) is the case of an empty matching: every element is two images with the matching targets
+masked.
 """
 
 from __future__ import annotations
@@ -14,45 +25,133 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from typing import NamedTuple
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from data_pipeline.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+class EpochElements(NamedTuple):
+  """One epoch, in its order.
+
+  Attributes:
+    elements: [E, 2] int64 record indices. Where ``match_valid`` is True, (user, shop) partners;
+      elsewhere two images that are not matched this epoch, in no particular slot order.
+    match_valid: [E] bool, True for the matched elements (they train the matching loss).
+  """
+  elements: np.ndarray
+  match_valid: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class PairIndex:
-  """Attributes:
-    pairs: [N, 2] int64 record indices (user, shop), sorted by (pair_id, user id, shop id);
-      empty in singles mode.
+  """The partner graph of a training set and its epochs.
+
+  Constructed from ``pairs`` and ``num_images``; the other attributes are derived.
+
+  Attributes:
+    pairs: [N, 2] int64 record indices (user, shop) of all partner pairs (the graph's edges),
+      sorted by (pair_id, user id, shop id) when built by ``build_pair_index``; empty in
+      singles mode.
     num_images: number of records.
-    match_valid: False in singles mode (no matching targets).
+    users: sorted record indices of the user images that have a partner (the graph's rows).
+    shops: sorted record indices of the shop images that have a partner (its columns).
+    pairs_per_epoch: the size of a maximum matching: matched elements in every epoch.
   """
   pairs: np.ndarray
   num_images: int
-  match_valid: bool
+  users: np.ndarray = dataclasses.field(init=False)
+  shops: np.ndarray = dataclasses.field(init=False)
+  pairs_per_epoch: int = dataclasses.field(init=False)
+  _rows: np.ndarray = dataclasses.field(init=False, repr=False)  # Edge -> position in users.
+  _cols: np.ndarray = dataclasses.field(init=False, repr=False)  # Edge -> position in shops.
+
+  def __post_init__(self):
+    pairs = np.asarray(self.pairs, np.int64).reshape(-1, 2)
+    if len(pairs) and (pairs.min() < 0 or pairs.max() >= self.num_images):
+      raise ValueError(f"Pair record indices must lie in [0, {self.num_images}).")
+    users, rows = np.unique(pairs[:, 0], return_inverse=True)
+    shops, cols = np.unique(pairs[:, 1], return_inverse=True)
+    if np.intersect1d(users, shops).size:
+      raise ValueError("An image is a user image in one pair and a shop image in another.")
+    derived = dict(pairs=pairs, users=users, shops=shops, _rows=rows.astype(np.int64).ravel(),
+                   _cols=cols.astype(np.int64).ravel())
+    for name, value in derived.items():
+      object.__setattr__(self, name, value)  # A frozen dataclass sets its fields this way.
+    # Every maximum matching has this size, whatever the permutations: computed once.
+    object.__setattr__(self, "pairs_per_epoch", len(self._matching(None)[0]))
+
+  @property
+  def num_images_with_partner(self) -> int:
+    """Images with at least one partner (the matching's candidates)."""
+    return len(self.users) + len(self.shops)
+
+  @property
+  def match_valid(self) -> bool:
+    """Whether any element trains the matching loss; False in singles mode (no partners)."""
+    return self.pairs_per_epoch > 0
 
   @property
   def epoch_size(self) -> int:
-    """Elements per epoch: image pairs, or ceil(num_images / 2) in singles mode."""
-    return len(self.pairs) if self.match_valid else (self.num_images + 1) // 2
+    """Elements per epoch, ceil(num_images / 2): the same every epoch, matched or not."""
+    return (self.num_images + 1) // 2
 
-  def epoch_elements(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
-    """The [epoch_size, 2] record indices of one epoch, in its (shuffled) order.
+  def _matching(self, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """A maximum matching: (users [K], shops [K]) record indices, matched pairwise.
 
-    The order depends only on (seed, epoch), so any step can be reached without replaying
-    the steps before it.
+    Hopcroft-Karp (scipy) on the user x shop biadjacency matrix, with its rows and columns
+    permuted by ``rng`` (identity when None), then mapped back. The permutations vary which
+    maximum matching is found, though not as a uniform draw among them (on a synthetic graph of
+    DeepFashion2's size, 0.5% of the images with a partner were matched in none of 20 epochs).
+    About 30 ms for 192k images and 340k edges.
+    """
+    nu, ns = len(self.users), len(self.shops)
+    if not len(self.pairs):
+      return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    row_perm = rng.permutation(nu) if rng is not None else np.arange(nu)
+    col_perm = rng.permutation(ns) if rng is not None else np.arange(ns)
+    # Row r of the permuted matrix is user row_perm[r]; column c is shop col_perm[c].
+    row_at, col_at = np.empty(nu, np.int64), np.empty(ns, np.int64)
+    row_at[row_perm] = np.arange(nu)
+    col_at[col_perm] = np.arange(ns)
+    graph = sparse.csr_array((np.ones(len(self.pairs), np.int8),
+                              (row_at[self._rows], col_at[self._cols])), shape=(nu, ns))
+    match = csgraph.maximum_bipartite_matching(graph, perm_type="column")
+    rows = np.flatnonzero(match >= 0)
+    return self.users[row_perm[rows]], self.shops[col_perm[match[rows]]]
+
+  def epoch_elements(self, epoch: int, seed: int) -> EpochElements:
+    """The ``epoch_size`` elements of one epoch, in their (shuffled) order.
+
+    Every image appears exactly once, with one exception: when the images left over by the
+    matching are odd in number, the last of them pairs with one more image drawn at random from
+    all the others, which so appears twice in this epoch. Everything (the matching, the leftover
+    pairing, the order) depends only on (seed, epoch), so any step can be reached without
+    replaying the steps before it (for a given SciPy version: its matching may change between
+    versions).
     """
     rng = np.random.default_rng([seed, epoch])
-    if self.match_valid:
-      order = rng.permutation(len(self.pairs)) if shuffle else np.arange(len(self.pairs))
-      return self.pairs[order]
-    order = rng.permutation(self.num_images) if shuffle else np.arange(self.num_images)
-    if len(order) % 2:  # An odd image count: the last image pairs with the first.
-      order = np.append(order, order[0])
-    return order.reshape(-1, 2)
+    users, shops = self._matching(rng)
+    taken = np.zeros(self.num_images, bool)
+    taken[users] = True
+    taken[shops] = True
+    rest = rng.permutation(np.flatnonzero(~taken))
+    if len(rest) % 2:
+      if self.num_images > 1:
+        extra = int(rng.integers(self.num_images - 1))
+        extra += extra >= rest[-1]  # Any image but the last leftover itself.
+      else:
+        extra = int(rest[-1])
+      rest = np.append(rest, extra)
+    elements = np.concatenate([np.stack([users, shops], 1), rest.reshape(-1, 2)])
+    match_valid = np.arange(len(elements)) < len(users)
+    order = rng.permutation(len(elements))
+    return EpochElements(elements[order], match_valid[order])
 
 
 def positive_styles(record: ImageRecord) -> set[int]:
@@ -60,7 +159,7 @@ def positive_styles(record: ImageRecord) -> set[int]:
 
 
 def build_pair_index(records: list[ImageRecord]) -> PairIndex:
-  """All image pairs of ``records``; falls back to singles when there are none."""
+  """The partner graph of ``records``; logs what an epoch trains (singles mode: a warning)."""
   by_pair: dict[int, tuple[list[int], list[int]]] = collections.defaultdict(lambda: ([], []))
   for idx, rec in enumerate(records):
     if rec.source == "user":
@@ -70,6 +169,8 @@ def build_pair_index(records: list[ImageRecord]) -> PairIndex:
   pairs = []
   for pair_id in sorted(by_pair):
     users, shops = by_pair[pair_id]
+    if not users or not shops:
+      continue
     users = sorted(users, key=lambda i: records[i].image_id)
     shops = sorted(shops, key=lambda i: records[i].image_id)
     shop_styles = [positive_styles(records[s]) for s in shops]
@@ -78,12 +179,17 @@ def build_pair_index(records: list[ImageRecord]) -> PairIndex:
       for s, styles_s in zip(shops, shop_styles):
         if styles_u & styles_s:
           pairs.append((u, s))
-  if pairs:
-    index = PairIndex(np.asarray(pairs, np.int64), len(records), True)
-    log.info("Pair index: %d image pairs over %d images.", len(pairs), len(records))
-    return index
-  log.warning(
-      "No user/shop image pairs in %d images (no 'source' field, or no shared style > 0): "
-      "training on single images, two per element, with the matching targets masked.",
-      len(records))
-  return PairIndex(np.zeros((0, 2), np.int64), len(records), False)
+  index = PairIndex(np.asarray(pairs, np.int64).reshape(-1, 2), len(records))
+  if index.match_valid:
+    log.info(
+        "Pair index: %d images, %d with a partner (%d image pairs); each epoch: %d elements, "
+        "%d matched pairs train the matching loss, the other %d images are paired at random "
+        "with the matching targets masked.", index.num_images, index.num_images_with_partner,
+        len(index.pairs), index.epoch_size, index.pairs_per_epoch,
+        index.num_images - 2 * index.pairs_per_epoch)
+  else:
+    log.warning(
+        "No user/shop image pairs in %d images (no 'source' field, or no shared style > 0): "
+        "training on single images, two per element, with the matching targets masked.",
+        len(records))
+  return index

@@ -1,17 +1,20 @@
 """tf.data input pipeline: training batches of image pairs, evaluation batches of single images.
 
 Every batch has static shapes (the contract is ``transforms.image_spec``):
-  training:   image [P, 2, H, W, 3], boxes [P, 2, M, 4], ...; axis 1 is (user, shop), plus
-              ``match_valid`` [P] (False where the element is two unrelated single images) and
-              ``element`` [P] (the element's global stream index);
+  training:   image [P, 2, H, W, 3], boxes [P, 2, M, 4], ...; P elements of two images, plus
+              ``match_valid`` [P] (True where the element is a matched (user, shop) partner pair,
+              axis 1 in that order; False where it is two images trained without the matching
+              targets) and ``element`` [P] (the element's global stream index);
   evaluation: image [B, H, W, 3], ... plus ``valid`` [B] (False for padding after the last
               image).
 
-The training stream is a pure function of (seed, global element index): element g of the
-stream is element ``g % E`` of epoch ``g // E`` (E = image pairs per epoch), whose order is a
-permutation drawn from (seed, epoch); the flips come from (seed, g). Resuming at step k starts
-the stream at element ``k * P_global`` without touching the data before it, and each process
-reads its own slice of every global batch (``jax.process_index()`` / ``process_count()``).
+A training epoch visits every image once (``pairs.PairIndex.epoch_elements``: a maximum matching
+of the user-shop partners, the other images paired at random). The stream is a pure function of
+(seed, global element index): element g of the stream is element ``g % E`` of epoch ``g // E``
+(E = ceil(images / 2) elements per epoch), whose matching and order are drawn from
+(seed, epoch); the flips come from (seed, g). Resuming at step k starts the stream at element
+``k * P_global`` without touching the data before it, and each process reads its own slice of
+every global batch (``jax.process_index()`` / ``process_count()``).
 
 Decoding, resizing, flipping and mask rasterization run in numpy/OpenCV inside
 ``tf.numpy_function`` with parallel calls (OpenCV and Pillow release the GIL); tf.data provides
@@ -28,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline import transforms
-from data_pipeline.pairs import PairIndex
+from data_pipeline.pairs import EpochElements, PairIndex
 from data_pipeline.records import DataError
 from data_pipeline.sources import DataSource
 from data_pipeline.transforms import ImageGeometry
@@ -61,7 +64,11 @@ class _SkipCounter:
 
 
 class TrainStream:
-  """Maps global element indices to encoded image pairs (host-side, numpy)."""
+  """Maps global element indices to encoded elements of two images (host-side, numpy).
+
+  Each epoch's elements are computed once (an LRU cache of two: the parallel map calls may
+  straddle an epoch boundary).
+  """
 
   def __init__(self, source: DataSource, pair_index: PairIndex, geometry: ImageGeometry,
                seed: int, flip_prob: float = 0.5):
@@ -76,7 +83,7 @@ class TrainStream:
     self._epoch_cache = functools.lru_cache(maxsize=2)(self._epoch)
     self.keys = list(transforms.image_spec(geometry))
 
-  def _epoch(self, epoch: int) -> np.ndarray:
+  def _epoch(self, epoch: int) -> EpochElements:
     return self.pair_index.epoch_elements(epoch, self.seed)
 
   def _encode(self, record_index: int, flip: bool) -> dict[str, np.ndarray]:
@@ -85,25 +92,30 @@ class TrainStream:
                                    self.geometry, flip)
 
   def element(self, g: int) -> dict[str, np.ndarray]:
-    """Element g of the stream: dict of [2, ...] arrays plus match_valid and element."""
+    """Element g of the stream: dict of [2, ...] arrays plus match_valid and element.
+
+    An element with an image that fails to load is replaced by the next element of the epoch
+    (with that element's match_valid).
+    """
     size = self.pair_index.epoch_size
     epoch, pos = divmod(int(g), size)
     rng = np.random.default_rng([self.seed, int(g), 7])
     flips = rng.random(2) < self.flip_prob
-    elements = self._epoch_cache(epoch)
+    elements, match_valid = self._epoch_cache(epoch)
     for attempt in range(_MAX_SUBSTITUTIONS):
-      user, shop = elements[(pos + attempt) % size]
+      k = (pos + attempt) % size
+      first, second = (int(i) for i in elements[k])
       try:
-        encoded = [self._encode(int(user), bool(flips[0])), self._encode(int(shop), bool(flips[1]))]
+        encoded = [self._encode(first, bool(flips[0])), self._encode(second, bool(flips[1]))]
         break
       except DataError as e:  # An image that passed the scan but fails now: skip, never crash.
-        bad = int(user) if e.path == self.source.records[int(user)].image_path else int(shop)
+        bad = first if e.path == self.source.records[first].image_path else second
         self.skips.add(bad, e)
     else:
       raise RuntimeError(f"{_MAX_SUBSTITUTIONS} consecutive elements failed to load near "
                          f"element {g}; see the warnings above.")
-    out = {k: np.stack([encoded[0][k], encoded[1][k]]) for k in self.keys}
-    out["match_valid"] = np.bool_(self.pair_index.match_valid)
+    out = {key: np.stack([encoded[0][key], encoded[1][key]]) for key in self.keys}
+    out["match_valid"] = np.bool_(match_valid[k])
     out["element"] = np.int64(g)
     return out
 
@@ -136,8 +148,9 @@ def train_dataset(source: DataSource, pair_index: PairIndex, geometry: ImageGeom
                   prefetch: int = 2) -> tf.data.Dataset:
   """An infinite dataset of this process's training batches, from step ``start_step`` on.
 
-  Each batch holds ``global_batch_pairs / process_count`` image pairs: this process's slice of
-  the global batch. Deterministic for a seed, whatever the parallelism.
+  Each batch holds ``global_batch_pairs / process_count`` elements of two images (matched
+  partner pairs or two images with the matching targets masked): this process's slice of the
+  global batch. Deterministic for a seed, whatever the parallelism.
   """
   pi, pc = _process_info(process_index, process_count)
   if global_batch_pairs % pc:

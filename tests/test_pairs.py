@@ -1,6 +1,8 @@
+import collections
 import logging
 
 import numpy as np
+import pytest
 
 from data_pipeline import pairs
 from conftest import make_item, make_record
@@ -19,21 +21,133 @@ def _records():
   ]
 
 
+def _more_records():
+  """_records() plus pair 40, whose only maximum matching a greedy pass can miss.
+
+  pair 40: user 7 (styles 1, 2), user 8 (style 1), shop 9 (style 1), shop 10 (style 2). Partner
+  edges (record indices): (6, 8), (6, 9), (7, 8). Taking (6, 8) first would leave 7 and 9
+  unmatched; the maximum matching is {(6, 9), (7, 8)}, unique. With pair 10 (users 0 and 1
+  both want shop 2: one of them is left over), the maximum matching has 3 pairs out of 10
+  images; records 3, 4, 5 and the loser of pair 10 are left over.
+  """
+  return _records() + [
+      make_record(7, [make_item(style=1), make_item(style=2)], source="user", pair_id=40),
+      make_record(8, [make_item(style=1)], source="user", pair_id=40),
+      make_record(9, [make_item(style=1)], source="shop", pair_id=40),
+      make_record(10, [make_item(style=2)], source="shop", pair_id=40),
+  ]
+
+
+def _check_epoch(index, epoch, seed):
+  """The invariants of every epoch; returns (matched pairs as tuples, image visit counts)."""
+  elements, match_valid = index.epoch_elements(epoch, seed)
+  assert elements.shape == (index.epoch_size, 2) and match_valid.shape == (index.epoch_size,)
+  assert match_valid.sum() == index.pairs_per_epoch
+  edges = set(map(tuple, index.pairs.tolist()))
+  matched = [tuple(e) for e in elements[match_valid].tolist()]
+  assert set(matched) <= edges  # partners, user first
+  # Maximal: no two images left over by this epoch's matching are partners.
+  rest = set(elements[~match_valid].ravel().tolist()) - set(elements[match_valid].ravel().tolist())
+  assert not any(u in rest and s in rest for u, s in edges)
+  assert (elements[:, 0] != elements[:, 1]).all()
+  counts = collections.Counter(elements.ravel().tolist())
+  assert set(counts) == set(range(index.num_images))
+  return matched, counts
+
+
 def test_pairs_need_same_pair_id_and_a_shared_positive_style():
   index = pairs.build_pair_index(_records())
   assert index.match_valid
   # (user 1, shop 3) share style 1; (user 2, shop 3) share style 2; shop 4 has only style 0.
   np.testing.assert_array_equal(index.pairs, [[0, 2], [1, 2]])
-  assert index.epoch_size == 2
+  np.testing.assert_array_equal(index.users, [0, 1])
+  np.testing.assert_array_equal(index.shops, [2])
+  assert index.num_images_with_partner == 3
+  assert index.pairs_per_epoch == 1  # users 0 and 1 compete for shop 2
+  assert index.epoch_size == 3  # 6 images
 
 
-def test_epochs_are_permutations_fixed_by_seed_and_epoch():
-  index = pairs.build_pair_index(_records())
-  e0 = index.epoch_elements(0, seed=3)
-  assert sorted(map(tuple, e0)) == [(0, 2), (1, 2)]
-  np.testing.assert_array_equal(e0, index.epoch_elements(0, seed=3))
-  orders = {tuple(map(tuple, index.epoch_elements(e, seed=3))) for e in range(8)}
-  assert len(orders) == 2  # both orders occur over epochs
+def test_an_epoch_visits_every_image_once_with_a_maximum_matching():
+  index = pairs.build_pair_index(_more_records())
+  np.testing.assert_array_equal(index.pairs, [[0, 2], [1, 2], [6, 8], [6, 9], [7, 8]])
+  assert (index.num_images, index.num_images_with_partner) == (10, 7)
+  assert (index.pairs_per_epoch, index.epoch_size) == (3, 5)
+  winners = collections.Counter()
+  for epoch in range(16):
+    matched, counts = _check_epoch(index, epoch, seed=3)
+    assert set(counts.values()) == {1}  # 10 images: each exactly once
+    assert {(6, 9), (7, 8)} <= set(matched)  # the only maximum matching of pair 40
+    (pair10,) = set(matched) - {(6, 9), (7, 8)}
+    winners[pair10] += 1
+    elements, match_valid = index.epoch_elements(epoch, seed=3)
+    left = sorted(elements[~match_valid].ravel().tolist())
+    assert left == sorted([3, 4, 5, 1 - pair10[0]])  # pair 10's loser is left over, flag False
+  # Either user of pair 10 wins, depending on the epoch.
+  assert set(winners) == {(0, 2), (1, 2)}
+
+
+def test_epochs_are_fixed_by_seed_and_epoch_and_differ_between_epochs():
+  index = pairs.build_pair_index(_more_records())
+  a, b = index.epoch_elements(0, seed=3), index.epoch_elements(0, seed=3)
+  np.testing.assert_array_equal(a.elements, b.elements)
+  np.testing.assert_array_equal(a.match_valid, b.match_valid)
+  epochs = [index.epoch_elements(e, seed=3) for e in range(8)]
+  assert len({e.elements.tobytes() for e in epochs}) == 8
+  assert len({e.match_valid.tobytes() for e in epochs}) > 1  # matched elements move around
+  assert index.epoch_elements(0, seed=4).elements.tobytes() != a.elements.tobytes()
+
+
+def test_an_odd_image_count_duplicates_exactly_one_image():
+  records = _more_records() + [make_record(11, [make_item(style=1)], source="shop", pair_id=50)]
+  index = pairs.build_pair_index(records)
+  assert (index.num_images, index.pairs_per_epoch, index.epoch_size) == (11, 3, 6)
+  for epoch in range(8):
+    _, counts = _check_epoch(index, epoch, seed=0)
+    assert sorted(counts.values()) == [1] * 10 + [2]
+
+
+def test_the_log_line_gives_the_epoch_composition(caplog):
+  with caplog.at_level(logging.INFO):
+    pairs.build_pair_index(_more_records())
+  assert ("Pair index: 10 images, 7 with a partner (5 image pairs); each epoch: 5 elements, "
+          "3 matched pairs train the matching loss, the other 4 images are paired at random "
+          "with the matching targets masked.") in caplog.text
+
+
+def _kuhn_matching_size(pairs_array):
+  """A reference maximum matching (augmenting paths, Kuhn's algorithm)."""
+  adjacency = collections.defaultdict(list)
+  for u, s in pairs_array.tolist():
+    adjacency[u].append(s)
+  owner = {}
+
+  def augment(u, seen):
+    for s in adjacency[u]:
+      if s not in seen:
+        seen.add(s)
+        if s not in owner or augment(owner[s], seen):
+          owner[s] = u
+          return True
+    return False
+
+  return sum(augment(u, set()) for u in list(adjacency))
+
+
+def test_random_graphs_match_a_reference_maximum_matching():
+  rng = np.random.default_rng(0)
+  for n in (300, 301):
+    records = []
+    for i in range(n):
+      styles = rng.choice(4, size=int(rng.integers(1, 3)), replace=False)  # style 0: no match
+      records.append(make_record(i + 1, [make_item(style=int(s)) for s in styles],
+                                 source="shop" if rng.random() < 1 / 3 else "user",
+                                 pair_id=int(rng.integers(0, 30))))
+    index = pairs.build_pair_index(records)
+    assert len(index.pairs) > 200
+    assert index.pairs_per_epoch == _kuhn_matching_size(index.pairs)
+    for epoch in range(3):
+      _, counts = _check_epoch(index, epoch, seed=1)
+      assert sorted(counts.values()) == [1] * (n - n % 2) + [2] * (n % 2)
 
 
 def test_singles_fallback_is_logged_and_masks_matching(caplog):
@@ -42,9 +156,15 @@ def test_singles_fallback_is_logged_and_masks_matching(caplog):
     index = pairs.build_pair_index(records)
   assert not index.match_valid
   assert "matching targets masked" in caplog.text
+  assert (index.pairs.shape, index.pairs_per_epoch, index.num_images_with_partner) == ((0, 2), 0, 0)
   assert index.epoch_size == 3
-  e = index.epoch_elements(0, seed=0)
-  assert e.shape == (3, 2)
-  assert (e[:, 0] != e[:, 1]).all()
-  # The first images of the three elements, plus the second of the last, cover all five.
-  assert set(e[:, 0]) | set(e[:, 1]) == set(range(5))
+  elements, match_valid = index.epoch_elements(0, seed=0)
+  assert elements.shape == (3, 2) and not match_valid.any()
+  assert (elements[:, 0] != elements[:, 1]).all()
+  # Five images in three elements: all of them, one twice.
+  assert sorted(collections.Counter(elements.ravel().tolist()).values()) == [1, 1, 1, 1, 2]
+
+
+def test_an_image_cannot_be_both_user_and_shop():
+  with pytest.raises(ValueError, match="user image in one pair"):
+    pairs.PairIndex(np.array([[0, 1], [1, 2]]), 3)

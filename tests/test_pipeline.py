@@ -14,17 +14,34 @@ GEOM = transforms.ImageGeometry(canvas_hw=(48, 48), short_side=32, max_size=48,
                                 max_instances=3, mask_size=8)
 
 
-def _memory_source(num_pairs=6, bad=()):
-  """num_pairs pair_ids, each a user and a shop image sharing style 1; ``bad`` fail to load."""
+def _memory_source(num_pairs=6, bad=(), rival_users=0, lone_users=0, lone_shops=0):
+  """Images whose pixels all equal their image id; the records ``bad`` fail to load.
+
+  First num_pairs pair_ids (100, 101, ...), each a user and a shop image sharing style 1 (ids
+  2p + 1 and 2p + 2); then ``rival_users`` second user images for pair_ids 100, 101, ... (their
+  shop can be matched to one of its two users per epoch), ``lone_users`` user images whose
+  pair_id (200, ...) has no shop and ``lone_shops`` shop images whose pair_id (300, ...) has no
+  user.
+  """
   records, pixels = [], []
+
+  def add(source, pair_id, category):
+    image_id = len(records) + 1
+    h, w = (30, 40) if source == "shop" else (40, 30)
+    records.append(make_record(image_id, [make_item(category, 1, (2, 3, 20, 25)),
+                                          make_item(9, 0, (5, 5, 15, 15))],
+                               width=w, height=h, source=source, pair_id=pair_id))
+    pixels.append(np.full((h, w, 3), image_id, np.uint8))
+
   for p in range(num_pairs):
-    for j, source in enumerate(("user", "shop")):
-      image_id = 2 * p + j + 1
-      h, w = (30, 40) if j else (40, 30)
-      records.append(make_record(image_id, [make_item(1 + p % 13, 1, (2, 3, 20, 25)),
-                                            make_item(9, 0, (5, 5, 15, 15))],
-                                 width=w, height=h, source=source, pair_id=100 + p))
-      pixels.append(np.full((h, w, 3), image_id, np.uint8))
+    add("user", 100 + p, 1 + p % 13)
+    add("shop", 100 + p, 1 + p % 13)
+  for p in range(rival_users):
+    add("user", 100 + p, 1 + p % 13)
+  for p in range(lone_users):
+    add("user", 200 + p, 1)
+  for p in range(lone_shops):
+    add("shop", 300 + p, 1)
 
   def loader(i):
     if i in bad:
@@ -70,14 +87,59 @@ def test_resume_at_step_k_equals_the_straight_run():
   for a, b in zip(straight[3:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  # 6 pairs per epoch, 4 per step: step 1 crosses into epoch 1; every epoch is a permutation.
+  # 12 images, each with one partner: 6 matched elements per epoch, 4 per step; step 1 crosses
+  # into epoch 1; every epoch visits the 12 images once, user first.
   elements = np.concatenate([b["element"] for b in straight])
   np.testing.assert_array_equal(elements, np.arange(20))
-  ids = np.concatenate([b["image_id"][:, 0] for b in straight])
-  assert sorted(ids[:6]) == [1, 3, 5, 7, 9, 11] and sorted(ids[6:12]) == [1, 3, 5, 7, 9, 11]
+  assert all(b["match_valid"].all() for b in straight)
+  ids = np.concatenate([b["image_id"] for b in straight])
+  for epoch in (ids[:6], ids[6:12]):
+    assert sorted(epoch[:, 0]) == [1, 3, 5, 7, 9, 11]
+    assert sorted(epoch[:, 1]) == [2, 4, 6, 8, 10, 12]
+  assert (ids[:6] != ids[6:12]).any()  # a new order each epoch
   # Flips are random but deterministic per element: some flipped, some not.
   flips = np.concatenate([b["flipped"].ravel() for b in straight])
   assert 0 < flips.sum() < len(flips)
+
+
+def test_an_epoch_visits_every_image_once_and_masks_non_partners():
+  # 4 user-shop pairs, a rival user for pair_id 100, 2 users and 1 shop without a partner:
+  # 12 images, 6 elements per epoch, of which 4 matched (pair_id 100: one of its two users).
+  source = _memory_source(num_pairs=4, rival_users=1, lone_users=2, lone_shops=1)
+  index = pairs.build_pair_index(source.records)
+  assert (index.num_images, index.num_images_with_partner) == (12, 9)
+  assert (len(index.pairs), index.pairs_per_epoch, index.epoch_size) == (5, 4, 6)
+  by_id = {r.image_id: r for r in source.records}
+
+  def partners(a, b):
+    ra, rb = by_id[a], by_id[b]
+    return (ra.source, rb.source) == ("user", "shop") and ra.pair_id == rb.pair_id and bool(
+        pairs.positive_styles(ra) & pairs.positive_styles(rb))
+
+  kwargs = dict(global_batch_pairs=2, seed=2, process_index=0, process_count=1)
+  straight = _take(pipeline.train_dataset(source, index, GEOM, **kwargs), 6)  # two epochs
+  ids = np.concatenate([b["image_id"] for b in straight])
+  valid = np.concatenate([b["match_valid"] for b in straight])
+  for epoch in range(2):
+    e_ids, e_valid = ids[6 * epoch:6 * epoch + 6], valid[6 * epoch:6 * epoch + 6]
+    assert sorted(e_ids.ravel()) == list(range(1, 13))  # every image once, unpaired included
+    assert e_valid.sum() == 4
+    for (a, b), v in zip(e_ids.tolist(), e_valid):
+      # Matched: user in slot 0, its partner in slot 1. Masked: no partners, in either order
+      # (the matching is maximum, so two leftover images are never partners).
+      assert partners(a, b) == bool(v) and not partners(b, a), (epoch, a, b, v)
+    # pair_id 100's shop (id 2) goes to one of its users (ids 1, 9); the other is left over.
+    assert len({a for (a, b), v in zip(e_ids.tolist(), e_valid) if v and b == 2} & {1, 9}) == 1
+    # The images without a partner (ids 10, 11, 12) are always in masked elements.
+    assert not e_valid[np.isin(e_ids, [10, 11, 12]).any(axis=1)].any()
+  assert valid.any() and not valid.all() and (ids[:6] != ids[6:]).any()
+  # The batches of a run resumed at step 2 (step 3 crosses into epoch 1), with one worker,
+  # equal the straight ones.
+  resumed = _take(pipeline.train_dataset(source, index, GEOM, start_step=2, num_parallel_calls=1,
+                                         **kwargs), 4)
+  for a, b in zip(straight[2:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_processes_read_disjoint_slices_of_the_global_batch():
@@ -106,6 +168,20 @@ def test_a_failing_image_is_skipped_counted_and_logged(caplog):
   assert 3 not in batch["image_id"][:, 0]  # image id 3 is record 2
   assert ds.stream.skips.skipped.keys() == {2}
   assert "truncated JPEG" in caplog.text and "field 'image'" in caplog.text
+
+
+def test_a_substituted_element_keeps_its_own_match_flag():
+  # Ids 1-4: two user-shop pairs; ids 5, 6: lone users, 6 fails. Its element is replaced by the
+  # next one of the epoch, whose match_valid comes along.
+  source = _memory_source(num_pairs=2, lone_users=2, bad=(5,))
+  index = pairs.build_pair_index(source.records)
+  ds = pipeline.train_dataset(source, index, GEOM, global_batch_pairs=3, seed=0,
+                              process_index=0, process_count=1, num_parallel_calls=1)
+  for batch in _take(ds, 4):
+    for (a, b), v in zip(batch["image_id"].tolist(), batch["match_valid"]):
+      assert 6 not in (a, b)
+      assert bool(v) == (b == a + 1 and a in (1, 3)), (a, b, v)
+  assert ds.stream.skips.skipped.keys() == {5}
 
 
 def test_eval_is_file_order_padded_and_complete():
