@@ -1,20 +1,29 @@
 r"""Match R-CNN, ResNet-50-FPN, the paper's 1x recipe on DeepFashion2.
 
   python run.py --config configs/match_rcnn_r50_fpn_1x_df2.py --workdir runs/r50_1x \
-      --config.data.root=/path/to/deepfashion2
+      --config.data.root=/path/to/deepfashion2 \
+      --config.model.backbone_weights=/path/to/resnet50-0676ba61.pth
 
-16 images (8 image pairs) per batch, SGD momentum 0.9, LR 0.02 with a 1000-step linear
-warm-up, x0.1 after epochs 8 and 11, 12 epochs; shorter side 800, longer <= 1333, on a
-1344x1344 canvas (any orientation fits). Steps per epoch come from the number of image pairs
-in the training split (337,293 in the release: 42,162 steps per epoch at 8 pairs).
+The backbone starts from torchvision's ImageNet ResNet-50 (IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth, or a .safetensors copy; the run
+refuses to start without it). 16 images (8 image pairs) per step, SGD momentum 0.9, LR 0.02
+with a 1000-step linear warm-up, x0.1 after epochs 8 and 11 of 12; shorter side 800, longer
+<= 1333, on a 1344x1344 canvas. An epoch visits each of the release's 191,961 training images
+once (95,981 elements of two images: user/shop partners where the epoch's matching pairs them,
+others paired at random with the matching loss masked): 11,998 steps per epoch, 143,976 steps in
+all (2.3M image visits), decays at steps 95,984 and 131,978. Evaluates the 32,153 validation
+images every 24,000 steps and at the end (eval_<step>/, best box AP kept in best/).
 
-Expected: the paper's validation numbers are box AP .667, landmark AP .641 (visible) /
-.563 (visible + occluded), mask AP .674; the official baseline retrained on the release:
-box .638, landmarks .605 / .529, mask .640, retrieval top-1 .192 / top-20 .524. No run of this
-recipe has been made with this code yet. Runtime: the train step (bf16, 8 images at 800x1344)
-measured 126 img/s on one H100 (docs/PERFORMANCE.md), so the 12 epochs (8.1M images) would
-take about 18 hours on one H100 if the input pipeline keeps up (an estimate from that figure,
-not a measured run; the pipeline needs several CPU cores per GPU).
+Expected: the paper's validation numbers are box AP .667, landmark AP .641 (visible) / .563
+(visible + occluded), mask AP .674; the official baseline retrained on the release: box .638,
+landmarks .605 / .529, mask .640, retrieval top-1 .192 / top-20 .524. No run of this recipe has
+been made with this code yet. Runtime, an estimate from the train-step benchmark (126 img/s on
+one H100, bf16, 800x1344; docs/PERFORMANCE.md), not a measured run: about 5 hours of steps on
+one H100, under an hour on 8 if the step scales and the input keeps up; the square canvas is
+slower than the benchmark's, and each full evaluation adds its own time.
+
+Why: the paper's setup (Detectron's 1x schedule, batch 16, ResNet-50-FPN from ImageNet), with
+epochs counted in images as a 1x schedule is.
 """
 
 import ml_collections
@@ -56,6 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
       match_conv_dim=256, match_proj_dim=1024, embed_dim=256,
       score_threshold=0.05, detection_nms_threshold=0.5, detections_per_image=100,
       detection_candidates=2000, dtype="bfloat16",
+      # A fresh run starts from these (a resumed run reads its checkpoint instead):
+      # torchvision ResNet-50 ImageNet weights (.pth, or .safetensors with the same names),
+      # required by this recipe (its frozen BN and frozen stages cannot learn from random);
+      backbone_weights="",
+      # then, optionally, another run's checkpoint directory (its params and constants,
+      # where names and shapes match) at init_from_step (-1: the latest).
+      init_from="", init_from_step=-1,
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -75,10 +91,18 @@ def get_config() -> ml_collections.ConfigDict:
       log_every_steps=20,
       checkpoint_every_steps=5000,
       keep_checkpoints=3,
+      # Evaluate every N steps into workdir/eval_<step>/ (0: only after the last step), and
+      # keep the checkpoint with the best eval metric (a metrics.json scalar without "eval/",
+      # e.g. bbox/AP, segm/AP, keypoints/AP, retrieval/top20) under workdir/best/.
+      eval_every_steps=24000,
+      best_metric="bbox/AP",
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
+      # 0: the whole split; N: a fixed subset of N images (whole pair_ids drawn with a fixed
+      # seed, so retrieval queries keep their shop images), the same in every evaluation.
+      max_images=0,
       retrieval_topk=20,
       gallery_nms_threshold=0.5,  # class-agnostic NMS of each shop image's gallery boxes
       gallery_score_threshold=0.0,  # gallery boxes scoring less are left out

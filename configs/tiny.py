@@ -28,6 +28,7 @@ def get_config():
       match_conv_dim=16, match_proj_dim=32, embed_dim=16, detections_per_image=10,
       detection_candidates=200, dtype="float32"))
   config.train.update(dict(global_batch_pairs=2, num_steps=20, base_lr=0.01, warmup_steps=5,
-                           log_every_steps=5, checkpoint_every_steps=10, keep_checkpoints=2))
+                           log_every_steps=5, checkpoint_every_steps=10, keep_checkpoints=2,
+                           eval_every_steps=0))
   config.eval.batch_size = 4
   return config

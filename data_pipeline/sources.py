@@ -39,6 +39,14 @@ class DataSource:
   def __len__(self) -> int:
     return len(self.records)
 
+  def subset(self, indices) -> "DataSource":
+    """The records at ``indices`` (in that order), loading the same pixels."""
+    indices = [int(i) for i in indices]
+    return DataSource([self.records[i] for i in indices],
+                      lambda j: self.loader(indices[j]),
+                      f"{self.name} ({len(indices)} of {len(self.records)} images)",
+                      self.num_skipped)
+
 
 def _path_loader(records: list[ImageRecord]) -> Callable[[int], np.ndarray]:
   return lambda i: images.load_image(records[i].image_path)

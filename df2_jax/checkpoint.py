@@ -114,6 +114,14 @@ class CheckpointManager:
         step, args=ocp.args.Composite(**{STATE: state_args, EXTRA: ocp.args.JsonRestore()}))
     return restored[STATE], dict(restored[EXTRA] or {})
 
+  def read_extra(self, step: int | None = None) -> dict[str, Any]:
+    """The ``extra`` JSON of ``step`` (default: the latest) without reading any array."""
+    self.wait_until_finished()
+    step = self._resolve_step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{EXTRA: ocp.args.JsonRestore()}))
+    return dict(restored[EXTRA] or {})
+
   def _resolve_step(self, step: int | None) -> int:
     steps = self._manager.all_steps()
     if step is None:

@@ -193,6 +193,17 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(lambda x: _replicate_leaf(x, sharding), tree)
 
 
+def one_replica(tree: Any) -> Any:
+  """Each fully replicated ``jax.Array`` leaf as this process's first copy (a one-device
+  array), other leaves unchanged: what a single-device program (evaluation) takes, also in a
+  multi-process run, where the global array is not fully addressable."""
+  def first(x):
+    if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+      return x.addressable_data(0)
+    return x
+  return jax.tree_util.tree_map(first, tree)
+
+
 def shard_train_step(build_step: Callable[..., Callable[..., Any]], mesh: Mesh, *args,
                      **kwargs) -> Callable[..., Any]:
   """A train step jitted for data parallelism on ``mesh``.
@@ -219,4 +230,4 @@ def global_batch_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int,
 
 __all__ = ["DATA_AXIS", "batch_sharding", "check_batch_divisible", "global_batch_shapes",
            "host_local_to_global", "initialize_distributed", "local_batch_pairs", "make_mesh",
-           "num_data_shards", "replicate", "replicated", "shard_train_step"]
+           "num_data_shards", "one_replica", "replicate", "replicated", "shard_train_step"]

@@ -24,7 +24,7 @@ import numpy as np
 from data_pipeline import annotations, draw, images, transforms
 from data_pipeline.records import DataError, ImageRecord
 from df2_jax.evaluation import coco
-from df2_jax.models.match_rcnn import MatchRCNN
+from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ def _image_id(name: str, index: int) -> int:
 def predict(config, variables: Any, input_dir: str, output_dir: str, *,
             score_threshold: float = 0.3) -> dict[str, Any]:
   """Predicts every image of ``input_dir``; draws detections scoring >= score_threshold."""
-  from df2_jax.train import model_from_config
   from data_pipeline.sources import geometry_from_config
   geometry = geometry_from_config(config.data)
   model = model_from_config(config)

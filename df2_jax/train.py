@@ -7,6 +7,7 @@ imported only through the input pipeline, inside this function.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,19 +20,11 @@ import numpy as np
 
 from data_pipeline import transforms
 from df2_jax import checkpoint as ckpt_lib
-from df2_jax import parallel, schedules
+from df2_jax import initialization, parallel, schedules
 from df2_jax import train_step as ts
-from df2_jax.models.match_rcnn import LOSS_TERMS, MatchRCNN, MatchRCNNConfig, init_variables
+from df2_jax.models.match_rcnn import LOSS_TERMS, init_variables, model_from_config
 
 log = logging.getLogger(__name__)
-
-
-def model_from_config(config) -> MatchRCNN:
-  canvas = tuple(int(v) for v in config.data.canvas)
-  fields = dict(config.model.to_dict())
-  fields["stage_sizes"] = tuple(fields["stage_sizes"])
-  fields["anchor_sizes"] = tuple(fields["anchor_sizes"])
-  return MatchRCNN(MatchRCNNConfig(**fields), canvas)
 
 
 def zero_train_batch(geometry: transforms.ImageGeometry, pairs: int) -> dict[str, np.ndarray]:
@@ -84,43 +77,153 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(config, workdir: str, *, train_source=None) -> ts.TrainState:
-  """Trains ``config`` in ``workdir``; resumes from the latest checkpoint there."""
+class Evaluations:
+  """Evaluations of the training state into ``workdir/eval_<step>/`` (metrics also to
+  metrics.jsonl and TensorBoard), and the best one's params under ``workdir/best/``.
+
+  The evaluation split is scanned once, when this is built (at the start of training: a
+  missing or broken split fails before any step). ``workdir/best/`` holds one checkpoint,
+  {"params", "constants"} of the first step that reached the best value of
+  ``config.train.best_metric`` (a ``metrics.json`` scalar name without "eval/", e.g.
+  "bbox/AP"); its ``extra`` JSON has the step, the metric and every headline number. It is
+  replaced only by a strictly better value, also across resumes, and reads like any
+  checkpoint directory: ``--mode eval --checkpoint_dir WORKDIR/best``.
+  """
+
+  def __init__(self, config, workdir: str, writer: MetricsWriter, *, eval_source=None,
+               track_best: bool = True):
+    from data_pipeline import sources  # TensorFlow is loaded here only.
+    from df2_jax.evaluation import evaluator
+    self._evaluator = evaluator
+    self.config = config
+    self.workdir = workdir
+    self.writer = writer
+    self.metric = str(config.train.best_metric)
+    self.source = (eval_source if eval_source is not None
+                   else sources.source_from_config(config.data, config.data.eval_split))
+    # Several processes would all have to save (issue: evaluation across processes).
+    self.best = (ckpt_lib.CheckpointManager(os.path.join(workdir, "best"), 1, max_to_keep=1)
+                 if track_best else None)
+    self.best_value, self.best_step = -math.inf, None
+    if self.best is not None and self.best.latest_step() is not None:
+      extra = self.best.read_extra()
+      self.best_value, self.best_step = float(extra["value"]), int(extra["step"])
+    self.last_step: int | None = None
+
+  def __call__(self, step: int, state: ts.TrainState) -> dict[str, Any]:
+    """Evaluates ``state`` at ``step``; saves it to best/ if it is the best so far."""
+    started = time.time()
+    variables = parallel.one_replica({"params": state.params, "constants": state.constants})
+    metrics = self._evaluator.evaluate(self.config, variables,
+                                       os.path.join(self.workdir, f"eval_{step}"),
+                                       eval_source=self.source, writer=self.writer, step=step)
+    self.last_step = step
+    scalars = self._evaluator.summary_scalars(metrics)
+    value = scalars[f"eval/{self.metric}"]
+    if self.best is not None and math.isfinite(value) and value > self.best_value:
+      self.best.save(step, variables, force=True, extra={
+          "step": step, "metric": self.metric, "value": value, "metrics": scalars})
+      self.best.wait_until_finished()
+      self.best_value, self.best_step = value, step
+    best = (f"; best {self.best_value:.4f} at step {self.best_step} "
+            f"({self.best.directory})" if self.best_step is not None else "")
+    log.info("%s\n%s %.4f at step %d%s; evaluation took %.0f s.", headline(metrics, step),
+             self.metric, value, step, best, time.time() - started)
+    return metrics
+
+  def close(self) -> None:
+    if self.best is not None:
+      self.best.close()
+
+
+def check_config(config) -> None:
+  """Checks of the training settings that must fail at start, before any data is read."""
+  from df2_jax.evaluation import evaluator
+  tc = config.train
+  if int(tc.eval_every_steps) < 0:
+    raise ValueError(f"config.train.eval_every_steps must be >= 0 (0: evaluate only after "
+                     f"the last step), got {tc.eval_every_steps}")
+  if str(tc.best_metric) not in evaluator.metric_names():
+    raise ValueError(f"config.train.best_metric={tc.best_metric!r} is not an evaluation "
+                     f"metric; one of: {', '.join(evaluator.metric_names())}")
+  if int(config.eval.max_images) < 0:
+    raise ValueError(f"config.eval.max_images must be >= 0 (0: the whole split), got "
+                     f"{config.eval.max_images}")
+  if int(tc.eval_every_steps) > 0 and jax.process_count() > 1:
+    raise ValueError("config.train.eval_every_steps > 0 needs a single process: evaluation "
+                     "across processes is not built yet; set it to 0 and evaluate with "
+                     "--mode eval.")
+
+
+def train(config, workdir: str, *, train_source=None, eval_source=None,
+          evaluations: Evaluations | None = None) -> ts.TrainState:
+  """Trains ``config`` in ``workdir``; resumes from the latest checkpoint there.
+
+  A fresh run starts from ``initialization.initial_variables`` (random, then the ImageNet
+  backbone and a warm start when the config names them). With ``config.train.eval_every_steps``
+  > 0 the state is evaluated every that many steps (``Evaluations``; built here from
+  ``eval_source`` or the config unless given).
+  """
   from data_pipeline import pairs, pipeline, sources  # TensorFlow is loaded here only.
 
-  mesh = parallel.make_mesh()
   tc = config.train
+  check_config(config)
+  mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
   geometry = sources.geometry_from_config(config.data)
+  model = model_from_config(config)
+  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                       tc.checkpoint_every_steps, tc.keep_checkpoints)
+  resuming = manager.latest_step() is not None
+  init = functools.partial(init_variables, model, jax.random.key(config.seed),
+                           zero_train_batch(geometry, tc.global_batch_pairs))
+  if not resuming:  # Weight files are read and checked before anything is compiled.
+    initialization.check_config(config)
+    loaded = initialization.initial_variables(config, jax.eval_shape(init))
+  variables = init()
+  if not resuming:
+    variables = initialization.fill(loaded, variables)
+
   if train_source is None:
     train_source = sources.source_from_config(config.data, config.data.train_split)
+  # One writer for the losses and the evaluations (two TensorBoard writers on one folder
+  # would each write an event file, and TensorBoard may skip one of them).
+  writer = (evaluations.writer if evaluations is not None
+            else MetricsWriter(workdir, enabled=jax.process_index() == 0))
+  own_evaluations = evaluations is None and int(tc.eval_every_steps) > 0
+  if own_evaluations:
+    evaluations = Evaluations(config, workdir, writer, eval_source=eval_source)
+
+  def close():
+    manager.close()
+    if own_evaluations:
+      evaluations.close()
+    if evaluations is None or own_evaluations:
+      writer.close()
   pair_index = pairs.build_pair_index(train_source.records)
   steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
   total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch
   schedule = schedules.step_decay_schedule(tc.base_lr, steps_per_epoch, tuple(tc.decay_epochs),
                                            0.1, tc.warmup_steps, tc.warmup_factor)
-  log.info("%d image pairs per epoch, %d steps per epoch, %d steps in all (%d pairs per step).",
-           pair_index.epoch_size, steps_per_epoch, total_steps, tc.global_batch_pairs)
+  log.info("%d elements of two images per epoch, %d steps per epoch, %d steps in all (%d "
+           "elements per step); learning rate x0.1 at steps %s.", pair_index.epoch_size,
+           steps_per_epoch, total_steps, tc.global_batch_pairs,
+           [int(e) * steps_per_epoch for e in tc.decay_epochs])
 
-  model = model_from_config(config)
-  variables = init_variables(model, jax.random.key(config.seed),
-                             zero_train_batch(geometry, tc.global_batch_pairs))
   tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
                          weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
                          optimizer=tc.optimizer)
   state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
   del variables
 
-  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                       tc.checkpoint_every_steps, tc.keep_checkpoints)
   start_step = 0
-  if manager.latest_step() is not None:
+  if resuming:
     state, extra = manager.restore(target_state=state)
     start_step = int(state.step)
     log.info("Resumed from %s at step %d.", manager.directory, start_step)
   if start_step >= total_steps:
     log.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps)
-    manager.close()
+    close()
     return state
 
   dataset = pipeline.train_dataset(train_source, pair_index, geometry,
@@ -130,7 +233,6 @@ def train(config, workdir: str, *, train_source=None) -> ts.TrainState:
   step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
                                       dict(tc.loss_weights))
   base_key = jax.random.key(config.seed + 1)
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   started, last_log, last_step = time.time(), time.time(), start_step
   for step in range(start_step, total_steps):
     batch = parallel.host_local_to_global(next(batches), mesh)
@@ -139,7 +241,7 @@ def train(config, workdir: str, *, train_source=None) -> ts.TrainState:
     if done % tc.log_every_steps == 0 or done == total_steps:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not all(math.isfinite(v) for v in values.values()):
-        manager.close()
+        close()
         raise FloatingPointError(
             f"Non-finite loss at step {done}: "
             + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
@@ -155,31 +257,35 @@ def train(config, workdir: str, *, train_source=None) -> ts.TrainState:
                steps_per_s, _fmt_time(now - started), _fmt_time(eta))
       last_log, last_step = now, done
     manager.save(done, state, extra={"step": done}, force=done == total_steps)
+    if evaluations is not None and tc.eval_every_steps > 0 and done % tc.eval_every_steps == 0:
+      evaluations(done, state)
+      last_log = time.time()  # steps/s counts training time only
   skipped = len(dataset.stream.skips.skipped)
   if skipped:
     log.warning("%d images failed to load during training and were skipped.", skipped)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  close()
   return state
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from ``workdir``), then evaluates the final state into eval_<step>/."""
-  from df2_jax.evaluation import evaluator
-  state = train(config, workdir)
-  step = int(state.step)
-  variables = {"params": state.params, "constants": state.constants}
-  if jax.process_index() != 0:
-    return {}
-  writer = MetricsWriter(workdir)
+  """Trains (resuming from ``workdir``, evaluating every ``config.train.eval_every_steps``),
+  then evaluates the final state into eval_<step>/ unless that step was just evaluated."""
+  check_config(config)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  evaluations = Evaluations(config, workdir, writer, track_best=jax.process_count() == 1)
   try:
-    metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"),
-                                 writer=writer, step=step)
+    state = train(config, workdir, evaluations=evaluations)
+    step = int(state.step)
+    if jax.process_index() != 0:
+      return {}
+    metrics_path = os.path.join(workdir, f"eval_{step}", "metrics.json")
+    if evaluations.last_step == step:
+      with open(metrics_path) as f:
+        return json.load(f)
+    return evaluations(step, state)
   finally:
+    evaluations.close()
     writer.close()
-  log.info("%s", headline(metrics, step))
-  return metrics
 
 
 def headline(metrics: dict[str, Any], step: int) -> str:

@@ -4,13 +4,14 @@ import importlib
 
 import pytest
 
-from df2_jax import schedules, train
+from df2_jax import schedules
+from df2_jax.models.match_rcnn import model_from_config
 
 
 @pytest.mark.parametrize("name", ["match_rcnn_r50_fpn_1x_df2", "demo_synthetic", "tiny"])
 def test_config_builds(name):
   config = importlib.import_module(f"configs.{name}").get_config()
-  model = train.model_from_config(config)  # an unknown or misspelt model field raises here
+  model = model_from_config(config)  # an unknown or misspelt model field raises here
   assert len(model.config.anchor_sizes) == 5
   assert config.train.optimizer in ("sgd", "adamw")
   assert all(0 <= e < config.train.epochs for e in config.train.decay_epochs)

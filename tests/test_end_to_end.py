@@ -10,6 +10,7 @@ import numpy as np
 
 from configs import tiny
 from df2_jax import checkpoint, train
+from df2_jax.models.match_rcnn import init_variables, model_from_config
 
 
 def tensorboard_tags(workdir: str) -> set[str]:
@@ -26,12 +27,17 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   config.data.synthetic_dir = str(tmp_path / "data")
   config.train.num_steps = 10
   config.train.checkpoint_every_steps = 5
+  # Evaluation during training at steps 5 and 10 (the final one is not repeated), best/ by
+  # retrieval with GT boxes (box AP of 10 tiny steps is 0.0 at both steps).
+  config.train.eval_every_steps = 5
+  config.train.best_metric = "retrieval_gt_boxes/top20"
   workdir = str(tmp_path / "run")
 
   metrics = train.train_and_evaluate(config, workdir)
   manager = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
   assert manager.all_steps() == [5, 10]
   manager.close()
+  assert sorted(p for p in os.listdir(workdir) if p.startswith("eval_")) == ["eval_10", "eval_5"]
   # Evaluation files of step 10, every metric a number in [0, 1].
   outdir = os.path.join(workdir, "eval_10")
   for name in ("bbox_results.json", "segm_results.json", "keypoints_results.json",
@@ -50,9 +56,24 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   eval_lines = [m for m in logged if "eval/bbox/AP" in m]
   assert [m["step"] for m in train_lines] == [5, 10]
   assert all(np.isfinite(m["loss"]) for m in train_lines)
-  assert [m["step"] for m in eval_lines] == [10]
-  assert eval_lines[0]["eval/bbox/AP"] == metrics["bbox"]["AP"]
-  assert eval_lines[0]["eval/retrieval/top20"] == metrics["retrieval"]["top20"]
+  assert [m["step"] for m in eval_lines] == [5, 10]
+  assert eval_lines[1]["eval/bbox/AP"] == metrics["bbox"]["AP"]
+  assert eval_lines[1]["eval/retrieval/top20"] == metrics["retrieval"]["top20"]
+  # best/ holds the params of the first step with the highest metric, nothing else.
+  values = [m["eval/retrieval_gt_boxes/top20"] for m in eval_lines]
+  best_step = [5, 10][int(np.argmax(values))]
+  with checkpoint.CheckpointManager(os.path.join(workdir, "best")) as best:
+    assert best.all_steps() == [best_step]
+    extra = best.read_extra()
+  assert extra["step"] == best_step and extra["value"] == max(values)
+  best_vars, step = train.load_variables(workdir, checkpoint_dir=os.path.join(workdir, "best"))
+  step_vars, _ = train.load_variables(workdir, step=best_step)
+  assert step == best_step
+  jax.tree_util.tree_map(np.testing.assert_array_equal, best_vars, step_vars)
+  other_vars, _ = train.load_variables(workdir, step=15 - best_step)
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(best_vars["params"]),
+      jax.tree_util.tree_leaves(other_vars["params"])))
   # TensorBoard: training scalars, evaluation scalars and the two pictures.
   tags = tensorboard_tags(workdir)
   assert {"loss", "learning_rate", "grad_norm", "steps_per_second", "landmark"} <= tags
@@ -61,6 +82,7 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
 
   # The same command again with more steps resumes at step 10 and stops at 15.
   config.train.num_steps = 15
+  config.train.eval_every_steps = 0
   state = train.train(config, workdir)
   assert int(state.step) == 15
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -78,7 +100,6 @@ def test_predict_on_a_folder_of_images(tmp_path):
   from conftest import fixtures_dir
   from data_pipeline import sources
   from df2_jax import predict
-  from df2_jax.models.match_rcnn import init_variables
   config = tiny.get_config()
   photos = tmp_path / "photos"
   photos.mkdir()
@@ -86,7 +107,7 @@ def test_predict_on_a_folder_of_images(tmp_path):
     shutil.copy(fixtures_dir() / "image" / name, photos / name)
   (photos / "000001.jpg").write_bytes(b"not a jpeg")
   geometry = sources.geometry_from_config(config.data)
-  variables = init_variables(train.model_from_config(config), jax.random.key(config.seed),
+  variables = init_variables(model_from_config(config), jax.random.key(config.seed),
                              train.zero_train_batch(geometry, config.train.global_batch_pairs))
   out = predict.predict(config, variables, str(photos), str(tmp_path / "pred"))
   assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [

@@ -18,6 +18,8 @@ after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ import numpy as np
 from data_pipeline import convert, draw, transforms
 from df2_jax.evaluation import coco, retrieval, visualize
 from df2_jax.models import matching
-from df2_jax.models.match_rcnn import MatchRCNN
+from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
 COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
@@ -42,6 +44,37 @@ def _to_original(boxes: np.ndarray, image_hw: np.ndarray, orig_hw: np.ndarray) -
   return boxes * np.array([sx, sy, sx, sy], np.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted(model: MatchRCNN):
+  """(detect, embed) jitted once per model (evaluations during training reuse them)."""
+  detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
+  embed = jax.jit(lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed))
+  return detect, embed
+
+
+def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
+  """Record indices of the evaluation subset ``config.eval.max_images`` asks for.
+
+  ``max_images <= 0`` (or at least the split's size): every record. Otherwise whole pair_ids,
+  in an order drawn from ``seed`` (fixed, so every evaluation of every run sees the same
+  images), until ``max_images`` images (the last pair_id may be cut); a consumer image and
+  its shop images stay together, so retrieval keeps its ground truth. Returned in file order.
+  """
+  n = len(records)
+  if max_images <= 0 or max_images >= n:
+    return np.arange(n)
+  groups: dict[int, list[int]] = collections.defaultdict(list)
+  for i, record in enumerate(records):
+    groups[int(record.pair_id)].append(i)
+  keys = sorted(groups)
+  chosen: list[int] = []
+  for g in np.random.default_rng(seed).permutation(len(keys)):
+    chosen.extend(groups[keys[g]][:max_images - len(chosen)])
+    if len(chosen) >= max_images:
+      break
+  return np.sort(np.asarray(chosen, np.int64))
+
+
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict,
                   with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
                   keep_min_score: float = 0.0):
@@ -51,8 +84,7 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
   valid detections scoring at least ``keep_min_score`` in the images of ``keep_outputs``
   (image ids) are returned under "outputs", for drawing.
   """
-  detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
-  embed = jax.jit(lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed))
+  detect, embed = _jitted(model)
   bbox, segm, kps, query, gallery, gt_query, gt_gallery = [], [], [], [], [], [], []
   outputs = {}
   for batch in dataset.as_numpy_iterator():
@@ -100,7 +132,9 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
 
 def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=None,
              step: int | None = None) -> dict[str, Any]:
-  """Evaluates ``variables`` ({"params", "constants"}) on ``config.data.eval_split``.
+  """Evaluates ``variables`` ({"params", "constants"}) on ``config.data.eval_split`` (or
+  ``eval_source``), or on its fixed subset of ``config.eval.max_images`` images (see
+  ``subset_indices``).
 
   Also draws the first ``config.eval.num_drawn_images`` images with their detections
   (``detections.png``) and, for the first ``config.eval.num_retrieval_strips`` consumer images,
@@ -109,9 +143,12 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   ``step``.
   """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
-  from df2_jax.train import model_from_config
   if eval_source is None:
     eval_source = sources.source_from_config(config.data, config.data.eval_split)
+  max_images = int(config.eval.max_images)
+  if 0 < max_images < len(eval_source.records):
+    eval_source = eval_source.subset(subset_indices(eval_source.records, max_images))
+    log.info("Evaluating on a fixed subset: %s (config.eval.max_images).", eval_source.name)
   geometry = sources.geometry_from_config(config.data)
   model = model_from_config(config)
   dataset = pipeline.eval_dataset(eval_source, geometry, batch_size=config.eval.batch_size,
@@ -165,6 +202,14 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
 
 def _topk_line(r: dict) -> str:
   return "  ".join(f"top-{k} {r[f'top{k}']:.3f}" for k in (1, 5, 10, 15, 20))
+
+
+def metric_names() -> list[str]:
+  """The names ``config.train.best_metric`` may take: the keys of ``summary_scalars`` without
+  their "eval/" prefix (e.g. "bbox/AP", "keypoints/AP", "retrieval/top20")."""
+  names = [f"{kind}/{key}" for kind in COCO_TYPES for key in ("AP", "AP50", "AP75")]
+  return names + [f"{kind}/top{k}" for kind in ("retrieval", "retrieval_gt_boxes")
+                  for k in (1, 5, 10, 15, 20)]
 
 
 def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -326,6 +326,28 @@ class MatchRCNN(nn.Module):
     return self.scorer(query, gallery)
 
 
+# config.model fields that say how to initialise a fresh run, not what the network is.
+INIT_FIELDS = ("backbone_weights", "init_from", "init_from_step")
+
+
+def model_from_config(config) -> MatchRCNN:
+  """The ``MatchRCNN`` of an ml_collections config (``config.model`` and ``config.data.canvas``).
+
+  Every ``config.model`` field but ``INIT_FIELDS`` must be a ``MatchRCNNConfig`` field: an
+  unknown or misspelt one raises TypeError naming it.
+  """
+  canvas = tuple(int(v) for v in config.data.canvas)
+  fields = {k: v for k, v in config.model.to_dict().items() if k not in INIT_FIELDS}
+  fields["stage_sizes"] = tuple(fields["stage_sizes"])
+  fields["anchor_sizes"] = tuple(fields["anchor_sizes"])
+  known = {f.name for f in dataclasses.fields(MatchRCNNConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise TypeError(f"unknown config.model field(s) {unknown}; known: {sorted(known)} and "
+                    f"{list(INIT_FIELDS)}")
+  return MatchRCNN(MatchRCNNConfig(**fields), canvas)
+
+
 def init_variables(model: MatchRCNN, rng: Array, batch: dict[str, Any]) -> dict[str, Any]:
   """Parameters ("params") and frozen constants ("constants") from a training batch's shapes."""
   params_rng, sampling_rng = jax.random.split(rng)
