@@ -19,12 +19,14 @@ from typing import Sequence
 import optax
 
 
-def steps_per_epoch(num_image_pairs: int, global_batch_pairs: int) -> int:
-  """Optimizer steps in one pass over ``num_image_pairs`` (the last partial batch counts)."""
-  if num_image_pairs <= 0 or global_batch_pairs <= 0:
-    raise ValueError(f"num_image_pairs ({num_image_pairs}) and global_batch_pairs "
+def steps_per_epoch(num_elements: int, global_batch_pairs: int) -> int:
+  """Optimizer steps in one epoch of ``num_elements`` elements of two images (ceil(images /
+  2), see ``data_pipeline.pairs``) at ``global_batch_pairs`` elements per step; the last
+  partial batch counts."""
+  if num_elements <= 0 or global_batch_pairs <= 0:
+    raise ValueError(f"num_elements ({num_elements}) and global_batch_pairs "
                      f"({global_batch_pairs}) must be positive")
-  return math.ceil(num_image_pairs / global_batch_pairs)
+  return math.ceil(num_elements / global_batch_pairs)
 
 
 def scaled_lr(batch_images: int, *, base_lr: float = 0.02, base_batch_images: int = 16

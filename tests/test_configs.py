@@ -19,15 +19,16 @@ def test_config_builds(name):
 
 
 def test_demo_schedule():
-  """The demo: 1800 image pairs, 2 per step -> 900 steps per epoch, 4 epochs, x0.1 at step
-  2700."""
+  """The demo: 3600 images (1800 pairs) -> 1800 elements, 2 per step -> 900 steps per epoch,
+  5 epochs, x0.1 at step 3600."""
   from configs import demo_synthetic
-  tc = demo_synthetic.get_config().train
-  spe = schedules.steps_per_epoch(demo_synthetic.get_config().data.synthetic_train_pairs,
-                                  tc.global_batch_pairs)
-  assert spe == 900 and tc.epochs * spe == 3600
+  config = demo_synthetic.get_config()
+  tc = config.train
+  elements = 2 * config.data.synthetic_train_pairs // 2  # two images per element
+  spe = schedules.steps_per_epoch(elements, tc.global_batch_pairs)
+  assert spe == 900 and tc.epochs * spe == 4500
   lr = schedules.step_decay_schedule(tc.base_lr, spe, tuple(tc.decay_epochs), 0.1,
                                      tc.warmup_steps, tc.warmup_factor)
-  assert float(lr(2699)) == pytest.approx(1e-3)
-  assert float(lr(2700)) == pytest.approx(1e-4)
-  assert float(lr(3599)) == pytest.approx(1e-4)
+  assert float(lr(3599)) == pytest.approx(1e-3)
+  assert float(lr(3600)) == pytest.approx(1e-4)
+  assert float(lr(4499)) == pytest.approx(1e-4)

@@ -5,7 +5,8 @@ import pytest
 
 from df2_jax import schedules
 
-NUM_PAIRS = 337_293  # image pairs of the DeepFashion2 training split
+# An epoch of the DeepFashion2 training split: its 191,961 images in elements of two.
+NUM_ELEMENTS = 95_981
 BATCH_PAIRS = 8
 
 
@@ -19,8 +20,8 @@ def _lr(schedule, step):
 
 
 def test_steps_per_epoch_rounds_up():
-  # 337293 / 8 = 42161.625 -> 42162 steps, the last one a partial batch.
-  assert schedules.steps_per_epoch(NUM_PAIRS, BATCH_PAIRS) == 42_162
+  # 95981 / 8 = 11997.625 -> 11998 steps, the last one a partial batch.
+  assert schedules.steps_per_epoch(NUM_ELEMENTS, BATCH_PAIRS) == 11_998
   assert schedules.steps_per_epoch(16, 8) == 2
   assert schedules.steps_per_epoch(17, 8) == 3
   with pytest.raises(ValueError):
@@ -28,7 +29,7 @@ def test_steps_per_epoch_rounds_up():
 
 
 def test_step_decay_on_deepfashion2():
-  spe = schedules.steps_per_epoch(NUM_PAIRS, BATCH_PAIRS)
+  spe = schedules.steps_per_epoch(NUM_ELEMENTS, BATCH_PAIRS)
   lr = schedules.step_decay_schedule(0.02, spe)
   # Warm-up: 0.02 * 0.001 at step 0; at step 500 the factor is 0.001 * 0.5 + 0.5 = 0.5005.
   np.testing.assert_allclose(_lr(lr, 0), 2e-5, **TOL)
@@ -36,8 +37,8 @@ def test_step_decay_on_deepfashion2():
   np.testing.assert_allclose(_lr(lr, 999), 0.02 * (0.001 * 0.001 + 0.999), **TOL)
   np.testing.assert_allclose(_lr(lr, 1000), 0.02, **TOL)
   np.testing.assert_allclose(_lr(lr, 5000), 0.02, **TOL)
-  # Decays at the first step of epoch 8 (8 * 42162 = 337296) and epoch 11 (463782).
-  b8, b11 = 337_296, 463_782
+  # Decays at the first step of epoch 8 (8 * 11998 = 95984) and epoch 11 (131978).
+  b8, b11 = 95_984, 131_978
   np.testing.assert_allclose(_lr(lr, b8 - 1), 0.02, **TOL)
   np.testing.assert_allclose(_lr(lr, b8), 0.002, **TOL)
   np.testing.assert_allclose(_lr(lr, b11 - 1), 0.002, **TOL)
