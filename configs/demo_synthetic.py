@@ -4,13 +4,14 @@ r"""The main job: a small Match R-CNN trained and evaluated on synthetic DeepFas
 
 Generates the synthetic DeepFashion2 (1800 training and 50 validation image pairs at 128 px,
 about 10 s, cached under data/synthetic), trains a narrow ResNet-FPN Match R-CNN with every
-head (3600 steps of 2 image pairs, AdamW), evaluates the validation split (COCO AP for boxes,
+head (4500 steps of 2 image pairs, AdamW), evaluates the validation split (COCO AP for boxes,
 masks and landmarks, retrieval top-k) and draws predictions and retrieval strips into
-runs/demo/eval_3600/.
+runs/demo/eval_4500/.
 
-Expected (2026-11-27, the project's 2-core CPU machine, jax 0.10.2, data generation included):
-13 min 7 s wall, 2.5 GB peak RSS; AP_box 0.506, AP_mask 0.449, landmark AP 0.332 (visible +
-occluded), retrieval top-1 0.107 / top-20 0.821 (detected boxes). Deterministic on one machine.
+Expected (2026-11-29, the project's 2-core CPU machine, jax 0.10.2, the README command in a
+fresh clone, pip install and data generation included): 11 min 6 s wall (2.4 GB peak RSS,
+7.0-7.9 steps/s); AP_box 0.531, AP_mask 0.468, landmark AP 0.372 (visible + occluded),
+retrieval top-1 0.089 / top-20 0.768 (detected boxes). Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
 head, FPN) and narrow where it costs (mask, landmarks), with 1800 generated pairs against

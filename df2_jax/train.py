@@ -7,6 +7,7 @@ imported only through the input pipeline, inside this function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -155,15 +156,31 @@ def check_config(config) -> None:
                      "--mode eval.")
 
 
-def train(config, workdir: str, *, train_source=None, eval_source=None,
-          evaluations: Evaluations | None = None) -> ts.TrainState:
+def train(config, workdir: str, *, train_source=None, eval_source=None) -> ts.TrainState:
   """Trains ``config`` in ``workdir``; resumes from the latest checkpoint there.
 
   A fresh run starts from ``initialization.initial_variables`` (random, then the ImageNet
   backbone and a warm start when the config names them). With ``config.train.eval_every_steps``
-  > 0 the state is evaluated every that many steps (``Evaluations``; built here from
-  ``eval_source`` or the config unless given).
+  > 0 the state is evaluated every that many steps (``Evaluations``, on ``eval_source`` or
+  the config's evaluation split).
   """
+  return _train(config, workdir, train_source=train_source, eval_source=eval_source,
+                evaluate_at_end=False)[0]
+
+
+def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=None
+                       ) -> dict[str, Any]:
+  """Trains (resuming from ``workdir``, evaluating every ``config.train.eval_every_steps``),
+  then evaluates the final state into eval_<step>/ unless that step was just evaluated.
+  Returns the final metrics (an empty dict on processes other than 0)."""
+  return _train(config, workdir, train_source=train_source, eval_source=eval_source,
+                evaluate_at_end=True)[1]
+
+
+def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: bool
+           ) -> tuple[ts.TrainState, dict[str, Any]]:
+  """``train`` and ``train_and_evaluate``: everything is checked (config, weight files,
+  then the data) before the first compilation of a step."""
   from data_pipeline import pairs, pipeline, sources  # TensorFlow is loaded here only.
 
   tc = config.train
@@ -172,120 +189,104 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
   geometry = sources.geometry_from_config(config.data)
   model = model_from_config(config)
-  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                       tc.checkpoint_every_steps, tc.keep_checkpoints)
-  resuming = manager.latest_step() is not None
-  init = functools.partial(init_variables, model, jax.random.key(config.seed),
-                           zero_train_batch(geometry, tc.global_batch_pairs))
-  if not resuming:  # Weight files are read and checked before anything is compiled.
-    initialization.check_config(config)
-    loaded = initialization.initial_variables(config, jax.eval_shape(init))
-  variables = init()
-  if not resuming:
-    variables = initialization.fill(loaded, variables)
+  with contextlib.ExitStack() as stack:  # closes the files and managers on any exit
+    manager = stack.enter_context(ckpt_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), tc.checkpoint_every_steps, tc.keep_checkpoints))
+    resuming = manager.latest_step() is not None
+    init = functools.partial(init_variables, model, jax.random.key(config.seed),
+                             zero_train_batch(geometry, tc.global_batch_pairs))
+    if not resuming:  # Weight files are read and checked before anything is compiled.
+      initialization.check_config(config)
+      loaded = initialization.initial_variables(config, jax.eval_shape(init))
+    variables = init()
+    if not resuming:
+      variables = initialization.fill(loaded, variables)
 
-  if train_source is None:
-    train_source = sources.source_from_config(config.data, config.data.train_split)
-  # One writer for the losses and the evaluations (two TensorBoard writers on one folder
-  # would each write an event file, and TensorBoard may skip one of them).
-  writer = (evaluations.writer if evaluations is not None
-            else MetricsWriter(workdir, enabled=jax.process_index() == 0))
-  own_evaluations = evaluations is None and int(tc.eval_every_steps) > 0
-  if own_evaluations:
-    evaluations = Evaluations(config, workdir, writer, eval_source=eval_source)
+    if train_source is None:
+      train_source = sources.source_from_config(config.data, config.data.train_split)
+    # One writer for the losses and the evaluations (two TensorBoard writers on one folder
+    # would each write an event file, and TensorBoard may skip one of them).
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    stack.callback(writer.close)
+    evaluations = None
+    if int(tc.eval_every_steps) > 0 or (evaluate_at_end and jax.process_index() == 0):
+      # Several processes would all have to write best/ (evaluation across processes).
+      evaluations = Evaluations(config, workdir, writer, eval_source=eval_source,
+                                track_best=jax.process_count() == 1)
+      stack.callback(evaluations.close)
 
-  def close():
-    manager.close()
-    if own_evaluations:
-      evaluations.close()
-    if evaluations is None or own_evaluations:
-      writer.close()
-  pair_index = pairs.build_pair_index(train_source.records)
-  steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
-  total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch
-  schedule = schedules.step_decay_schedule(tc.base_lr, steps_per_epoch, tuple(tc.decay_epochs),
-                                           0.1, tc.warmup_steps, tc.warmup_factor)
-  log.info("%d elements of two images per epoch, %d steps per epoch, %d steps in all (%d "
-           "elements per step); learning rate x0.1 at steps %s.", pair_index.epoch_size,
-           steps_per_epoch, total_steps, tc.global_batch_pairs,
-           [int(e) * steps_per_epoch for e in tc.decay_epochs])
+    def finish(state):
+      if not evaluate_at_end or jax.process_index() != 0:
+        return state, {}
+      step = int(state.step)
+      if evaluations.last_step == step:
+        with open(os.path.join(workdir, f"eval_{step}", "metrics.json")) as f:
+          return state, json.load(f)
+      return state, evaluations(step, state)
 
-  tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
-                         weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
-                         optimizer=tc.optimizer)
-  state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
-  del variables
+    pair_index = pairs.build_pair_index(train_source.records)
+    steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
+    total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch
+    schedule = schedules.step_decay_schedule(tc.base_lr, steps_per_epoch, tuple(tc.decay_epochs),
+                                             0.1, tc.warmup_steps, tc.warmup_factor)
+    log.info("%d elements of two images per epoch, %d steps per epoch, %d steps in all (%d "
+             "elements per step); learning rate x0.1 at steps %s.", pair_index.epoch_size,
+             steps_per_epoch, total_steps, tc.global_batch_pairs,
+             [int(e) * steps_per_epoch for e in tc.decay_epochs])
 
-  start_step = 0
-  if resuming:
-    state, extra = manager.restore(target_state=state)
-    start_step = int(state.step)
-    log.info("Resumed from %s at step %d.", manager.directory, start_step)
-  if start_step >= total_steps:
-    log.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps)
-    close()
-    return state
+    tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
+                           weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
+                           optimizer=tc.optimizer)
+    state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
+    del variables
 
-  dataset = pipeline.train_dataset(train_source, pair_index, geometry,
-                                   global_batch_pairs=tc.global_batch_pairs, seed=config.seed,
-                                   start_step=start_step, flip_prob=config.data.flip_prob)
-  batches = dataset.as_numpy_iterator()
-  step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
-                                      dict(tc.loss_weights))
-  base_key = jax.random.key(config.seed + 1)
-  started, last_log, last_step = time.time(), time.time(), start_step
-  for step in range(start_step, total_steps):
-    batch = parallel.host_local_to_global(next(batches), mesh)
-    state, metrics = step_fn(state, batch, base_key)
-    done = step + 1
-    if done % tc.log_every_steps == 0 or done == total_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not all(math.isfinite(v) for v in values.values()):
-        close()
-        raise FloatingPointError(
-            f"Non-finite loss at step {done}: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
-      now = time.time()
-      steps_per_s = (done - last_step) / max(now - last_log, 1e-9)
-      values["learning_rate"] = float(schedule(step))
-      values["steps_per_second"] = steps_per_s
-      writer.scalars(done, values)
-      eta = (total_steps - done) / max(steps_per_s, 1e-9)
-      log.info("step %d/%d  loss %.3f (%s)  %.2f steps/s  elapsed %s  eta %s", done,
-               total_steps, values["loss"],
-               " ".join(f"{k} {values[k]:.3f}" for k in LOSS_TERMS),
-               steps_per_s, _fmt_time(now - started), _fmt_time(eta))
-      last_log, last_step = now, done
-    manager.save(done, state, extra={"step": done}, force=done == total_steps)
-    if evaluations is not None and tc.eval_every_steps > 0 and done % tc.eval_every_steps == 0:
-      evaluations(done, state)
-      last_log = time.time()  # steps/s counts training time only
-  skipped = len(dataset.stream.skips.skipped)
-  if skipped:
-    log.warning("%d images failed to load during training and were skipped.", skipped)
-  close()
-  return state
+    start_step = 0
+    if resuming:
+      state, extra = manager.restore(target_state=state)
+      start_step = int(state.step)
+      log.info("Resumed from %s at step %d.", manager.directory, start_step)
+    if start_step >= total_steps:
+      log.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps)
+      return finish(state)
 
-
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from ``workdir``, evaluating every ``config.train.eval_every_steps``),
-  then evaluates the final state into eval_<step>/ unless that step was just evaluated."""
-  check_config(config)
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  evaluations = Evaluations(config, workdir, writer, track_best=jax.process_count() == 1)
-  try:
-    state = train(config, workdir, evaluations=evaluations)
-    step = int(state.step)
-    if jax.process_index() != 0:
-      return {}
-    metrics_path = os.path.join(workdir, f"eval_{step}", "metrics.json")
-    if evaluations.last_step == step:
-      with open(metrics_path) as f:
-        return json.load(f)
-    return evaluations(step, state)
-  finally:
-    evaluations.close()
-    writer.close()
+    dataset = pipeline.train_dataset(train_source, pair_index, geometry,
+                                     global_batch_pairs=tc.global_batch_pairs, seed=config.seed,
+                                     start_step=start_step, flip_prob=config.data.flip_prob)
+    batches = dataset.as_numpy_iterator()
+    step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
+                                        dict(tc.loss_weights))
+    base_key = jax.random.key(config.seed + 1)
+    started, last_log, last_step = time.time(), time.time(), start_step
+    for step in range(start_step, total_steps):
+      batch = parallel.host_local_to_global(next(batches), mesh)
+      state, metrics = step_fn(state, batch, base_key)
+      done = step + 1
+      if done % tc.log_every_steps == 0 or done == total_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in values.values()):
+          raise FloatingPointError(
+              f"Non-finite loss at step {done}: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+        now = time.time()
+        steps_per_s = (done - last_step) / max(now - last_log, 1e-9)
+        values["learning_rate"] = float(schedule(step))
+        values["steps_per_second"] = steps_per_s
+        writer.scalars(done, values)
+        eta = (total_steps - done) / max(steps_per_s, 1e-9)
+        log.info("step %d/%d  loss %.3f (%s)  %.2f steps/s  elapsed %s  eta %s", done,
+                 total_steps, values["loss"],
+                 " ".join(f"{k} {values[k]:.3f}" for k in LOSS_TERMS),
+                 steps_per_s, _fmt_time(now - started), _fmt_time(eta))
+        last_log, last_step = now, done
+      manager.save(done, state, extra={"step": done}, force=done == total_steps)
+      if evaluations is not None and tc.eval_every_steps > 0 and done % tc.eval_every_steps == 0:
+        evaluations(done, state)
+        last_log = time.time()  # steps/s counts training time only
+    skipped = len(dataset.stream.skips.skipped)
+    if skipped:
+      log.warning("%d images failed to load during training and were skipped.", skipped)
+    manager.wait_until_finished()
+    return finish(state)
 
 
 def headline(metrics: dict[str, Any], step: int) -> str:
