@@ -266,3 +266,25 @@ def test_dedupe_gallery_keeps_the_best_of_overlapping_boxes_per_image():
   assert [d["cls"] for d in rv.dedupe_gallery(dets, 0.5, min_score=0.25)] == [2, 4]
   assert [d["cls"] for d in rv.dedupe_gallery(dets, 1.0, min_score=0.25)] == [1, 2, 4]
   assert rv.dedupe_gallery(dets, 0.5, min_score=0.95) == []
+
+
+def test_evaluation_subset_keeps_whole_pair_ids_in_file_order():
+  """config.eval.max_images: whole pair_ids drawn with a fixed seed, the last one cut, returned
+  in file order; the same subset every time; 0 or a size >= the split means every image."""
+  from conftest import make_record
+  from df2_jax.evaluation import evaluator
+  # pair_ids 1..6 with 3, 2, 2, 1, 2, 2 images, interleaved in file order.
+  pair_ids = [1, 2, 1, 3, 2, 1, 3, 4, 5, 5, 6, 6]
+  records = [make_record(i + 1, pair_id=p) for i, p in enumerate(pair_ids)]
+  np.testing.assert_array_equal(evaluator.subset_indices(records, 0), np.arange(12))
+  np.testing.assert_array_equal(evaluator.subset_indices(records, 12), np.arange(12))
+  subset = evaluator.subset_indices(records, 5)
+  assert len(subset) == 5 and list(subset) == sorted(subset)
+  np.testing.assert_array_equal(subset, evaluator.subset_indices(records, 5))
+  # Every pair_id but the last one drawn is whole.
+  chosen = [pair_ids[i] for i in subset]
+  order = np.random.default_rng(0).permutation(6) + 1  # the draw, pair_ids 1..6 sorted
+  complete = [p for p in order if sum(1 for c in chosen if c == p)]
+  for p in complete[:-1]:
+    assert chosen.count(p) == pair_ids.count(p), (p, chosen)
+  assert complete == [p for p in order[:len(complete)]]
