@@ -76,7 +76,11 @@ def test_training_from_scratch_configs_need_no_weights():
 
 
 def test_backbone_weights_load_through_the_config(tmp_path):
-  config = _tiny_config(tmp_path, freeze_at=2, backbone_weights=str(tmp_path / "r.safetensors"))
+  """The 1x recipe's ResNet-50 (torchvision's 265 tensors + fc + a counter) on a small canvas."""
+  config = match_rcnn_r50_fpn_1x_df2.get_config()
+  config.data.update(dict(canvas=(128, 128), short_side=96, max_size=128, max_instances=2,
+                          mask_size=28))
+  config.model.backbone_weights = str(tmp_path / "r.safetensors")
   abstract = _abstract_variables(config)
   tensors = _torchvision_file(tmp_path / "r.safetensors", abstract)
   loaded = initialization.initial_variables(config, abstract)
@@ -89,12 +93,15 @@ def test_backbone_weights_load_through_the_config(tmp_path):
         want = want.transpose(2, 3, 1, 0)
       np.testing.assert_array_equal(value, want)
       checked += 1
-  assert checked == len(tensors) - 2  # every tensor but fc.weight and the counter
+  assert checked == len(tensors) - 2 == 265  # every tensor but fc.weight and the counter
+  assert tensors["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1)
   # Everything outside the ResNet is still to be initialised; fill() takes it from the init.
   assert isinstance(loaded["params"]["fpn"]["lateral_2"]["kernel"], jax.ShapeDtypeStruct)
   ones = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), abstract)
   merged = initialization.fill(loaded, ones)
   np.testing.assert_array_equal(merged["params"]["fpn"]["lateral_2"]["kernel"], 1.0)
+  assert merged["params"]["backbone"]["conv1"]["kernel"] is loaded["params"]["backbone"]["conv1"][
+      "kernel"]
   np.testing.assert_array_equal(merged["constants"]["backbone"]["bn1"]["running_var"],
                                 tensors["bn1.running_var"])
 
