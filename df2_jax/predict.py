@@ -24,6 +24,7 @@ import numpy as np
 from data_pipeline import annotations, draw, images, transforms
 from data_pipeline.records import DataError, ImageRecord
 from df2_jax.evaluation import coco
+from df2_jax.evaluation import masks as mask_lib
 from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
       keep = out["valid"][i]
       boxes = out["boxes"][i] * np.array([sx, sy, sx, sy], np.float32)
       masks = np.zeros((len(boxes), h, w), bool)
-      for d in np.nonzero(keep)[0]:
-        masks[d] = transforms.paste_mask((out["masks"][i, d] >= 0.5).astype(np.uint8),
-                                         boxes[d], (h, w)).astype(bool)
+      for d in np.nonzero(keep)[0]:  # detectron2's pasting (evaluation.masks)
+        region, (top, left) = mask_lib.paste_mask_region(out["masks"][i, d], boxes[d], (h, w))
+        masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
       lms = out["landmarks"][i].copy()
       lms[..., 0] *= sx
       lms[..., 1] *= sy
