@@ -297,11 +297,12 @@ def test_heatmaps_to_landmarks_hand_case():
   logits[0, 1, 2, 0] = 5.0  # iy = 1, ix = 2
   logits[0, 3, 0, 1] = 7.0  # iy = 3, ix = 0
   logits[0, 0, 0, 1] = -1.0
-  rois = np.array([[10.0, 20.0, 50.0, 100.0]])  # w = 40, h = 80
-  got = landmark_head.heatmaps_to_landmarks(jnp.asarray(logits),
-                                            jnp.asarray(rois))
-  # x = 10 + (ix + 0.5) * 40 / 4, y = 20 + (iy + 0.5) * 80 / 4.
-  want = np.array([[[35.0, 50.0, 5.0], [15.0, 90.0, 7.0]]])
+  # A 4x4 box: the bicubic resize to 4x4 pixels is the identity, so the answer is the argmax
+  # cell's centre, x = 10 + ix + 0.5, y = 20 + iy + 0.5.
+  rois = np.array([[10.0, 20.0, 14.0, 24.0]])
+  decode = jax.jit(landmark_head.heatmaps_to_landmarks, static_argnums=2)
+  got = decode(jnp.asarray(logits), jnp.asarray(rois), (4, 4))
+  want = np.array([[[12.5, 21.5, 5.0], [10.5, 23.5, 7.0]]])
   assert got.shape == (1, 2, 3) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -312,13 +313,16 @@ def test_heatmaps_to_landmarks_56_grid():
   logits[0, 0, 55, 1] = 1.0
   logits[0, 55, 0, 2] = 0.5
   logits[1, 5, 6, :] = 4.0
-  rois = np.array([[0.0, 0.0, 56.0, 112.0], [100.0, 200.0, 128.0, 256.0]])
-  got = np.asarray(landmark_head.heatmaps_to_landmarks(jnp.asarray(logits),
-                                                       jnp.asarray(rois)))
-  np.testing.assert_allclose(got[0], [[10.5, 41.0, 2.0], [55.5, 1.0, 1.0],
-                                      [0.5, 111.0, 0.5]], rtol=1e-6)
-  # w = 28, h = 56: x = 100 + 6.5 * 0.5, y = 200 + 5.5 * 1.
-  np.testing.assert_allclose(got[1], [[103.25, 205.5, 4.0]] * 3, rtol=1e-6)
+  rois = np.array([[0.0, 0.0, 56.0, 56.0], [100.0, 200.0, 128.0, 256.0]])
+  decode = jax.jit(landmark_head.heatmaps_to_landmarks, static_argnums=2)
+  got = np.asarray(decode(jnp.asarray(logits), jnp.asarray(rois), (64, 64)))
+  # 56x56 box: the resize is the identity; the cell centres, corners included.
+  np.testing.assert_allclose(got[0], [[10.5, 20.5, 2.0], [55.5, 0.5, 1.0],
+                                      [0.5, 55.5, 0.5]], rtol=1e-6)
+  # w = 28 (h = 56 is the identity): pixel i samples s = 2i + 0.5. The spike at cell 6 gets
+  # weight W(0.5) = 0.59375 at s = 6.5 (i = 3) and W(1.5) = -0.09375 at s = 4.5, so i = 3 and
+  # x = 100 + 3.5 * 28 / 28 (the argmax cell's centre was 103.25); y = 200 + 5.5.
+  np.testing.assert_allclose(got[1], [[103.5, 205.5, 4.0]] * 3, rtol=1e-6)
 
 
 # ----------------------------------------------------------------- matching

@@ -297,7 +297,11 @@ class MatchRCNN(nn.Module):
                 masks=masks, landmarks=landmarks, embeddings=embeddings)
 
   def _landmarks(self, feats, boxes: Array, classes: Array) -> Array:
-    """[B, D, 294, 3] landmarks of each box's category (others zero)."""
+    """[B, D, 294, 3] landmarks of each box's category (others zero).
+
+    Decoded as detectron2's heatmaps_to_keypoints (the argmax of each 56x56 heatmap resized
+    bicubically to the box), within windows sized for boxes up to the canvas.
+    """
     b, d = boxes.shape[:2]
     cls = jnp.maximum(classes, 1).reshape(-1)
     channels = jnp.asarray(loss_lib.CATEGORY_CHANNELS)[cls]  # [B*D, 39]
@@ -308,7 +312,8 @@ class MatchRCNN(nn.Module):
     else:
       logits = self.landmark_head(pooled)  # [B*D, 28, 28, 294]
       gathered = jnp.take_along_axis(logits, channels[:, None, None, :], axis=-1)
-    points = heatmaps_to_landmarks(upsample_heatmaps(gathered), boxes.reshape(-1, 4))
+    points = heatmaps_to_landmarks(upsample_heatmaps(gathered), boxes.reshape(-1, 4),
+                                   self.canvas_hw)
     points = jnp.where(own[..., None], points, 0.0)  # [B*D, 39, 3]
     out = jnp.zeros((b * d, df2.NUM_LANDMARKS, 3), jnp.float32)
     rows = jnp.arange(b * d)[:, None]
