@@ -40,9 +40,13 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   assert sorted(p for p in os.listdir(workdir) if p.startswith("eval_")) == ["eval_10", "eval_5"]
   # Evaluation files of step 10, every metric a number in [0, 1].
   outdir = os.path.join(workdir, "eval_10")
-  for name in ("bbox_results.json", "segm_results.json", "keypoints_results.json",
-               "retrieval_submission.json", "metrics.json"):
+  for name in ("detections-00000.npz", "retrieval_submission.json", "metrics.json"):
     assert os.path.exists(os.path.join(outdir, name)), name
+  # The official result files, on request, from the compact chunks.
+  from df2_jax.evaluation import results
+  assert results.main(["--eval_dir", outdir]) == 0
+  with open(os.path.join(outdir, "bbox_results.json")) as f:
+    assert len(json.load(f)) == sum(1 for _ in results.load(outdir).scores)
   for kind in ("bbox", "segm", "keypoints", "keypoints_visible"):
     assert 0.0 <= metrics[kind]["AP"] <= 1.0
   for kind in ("retrieval", "retrieval_gt_boxes"):

@@ -288,3 +288,42 @@ def test_evaluation_subset_keeps_whole_pair_ids_in_file_order():
   for p in complete[:-1]:
     assert chosen.count(p) == pair_ids.count(p), (p, chosen)
   assert complete == [p for p in order[:len(complete)]]
+
+
+def test_a_submission_of_the_protocol_queries_scores_like_every_detection():
+  """retrieval.protocol_queries: keeping only the detections the protocol picks (what the
+  evaluator ranks) gives the same ranks as submitting every detection of every image."""
+  rng = np.random.default_rng(3)
+  query_gt, gallery_gt, submission, pruned = [], [], [], []
+  for g in range(30):
+    gallery_gt.append({"gallery_image_id": 1000 + g, "style": 1 + g % 2, "pair_id": g % 10,
+                       "bbox": [10.0, 10.0, 60.0, 80.0]})
+  for image_id in range(1, 16):
+    items = []
+    for m in range(rng.integers(1, 4)):
+      x, y = rng.uniform(0, 100, 2)
+      items.append({"query_image_id": image_id, "style": int(rng.integers(0, 3)),
+                    "cls": int(rng.integers(1, 4)), "pair_id": int(rng.integers(0, 10)),
+                    "bbox": [x, y, x + rng.uniform(20, 60), y + rng.uniform(20, 60)]})
+    query_gt += items
+    entries = []
+    for _ in range(rng.integers(0, 12)):
+      item = items[rng.integers(len(items))]
+      box = (np.asarray(item["bbox"]) + rng.normal(0, 15, 4)).tolist()
+      ranked = rng.integers(0, 30, 20)
+      entries.append({"query_image_id": image_id, "query_bbox": box,
+                      "query_cls": int(rng.integers(1, 4)),
+                      "query_score": round(float(rng.random()), 1),
+                      "gallery_image_id": [1000 + int(r) for r in ranked],
+                      "gallery_bbox": [[10.0, 10.0, 60.0, 80.0]] * 20})
+    submission += entries
+    if entries:
+      chosen = rv.protocol_queries(
+          np.array([e["query_bbox"] for e in entries]), np.array([e["query_cls"] for e in entries]),
+          np.array([e["query_score"] for e in entries]), np.array([q["bbox"] for q in items]),
+          np.array([q["cls"] for q in items]), np.array([q["style"] for q in items]))
+      pruned += [entries[j] for j in sorted(set(chosen[chosen >= 0].tolist()))]
+  full_ranks = rv.first_hit_ranks(submission, query_gt, gallery_gt)
+  assert len(pruned) < len(submission)
+  assert (full_ranks < rv.NO_HIT).sum() >= 3  # some hits, some misses
+  np.testing.assert_array_equal(rv.first_hit_ranks(pruned, query_gt, gallery_gt), full_ranks)

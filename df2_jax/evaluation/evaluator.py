@@ -1,16 +1,21 @@
 """Evaluation of a trained model on a split: detections -> official metrics and result files.
 
-``evaluate(config, variables, step, outdir)`` runs the jitted ``MatchRCNN.detect`` over the
-evaluation split (single images in file order, the last batch padded), maps every detection
-back to its original image (boxes, 28x28 masks pasted into the image at threshold 0.5,
-landmarks), and writes into ``outdir``:
-  bbox_results.json, segm_results.json, keypoints_results.json  (DeepFashion2 result formats)
-  retrieval_submission.json                                      (official format, top 20)
-  metrics.json                                                   (every number below)
-  detections.png, retrieval.png                                  (pictures; see ``evaluate``)
+``evaluate(config, variables, outdir)`` runs the jitted ``MatchRCNN.detect`` over the
+evaluation split (single images in file order, the last batch padded) one batch ahead of the
+host, whose worker threads map every detection back to its original image (boxes, the soft
+28x28 masks pasted with detectron2's semantics and run-length encoded from the box region only,
+landmarks) and stream the rows to compact result chunks (``results``). It writes into
+``outdir``:
+  detections-NNNNN.npz        the results (``python -m df2_jax.evaluation.results --eval_dir``
+                              writes the DeepFashion2 JSON result files from them)
+  retrieval_submission.json   official format, top 20, for the queries (see below)
+  metrics.json                every number below, and the time of each stage
+  detections.png, retrieval.png  pictures (see ``evaluate``)
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
-boxes and with ground-truth boxes. Every detection of a consumer image is a query; the gallery
+boxes and with ground-truth boxes. The queries are the consumer-image detections the official
+protocol picks for its GT items (``retrieval.protocol_queries``: the other detections cannot
+change a number) and each consumer image's best detection (shown in the pictures); the gallery
 is the detections of the shop images scoring at least ``config.eval.gallery_score_threshold``,
 after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
 ``retrieval.dedupe_gallery``).
@@ -19,18 +24,23 @@ after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import cv2
 import jax
 import numpy as np
+from pycocotools import mask as mask_util
 
-from data_pipeline import convert, draw, transforms
+from data_pipeline import convert, draw
 from df2_jax.evaluation import coco, retrieval, visualize
+from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
 from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
@@ -75,59 +85,168 @@ def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
   return np.sort(np.asarray(chosen, np.int64))
 
 
-def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict,
-                  with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
-                  keep_min_score: float = 0.0):
-  """Detections and embeddings of every image of ``dataset`` (eval batches), on the host.
+@dataclasses.dataclass
+class _ImageOutput:
+  """What the host work of one image returns (``_host_image``)."""
+  results: results_lib.ImageResults
+  retrieval: list[dict]  # query (consumer) or gallery (shop) entries with embeddings
+  gt_retrieval: list[dict]  # the same for the ground-truth boxes
+  drawn: dict | None  # the drawn detections, for the pictures
 
-  The outputs (original-image boxes, scores, classes, valid, pasted masks, landmarks) of the
-  valid detections scoring at least ``keep_min_score`` in the images of ``keep_outputs``
-  (image ids) are returned under "outputs", for drawing.
+
+def _host_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np.ndarray,
+                orig: np.ndarray, gt: dict[str, np.ndarray] | None, gt_emb: np.ndarray | None,
+                query_gt: dict[str, np.ndarray] | None, gallery_nms: float,
+                gallery_min_score: float, draw_min_score: float | None) -> _ImageOutput:
+  """One image's host work, run in a worker thread: result rows (``results.image_results``:
+  boxes, pasted mask RLEs, kept landmarks), its retrieval entries and, for a drawn image, its
+  detections with full masks.
+
+  Retrieval entries: of a consumer image only the detections the official protocol can pick
+  as queries (``retrieval.protocol_queries`` against ``query_gt``, the image's GT query items)
+  and its best-scoring detection (for the pictures);
+  of a shop image the gallery (score >= ``gallery_min_score``, then the class-agnostic NMS of
+  ``retrieval.dedupe_gallery``). Both are exactly what the protocol scores, and they keep the
+  query x gallery matrix small at the scale of the validation split.
+  """
+  res = results_lib.image_results(image_id, out["boxes"], out["scores"], out["classes"],
+                                  out["valid"], hw, orig, out["masks"], out["landmarks"])
+  rows = np.nonzero(out["valid"])[0]
+  emb = out["embeddings"][rows]
+  entry = lambda j: dict(image_id=image_id, bbox=res.boxes[j].tolist(), cls=int(res.classes[j]),
+                         score=float(res.scores[j]), embedding=emb[j])
+  if source == "user":
+    chosen = np.zeros((0,), np.int64)
+    if query_gt is not None and len(rows):
+      chosen = retrieval.protocol_queries(res.boxes, res.classes, res.scores, query_gt["bbox"],
+                                          query_gt["cls"], query_gt["style"])
+    # Plus the image's best detection, whose ranked shop items the pictures show (any
+    # superset of the protocol's picks scores the same).
+    best = [int(np.argmax(res.scores))] if len(rows) else []
+    entries = [entry(int(j)) for j in np.unique(np.concatenate([chosen[chosen >= 0], best]))]
+  else:
+    entries = retrieval.dedupe_gallery([entry(j) for j in range(len(rows))], gallery_nms,
+                                       gallery_min_score)
+  gt_entries = []
+  if gt is not None:
+    gt_boxes = _to_original(gt["boxes"], hw, orig)
+    gt_entries = [dict(image_id=image_id, bbox=gt_boxes[m].tolist(), cls=int(gt["classes"][m]),
+                       score=1.0, embedding=gt_emb[m])
+                  for m in np.nonzero(gt["instance_valid"])[0]]
+  drawn = None
+  if draw_min_score is not None:
+    sel = np.nonzero(res.scores >= draw_min_score)[0]
+    h, w = res.image_hw
+    full = (np.stack([mask_util.decode({"size": [h, w], "counts": res.rles[j]}) for j in sel])
+            .astype(bool) if len(sel) and res.rles else np.zeros((len(sel), h, w), bool))
+    lms = out["landmarks"][rows[sel]].copy()
+    sy, sx = orig / np.maximum(hw, 1)
+    lms[..., 0] *= sx
+    lms[..., 1] *= sy
+    drawn = dict(boxes=res.boxes[sel], scores=res.scores[sel], classes=res.classes[sel],
+                 valid=np.ones(len(sel), bool), masks=full, landmarks=lms)
+  return _ImageOutput(res, entries, gt_entries, drawn)
+
+
+def host_workers(requested: int = 0) -> int:
+  """Threads for the host work: ``requested``, or by default every core but one for the
+  accelerator's feeding thread (at least 1). The work is numpy, OpenCV and pycocotools, which
+  release the GIL in their heavy parts."""
+  return int(requested) if requested > 0 else max(1, (os.cpu_count() or 2) - 1)
+
+
+def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict, *,
+                  writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
+                  gallery_nms: float = 0.5, gallery_min_score: float = 0.0,
+                  with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
+                  keep_min_score: float = 0.0, num_images: int | None = None,
+                  workers: int = 0, log_every_s: float = 30.0) -> dict[str, Any]:
+  """Detects every image of ``dataset`` (eval batches) and streams the results to ``writer``.
+
+  The accelerator runs one batch ahead of the host: while batch k+1 is detected, the images of
+  batch k are post-processed by ``workers`` threads (``_host_image``), and their rows reach
+  ``writer`` in file order. Progress with an ETA is logged every ``log_every_s`` seconds.
+
+  Returns:
+    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``_host_image``),
+     "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
+     "seconds": wall time, "images": number of images}.
   """
   detect, embed = _jitted(model)
-  bbox, segm, kps, query, gallery, gt_query, gt_gallery = [], [], [], [], [], [], []
-  outputs = {}
-  for batch in dataset.as_numpy_iterator():
-    out = jax.device_get(detect(variables, batch["image"], batch["image_hw"]))
-    gt_emb = (jax.device_get(embed(variables, batch["image"], batch["boxes"]))
-              if with_gt_embeddings else None)
+  found: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={})
+  started = last_log = time.perf_counter()
+  done = 0
+  pool = concurrent.futures.ThreadPoolExecutor(host_workers(workers))
+  futures: collections.deque = collections.deque()
+
+  def collect(block: bool) -> None:
+    nonlocal done
+    while futures and (block or futures[0][2].done()):
+      image_id, source, future = futures.popleft()
+      result = future.result()
+      writer.add(result.results)
+      kind = "query" if source == "user" else "gallery"
+      found[kind].extend(result.retrieval)
+      found[f"gt_{kind}"].extend(result.gt_retrieval)
+      if result.drawn is not None:
+        found["outputs"][image_id] = result.drawn
+      done += 1
+
+  def submit(batch, out, gt_emb) -> None:
+    out = jax.device_get(out)
+    gt_emb = jax.device_get(gt_emb) if gt_emb is not None else None
     for i in np.nonzero(batch["valid"])[0]:
       image_id = int(batch["image_id"][i])
-      record = records_by_id[image_id]
-      hw, orig = batch["image_hw"][i].astype(np.float32), batch["orig_hw"][i].astype(np.float32)
-      keep = out["valid"][i]
-      boxes = _to_original(out["boxes"][i], hw, orig)
-      h, w = int(orig[0]), int(orig[1])
-      masks = np.zeros((len(boxes), h, w), bool)
-      for d in np.nonzero(keep)[0]:
-        masks[d] = transforms.paste_mask((out["masks"][i, d] >= 0.5).astype(np.uint8),
-                                         boxes[d], (h, w)).astype(bool)
-      lms = out["landmarks"][i].copy()
-      sy, sx = orig / np.maximum(hw, 1)
-      lms[..., 0] *= sx
-      lms[..., 1] *= sy
-      b, s, k = coco.detections_to_results(image_id, boxes, out["scores"][i],
-                                           out["classes"][i], keep, masks, lms)
-      bbox += b
-      segm += s
-      kps += k
-      if image_id in keep_outputs:
-        sel = np.nonzero(keep & (out["scores"][i] >= keep_min_score))[0]
-        outputs[image_id] = dict(boxes=boxes[sel], scores=out["scores"][i][sel],
-                                 classes=out["classes"][i][sel], valid=keep[sel],
-                                 masks=masks[sel], landmarks=lms[sel])
-      dets = [dict(image_id=image_id, bbox=boxes[d].tolist(), cls=int(out["classes"][i, d]),
-                   score=float(out["scores"][i, d]), embedding=out["embeddings"][i, d])
-              for d in np.nonzero(keep)[0]]
-      (query if record.source == "user" else gallery).extend(dets)
-      if gt_emb is not None:
-        gt_boxes = _to_original(batch["boxes"][i], hw, orig)
-        gts = [dict(image_id=image_id, bbox=gt_boxes[m].tolist(),
-                    cls=int(batch["classes"][i, m]), score=1.0, embedding=gt_emb[i, m])
-               for m in np.nonzero(batch["instance_valid"][i])[0]]
-        (gt_query if record.source == "user" else gt_gallery).extend(gts)
-  return dict(bbox=bbox, segm=segm, keypoints=kps, query=query, gallery=gallery,
-              gt_query=gt_query, gt_gallery=gt_gallery, outputs=outputs)
+      source = records_by_id[image_id].source
+      per_image = {k: v[i] for k, v in out.items()}
+      gt = ({k: batch[k][i] for k in ("boxes", "classes", "instance_valid")}
+            if gt_emb is not None else None)
+      futures.append((image_id, source, pool.submit(
+          _host_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
+          batch["orig_hw"][i].astype(np.float32), gt,
+          gt_emb[i] if gt_emb is not None else None,
+          (query_gt_by_image or {}).get(image_id), gallery_nms, gallery_min_score,
+          keep_min_score if image_id in keep_outputs else None)))
+
+  try:
+    previous = None
+    for batch in dataset.as_numpy_iterator():
+      out = detect(variables, batch["image"], batch["image_hw"])  # dispatched, not awaited
+      gt_emb = embed(variables, batch["image"], batch["boxes"]) if with_gt_embeddings else None
+      if previous is not None:
+        submit(*previous)
+      previous = (batch, out, gt_emb)
+      collect(block=False)
+      now = time.perf_counter()
+      if num_images and now - last_log >= log_every_s:
+        rate = done / max(now - started, 1e-9)
+        log.info("Evaluation: %d/%d images, %.1f images/s, eta %s", done, num_images, rate,
+                 _fmt_time((num_images - done) / max(rate, 1e-9)))
+        last_log = now
+    if previous is not None:
+      submit(*previous)
+    collect(block=True)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+  found["seconds"] = time.perf_counter() - started
+  found["images"] = done
+  return found
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _query_gt_by_image(query_gt: list[dict]) -> dict[int, dict[str, np.ndarray]]:
+  """The GT query items of each consumer image as arrays (``retrieval.protocol_queries``)."""
+  by_image: dict[int, list[dict]] = collections.defaultdict(list)
+  for q in query_gt:
+    by_image[int(q["query_image_id"])].append(q)
+  return {i: dict(bbox=np.array([q["bbox"] for q in qs], np.float64).reshape(-1, 4),
+                  cls=np.array([int(q["cls"]) for q in qs], np.int64),
+                  style=np.array([int(q["style"]) for q in qs], np.int64))
+          for i, qs in by_image.items()}
 
 
 def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=None,
@@ -136,13 +255,19 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   ``eval_source``), or on its fixed subset of ``config.eval.max_images`` images (see
   ``subset_indices``).
 
-  Also draws the first ``config.eval.num_drawn_images`` images with their detections
-  (``detections.png``) and, for the first ``config.eval.num_retrieval_strips`` consumer images,
-  the top-5 shop items retrieved for their best detection (``retrieval.png``). With a
-  ``writer`` (train.MetricsWriter) the metrics and both pictures also go to TensorBoard at
-  ``step``.
+  Writes into ``outdir``: the results as compact ``detections-*.npz`` chunks
+  (``results.write_official_json`` or ``python -m df2_jax.evaluation.results --eval_dir
+  OUTDIR`` turns them into the DeepFashion2 JSON files), ``retrieval_submission.json`` (the
+  official format, for the queries the protocol scores), ``metrics.json`` (with the time of
+  each stage under "timing"), and two pictures: the first ``config.eval.num_drawn_images``
+  images with their detections (``detections.png``) and, for the first
+  ``config.eval.num_retrieval_strips`` consumer images, the top-5 shop items retrieved for their
+  best detection (``retrieval.png``). With a ``writer`` (train.MetricsWriter) the metrics and
+  both pictures also go to TensorBoard at ``step``.
   """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
+  timing: dict[str, float] = {}
+  started = time.perf_counter()
   if eval_source is None:
     eval_source = sources.source_from_config(config.data, config.data.eval_split)
   max_images = int(config.eval.max_images)
@@ -155,48 +280,70 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                                   process_index=0, process_count=1)
   records = {r.image_id: r for r in eval_source.records}
   drawn_ids = [r.image_id for r in eval_source.records[:int(config.eval.num_drawn_images)]]
-  found = run_detection(model, variables, dataset, records, keep_outputs=frozenset(drawn_ids),
-                        keep_min_score=float(config.eval.draw_score_threshold))
+  query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
+  timing["prepare"] = time.perf_counter() - started
 
+  os.makedirs(outdir, exist_ok=True)
+  result_writer = results_lib.ResultWriter(outdir)
+  found = run_detection(model, variables, dataset, records, writer=result_writer,
+                        query_gt_by_image=_query_gt_by_image(query_gt),
+                        gallery_nms=float(config.eval.gallery_nms_threshold),
+                        gallery_min_score=float(config.eval.gallery_score_threshold),
+                        keep_outputs=frozenset(drawn_ids),
+                        keep_min_score=float(config.eval.draw_score_threshold),
+                        num_images=len(eval_source.records),
+                        workers=int(config.eval.host_workers))
+  result_writer.close()
+  timing["detection"] = found["seconds"]
+  log.info("Detection and host post-processing: %d images in %.1f s (%.2f images/s); result "
+           "files %.1f MB (%.3f MB per image).", found["images"], found["seconds"],
+           found["images"] / max(found["seconds"], 1e-9), result_writer.num_bytes / 1e6,
+           result_writer.num_bytes / 1e6 / max(found["images"], 1))
+
+  stage = time.perf_counter()
+  results = results_lib.load(outdir)
   gt = convert.to_coco(eval_source.records)
-  metrics: dict[str, Any] = coco.evaluate_all(gt, found["bbox"], found["segm"],
-                                              found["keypoints"])
+  metrics: dict[str, Any] = coco.evaluate_all(gt, results.coco("bbox"), results.coco("segm"),
+                                              results.coco("keypoints"))
+  del results
+  timing["coco"] = time.perf_counter() - stage
+
+  stage = time.perf_counter()
   scorer = jax.device_get(variables["params"]["scorer"])
   score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
-  query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
   k = int(config.eval.retrieval_topk)
-  gallery = retrieval.dedupe_gallery(found["gallery"],
-                                     float(config.eval.gallery_nms_threshold),
-                                     float(config.eval.gallery_score_threshold))
-  submission = retrieval.build_submission(found["query"], gallery, score_fn, k=k)
+  submission = retrieval.build_submission(found["query"], found["gallery"], score_fn, k=k)
   metrics["retrieval"] = retrieval.evaluate_retrieval(submission, query_gt, gallery_gt)
   gt_submission = retrieval.build_submission(found["gt_query"], found["gt_gallery"], score_fn,
                                              k=k)
   metrics["retrieval_gt_boxes"] = retrieval.evaluate_retrieval(gt_submission, query_gt,
                                                                gallery_gt)
-
-  os.makedirs(outdir, exist_ok=True)
-  for name in ("bbox", "segm", "keypoints"):
-    with open(os.path.join(outdir, f"{name}_results.json"), "w") as f:
-      json.dump(found[name], f)
   with open(os.path.join(outdir, "retrieval_submission.json"), "w") as f:
     json.dump(submission, f)
-  with open(os.path.join(outdir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=1, default=float)
+  timing["retrieval"] = time.perf_counter() - stage
+
+  stage = time.perf_counter()
   pictures = draw_pictures(eval_source, found["outputs"], drawn_ids, submission, query_gt,
                            gallery_gt, int(config.eval.num_retrieval_strips),
                            float(config.eval.draw_score_threshold))
   for name, picture in pictures.items():
     cv2.imwrite(os.path.join(outdir, f"{name}.png"), picture[:, :, ::-1])
+  timing["pictures"] = time.perf_counter() - stage
+  timing["total"] = time.perf_counter() - started
+  metrics["timing"] = timing
+  with open(os.path.join(outdir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=1, default=float)
   if writer is not None and step is not None:
     writer.scalars(step, summary_scalars(metrics))
     for name, picture in pictures.items():
       writer.image(step, f"eval/{name}", picture)
-  log.info("Evaluation (%d images) written to %s (metrics.json, result files, %s):\n%s\n"
-           "retrieval (detected boxes): %s\nretrieval (GT boxes): %s",
+  log.info("Evaluation (%d images) written to %s (metrics.json, result chunks, %s) in %.1f s "
+           "(%s):\n%s\nretrieval (detected boxes): %s\nretrieval (GT boxes): %s",
            len(eval_source.records), outdir, ", ".join(f"{n}.png" for n in pictures),
-           coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}), _topk_line(metrics["retrieval"]),
-           _topk_line(metrics["retrieval_gt_boxes"]))
+           timing["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()
+                                      if k != "total"),
+           coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
+           _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
   return metrics
 
 

@@ -129,20 +129,20 @@ def first_hit_ranks(submission: list[dict] | str,
     if not det_idx:
       continue  # nothing detected in this image: its items stay misses
     dets = [submission[i] for i in det_idx]
-    det_boxes = np.array([d["query_bbox"] for d in dets], np.float64).reshape(-1, 4)
-    det_cls = np.array([int(d["query_cls"]) for d in dets], np.int64)
-    det_score = np.array([float(d["query_score"]) for d in dets], np.float64)
-    gt_boxes = np.array([query_gt[i]["bbox"] for i in gt_idx], np.float64).reshape(-1, 4)
-    assigned = np.argmax(box_iou(det_boxes, gt_boxes), axis=1)  # [n_det], no minimum IoU
+    gts = [query_gt[i] for i in gt_idx]
+    chosen_idx = protocol_queries(
+        np.array([d["query_bbox"] for d in dets], np.float64).reshape(-1, 4),
+        np.array([int(d["query_cls"]) for d in dets], np.int64),
+        np.array([float(d["query_score"]) for d in dets], np.float64),
+        np.array([q["bbox"] for q in gts], np.float64).reshape(-1, 4),
+        np.array([int(q["cls"]) for q in gts], np.int64),
+        np.array([int(q["style"]) for q in gts], np.int64))
     for local, gi in enumerate(gt_idx):
       q = query_gt[gi]
       style = int(q["style"])
-      if style <= 0:
+      if chosen_idx[local] < 0:
         continue
-      candidates = np.nonzero((assigned == local) & (det_cls == int(q["cls"])))[0]
-      if candidates.size == 0:
-        continue
-      chosen = dets[int(candidates[np.argmax(det_score[candidates])])]
+      chosen = dets[int(chosen_idx[local])]
       ret_ids = np.asarray(chosen["gallery_image_id"], np.int64).reshape(-1)
       ret_boxes = np.asarray(chosen["gallery_bbox"], np.float64).reshape(-1, 4)
       if ret_ids.shape[0] != ret_boxes.shape[0]:
@@ -152,6 +152,37 @@ def first_hit_ranks(submission: list[dict] | str,
       ranks[gi] = _first_hit_rank(ret_ids, ret_boxes, cids, cboxes)
   styles = np.array([int(q["style"]) for q in query_gt], np.int64)
   return ranks[styles > 0]
+
+
+def protocol_queries(det_boxes: np.ndarray, det_cls: np.ndarray, det_score: np.ndarray,
+                     gt_boxes: np.ndarray, gt_cls: np.ndarray, gt_style: np.ndarray
+                     ) -> np.ndarray:
+  """Which detection of one consumer image is the query of each of its GT items (rules 2-3).
+
+  Every detection goes to the GT item it overlaps most (IoU argmax, no minimum; ties to the
+  first item); a GT item with style > 0 takes, among its detections of its class, the one with
+  the highest score (ties: the first). Only these detections are ever scored, so a submission
+  holding just them scores exactly as one holding every detection of the image.
+
+  Args:
+    det_boxes [N, 4], det_cls [N], det_score [N]: the image's detections, in submission order.
+    gt_boxes [M, 4], gt_cls [M], gt_style [M]: its GT query items, in GT file order.
+
+  Returns:
+    [M] int64: the chosen detection's index, -1 for none (style 0, or no detection of the
+    item's class assigned to it).
+  """
+  chosen = np.full(len(gt_boxes), -1, np.int64)
+  if not len(det_boxes) or not len(gt_boxes):
+    return chosen
+  assigned = np.argmax(box_iou(det_boxes, gt_boxes), axis=1)  # [N], no minimum IoU
+  for local in range(len(gt_boxes)):
+    if gt_style[local] <= 0:
+      continue
+    candidates = np.nonzero((assigned == local) & (det_cls == gt_cls[local]))[0]
+    if candidates.size:
+      chosen[local] = candidates[np.argmax(det_score[candidates])]
+  return chosen
 
 
 def evaluate_retrieval(submission: list[dict] | str,
