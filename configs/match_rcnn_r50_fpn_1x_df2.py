@@ -109,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_drawn_images=8,        # drawn into eval_<step>/detections.png and TensorBoard
       draw_score_threshold=0.3,  # detections drawn there score at least this
       num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn
-      host_workers=0,            # threads pasting masks and writing results; 0: cores - 1
+      host_workers=0,            # processes pasting masks, encoding results; 0: cores - 1
+      host_pool="process",       # or "thread" (the GIL serialises them: evaluation.host)
   ))
   return config

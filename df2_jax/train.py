@@ -147,6 +147,12 @@ def check_config(config) -> None:
   if str(tc.best_metric) not in evaluator.metric_names():
     raise ValueError(f"config.train.best_metric={tc.best_metric!r} is not an evaluation "
                      f"metric; one of: {', '.join(evaluator.metric_names())}")
+  if str(config.eval.host_pool) not in ("process", "thread"):
+    raise ValueError(f"config.eval.host_pool must be 'process' or 'thread', got "
+                     f"{config.eval.host_pool!r}")
+  if int(config.eval.host_workers) < 0:
+    raise ValueError(f"config.eval.host_workers must be >= 0 (0: cores - 1), got "
+                     f"{config.eval.host_workers}")
   if int(config.eval.max_images) < 0:
     raise ValueError(f"config.eval.max_images must be >= 0 (0: the whole split), got "
                      f"{config.eval.max_images}")

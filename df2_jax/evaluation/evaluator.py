@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -36,22 +36,15 @@ from typing import Any
 import cv2
 import jax
 import numpy as np
-from pycocotools import mask as mask_util
 
 from data_pipeline import convert, draw
-from df2_jax.evaluation import coco, retrieval, visualize
+from df2_jax.evaluation import coco, host, retrieval, visualize
 from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
 from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
 COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
-
-
-def _to_original(boxes: np.ndarray, image_hw: np.ndarray, orig_hw: np.ndarray) -> np.ndarray:
-  """Per-axis factors from the canvas content back to the original image."""
-  sy, sx = orig_hw / np.maximum(image_hw, 1)
-  return boxes * np.array([sx, sy, sx, sy], np.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,74 +78,27 @@ def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
   return np.sort(np.asarray(chosen, np.int64))
 
 
-@dataclasses.dataclass
-class _ImageOutput:
-  """What the host work of one image returns (``_host_image``)."""
-  results: results_lib.ImageResults
-  retrieval: list[dict]  # query (consumer) or gallery (shop) entries with embeddings
-  gt_retrieval: list[dict]  # the same for the ground-truth boxes
-  drawn: dict | None  # the drawn detections, for the pictures
-
-
-def _host_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np.ndarray,
-                orig: np.ndarray, gt: dict[str, np.ndarray] | None, gt_emb: np.ndarray | None,
-                query_gt: dict[str, np.ndarray] | None, gallery_nms: float,
-                gallery_min_score: float, draw_min_score: float | None) -> _ImageOutput:
-  """One image's host work, run in a worker thread: result rows (``results.image_results``:
-  boxes, pasted mask RLEs, kept landmarks), its retrieval entries and, for a drawn image, its
-  detections with full masks.
-
-  Retrieval entries: of a consumer image only the detections the official protocol can pick
-  as queries (``retrieval.protocol_queries`` against ``query_gt``, the image's GT query items)
-  and its best-scoring detection (for the pictures);
-  of a shop image the gallery (score >= ``gallery_min_score``, then the class-agnostic NMS of
-  ``retrieval.dedupe_gallery``). Both are exactly what the protocol scores, and they keep the
-  query x gallery matrix small at the scale of the validation split.
-  """
-  res = results_lib.image_results(image_id, out["boxes"], out["scores"], out["classes"],
-                                  out["valid"], hw, orig, out["masks"], out["landmarks"])
-  rows = np.nonzero(out["valid"])[0]
-  emb = out["embeddings"][rows]
-  entry = lambda j: dict(image_id=image_id, bbox=res.boxes[j].tolist(), cls=int(res.classes[j]),
-                         score=float(res.scores[j]), embedding=emb[j])
-  if source == "user":
-    chosen = np.zeros((0,), np.int64)
-    if query_gt is not None and len(rows):
-      chosen = retrieval.protocol_queries(res.boxes, res.classes, res.scores, query_gt["bbox"],
-                                          query_gt["cls"], query_gt["style"])
-    # Plus the image's best detection, whose ranked shop items the pictures show (any
-    # superset of the protocol's picks scores the same).
-    best = [int(np.argmax(res.scores))] if len(rows) else []
-    entries = [entry(int(j)) for j in np.unique(np.concatenate([chosen[chosen >= 0], best]))]
-  else:
-    entries = retrieval.dedupe_gallery([entry(j) for j in range(len(rows))], gallery_nms,
-                                       gallery_min_score)
-  gt_entries = []
-  if gt is not None:
-    gt_boxes = _to_original(gt["boxes"], hw, orig)
-    gt_entries = [dict(image_id=image_id, bbox=gt_boxes[m].tolist(), cls=int(gt["classes"][m]),
-                       score=1.0, embedding=gt_emb[m])
-                  for m in np.nonzero(gt["instance_valid"])[0]]
-  drawn = None
-  if draw_min_score is not None:
-    sel = np.nonzero(res.scores >= draw_min_score)[0]
-    h, w = res.image_hw
-    full = (np.stack([mask_util.decode({"size": [h, w], "counts": res.rles[j]}) for j in sel])
-            .astype(bool) if len(sel) and res.rles else np.zeros((len(sel), h, w), bool))
-    lms = out["landmarks"][rows[sel]].copy()
-    sy, sx = orig / np.maximum(hw, 1)
-    lms[..., 0] *= sx
-    lms[..., 1] *= sy
-    drawn = dict(boxes=res.boxes[sel], scores=res.scores[sel], classes=res.classes[sel],
-                 valid=np.ones(len(sel), bool), masks=full, landmarks=lms)
-  return _ImageOutput(res, entries, gt_entries, drawn)
-
-
 def host_workers(requested: int = 0) -> int:
-  """Threads for the host work: ``requested``, or by default every core but one for the
-  accelerator's feeding thread (at least 1). The work is numpy, OpenCV and pycocotools, which
-  release the GIL in their heavy parts."""
+  """Worker processes for the host work: ``requested``, or by default every core but one (the
+  main process feeds the accelerator and runs the input pipeline), at least 1."""
   return int(requested) if requested > 0 else max(1, (os.cpu_count() or 2) - 1)
+
+
+def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Executor:
+  """The pool running ``host.process_image`` (``config.eval.host_workers``, ``host_pool``).
+
+  "process": worker processes started with "spawn" (a fork of a process running XLA's threads
+  can deadlock); they import only ``df2_jax.evaluation.host`` (numpy, pycocotools), once per
+  evaluation. "thread": threads of this process, which the GIL serialises (see ``host``); for
+  debugging, or when processes cannot be started.
+  """
+  n = host_workers(workers)
+  if kind == "process":
+    return concurrent.futures.ProcessPoolExecutor(
+        n, mp_context=multiprocessing.get_context("spawn"))
+  if kind == "thread":
+    return concurrent.futures.ThreadPoolExecutor(n)
+  raise ValueError(f"config.eval.host_pool must be 'process' or 'thread', got {kind!r}")
 
 
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict, *,
@@ -160,15 +106,18 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
                   gallery_nms: float = 0.5, gallery_min_score: float = 0.0,
                   with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
                   keep_min_score: float = 0.0, num_images: int | None = None,
-                  workers: int = 0, log_every_s: float = 30.0) -> dict[str, Any]:
+                  workers: int = 0, pool_kind: str = "process", log_every_s: float = 30.0
+                  ) -> dict[str, Any]:
   """Detects every image of ``dataset`` (eval batches) and streams the results to ``writer``.
 
   The accelerator runs one batch ahead of the host: while batch k+1 is detected, the images of
-  batch k are post-processed by ``workers`` threads (``_host_image``), and their rows reach
-  ``writer`` in file order. Progress with an ETA is logged every ``log_every_s`` seconds.
+  batch k are post-processed by ``workers`` worker processes (``host.process_image``; see
+  ``host_pool`` for ``pool_kind``), and their rows reach ``writer`` in file order. Only each
+  image's valid detections travel to the workers. Progress with an ETA is logged every
+  ``log_every_s`` seconds.
 
   Returns:
-    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``_host_image``),
+    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``host.process_image``),
      "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
      "seconds": wall time, "images": number of images}.
   """
@@ -176,7 +125,7 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
   found: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={})
   started = last_log = time.perf_counter()
   done = 0
-  pool = concurrent.futures.ThreadPoolExecutor(host_workers(workers))
+  pool = host_pool(workers, pool_kind)
   futures: collections.deque = collections.deque()
 
   def collect(block: bool) -> None:
@@ -198,11 +147,12 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
     for i in np.nonzero(batch["valid"])[0]:
       image_id = int(batch["image_id"][i])
       source = records_by_id[image_id].source
-      per_image = {k: v[i] for k, v in out.items()}
+      keep = out["valid"][i]
+      per_image = {k: v[i][keep] for k, v in out.items()}  # valid rows only
       gt = ({k: batch[k][i] for k in ("boxes", "classes", "instance_valid")}
             if gt_emb is not None else None)
       futures.append((image_id, source, pool.submit(
-          _host_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
+          host.process_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
           batch["orig_hw"][i].astype(np.float32), gt,
           gt_emb[i] if gt_emb is not None else None,
           (query_gt_by_image or {}).get(image_id), gallery_nms, gallery_min_score,
@@ -292,7 +242,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                         keep_outputs=frozenset(drawn_ids),
                         keep_min_score=float(config.eval.draw_score_threshold),
                         num_images=len(eval_source.records),
-                        workers=int(config.eval.host_workers))
+                        workers=int(config.eval.host_workers),
+                        pool_kind=str(config.eval.host_pool))
   result_writer.close()
   timing["detection"] = found["seconds"]
   log.info("Detection and host post-processing: %d images in %.1f s (%.2f images/s); result "
@@ -301,11 +252,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            result_writer.num_bytes / 1e6 / max(found["images"], 1))
 
   stage = time.perf_counter()
-  results = results_lib.load(outdir)
-  gt = convert.to_coco(eval_source.records)
-  metrics: dict[str, Any] = coco.evaluate_all(gt, results.coco("bbox"), results.coco("segm"),
-                                              results.coco("keypoints"))
-  del results
+  metrics: dict[str, Any] = coco_metrics(outdir, convert.to_coco(eval_source.records))
   timing["coco"] = time.perf_counter() - stage
 
   stage = time.perf_counter()
@@ -344,6 +291,25 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                                       if k != "total"),
            coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
            _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
+  return metrics
+
+
+def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND
+                 ) -> dict[str, dict]:
+  """``coco.evaluate_all``'s metrics of the result chunks in ``directory`` against ``gt``.
+
+  The COCO-format entries are built one kind at a time and dropped after their evaluation, so
+  the split's box, mask and landmark entries never sit in memory together (at 100 detections
+  per image the landmark entries alone are a few GB for the validation split).
+  """
+  results = results_lib.load(directory)
+  metrics = {}
+  for kind in ("bbox", "segm"):
+    metrics[kind] = coco.evaluate(gt, results.coco(kind), kind, backend=backend)
+  entries = results.coco("keypoints")
+  metrics["keypoints_visible"] = coco.evaluate(gt, entries, "keypoints", visible_only=True,
+                                               backend=backend)
+  metrics["keypoints"] = coco.evaluate(gt, entries, "keypoints", backend=backend)
   return metrics
 
 
