@@ -264,3 +264,16 @@ def test_garbage_collector_state_restored(real_fixture):
     assert not gc.isenabled()
   finally:
     gc.enable()
+
+
+def test_keypoint_extents_computed_in_blocks_equal_the_reference(real_fixture, monkeypatch):
+  """The faster backend's keypoint loadRes works in blocks of results; blocks of 7 (many block
+  boundaries, a partial last block) give pycocotools' numbers."""
+  gt, _, _, kps = real_case(3, num_images=12, per_image=30, crowded=2)
+  monkeypatch.setattr(ev, "_KEYPOINT_BLOCK", 7)
+  assert len(kps) % 7 and len(kps) > 50
+  ref = ev.evaluate(gt, kps, "keypoints", backend="pycocotools")
+  fast = ev.evaluate(gt, kps, "keypoints", backend="faster")
+  assert 0.05 < ref["AP"] < 0.95
+  diffs = max_differences({"k": ref}, {"k": fast})
+  assert all(d <= TOL for d in diffs.values()), diffs
