@@ -35,8 +35,7 @@ flags.DEFINE_integer("images", 96, "Validation images (two per pair_id).")
 flags.DEFINE_integer("detections", 100, "Detections per image (score threshold 0).")
 flags.DEFINE_integer("batch", 4, "Evaluation batch size.")
 flags.DEFINE_integer("repeats", 1, "Timed whole evaluations (the best is reported, and every "
-                     "time: this 2-core VM showed occasional 10-16 s stalls, each time in a "
-                     "different stage).")
+                     "time).")
 flags.DEFINE_integer("host_workers", 0, "config.eval.host_workers (0: cores - 1).")
 flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "df2_bench_eval"),
                     "Where the synthetic split is generated (and cached).")
