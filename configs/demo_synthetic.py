@@ -9,8 +9,8 @@ masks and landmarks, retrieval top-k) and draws predictions and retrieval strips
 runs/demo/eval_4500/.
 
 Expected (2026-11-29, the project's 2-core CPU machine, jax 0.10.2, the README command in a
-fresh clone, pip install and data generation included): 11 min 6 s wall (2.4 GB peak RSS,
-7.0-7.9 steps/s); AP_box 0.531, AP_mask 0.468, landmark AP 0.372 (visible + occluded),
+fresh clone, pip install and data generation included): 10 min 54 s wall (2.5 GB peak RSS,
+6.7-8.0 steps/s); AP_box 0.531, AP_mask 0.484, landmark AP 0.365 (visible + occluded),
 retrieval top-1 0.089 / top-20 0.768 (detected boxes). Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
