@@ -33,6 +33,15 @@ flags.DEFINE_string("output_dir", None,
 flags.DEFINE_integer("step", None, "--mode eval/predict: the checkpoint step (default: the latest).")
 flags.DEFINE_string("checkpoint_dir", None,
                     "--mode eval/predict: a checkpoint directory (default: WORKDIR/checkpoints).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Many processes: host:port of process 0, which hosts the coordinator (the "
+                    "same on every process). Without it, a cluster the environment describes "
+                    "(SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS) is joined.")
+flags.DEFINE_integer("num_processes", None, "Many processes: how many take part.")
+flags.DEFINE_integer("process_id", None, "Many processes: this process's index, 0..N-1.")
+flags.DEFINE_integer("distributed_timeout_s", 300,
+                     "Many processes: seconds to wait for the coordinator and for every "
+                     "process to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,7 +57,8 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   from df2_jax import parallel, train
-  parallel.initialize_distributed()
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == "eval":

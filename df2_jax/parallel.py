@@ -19,7 +19,10 @@ arrays with ``host_local_to_global``.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+log = logging.getLogger(__name__)
 
 
 
@@ -44,7 +48,8 @@ _ensure_partitionable_random()
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None, *,
+                           timeout_s: int = 300) -> bool:
   """Joins a multi-process run; a no-op for a single process.
 
   ``jax.distributed.initialize`` is called when any argument is given or when the environment
@@ -54,16 +59,72 @@ def initialize_distributed(coordinator_address: str | None = None,
   arguments in such an environment, jax reads the coordinator, process count and id from it.
   Must run before any other jax call that touches devices.
 
+  CPU devices of different processes talk through gloo (set here; it does not affect GPUs or
+  TPUs). A process other than 0 first waits up to ``timeout_s`` for the coordinator's port to
+  accept a connection and raises ``ConnectionError`` naming it if it does not (jax itself would
+  abort the process with a gRPC deadline message); every process gives jax the same timeout for
+  all processes to join.
+
   Returns:
     True if ``jax.distributed.initialize`` was called.
+
+  Raises:
+    ValueError: an incomplete or inconsistent set of arguments.
+    ConnectionError: the coordinator was not reachable within ``timeout_s``.
   """
   configured = any(v is not None for v in (coordinator_address, num_processes, process_id))
   env = _cluster_environment()
   if not configured and not env:
     return False
+  if configured:
+    missing = [name for name, v in (("coordinator_address", coordinator_address),
+                                    ("num_processes", num_processes),
+                                    ("process_id", process_id)) if v is None]
+    if missing:
+      raise ValueError(f"Joining a cluster by hand needs --coordinator_address, "
+                       f"--num_processes and --process_id together; missing: "
+                       f"{', '.join('--' + m for m in missing)}.")
+    if not 0 <= int(process_id) < int(num_processes):
+      raise ValueError(f"--process_id={process_id} must be in [0, {num_processes}) "
+                       f"(--num_processes={num_processes}).")
+    if int(process_id) != 0:
+      wait_for_coordinator(coordinator_address, timeout_s, int(process_id))
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):
+    pass  # a jax without the option: CPU collectives across processes are not available
+  log.info("Joining the cluster%s (up to %d s for every process to join).",
+           f" at {coordinator_address} as process {process_id} of {num_processes}"
+           if configured else " described by the environment", timeout_s)
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             initialization_timeout=int(timeout_s))
+  log.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def wait_for_coordinator(address: str, timeout_s: float, process_id: int = -1) -> None:
+  """Returns once ``address`` ("host:port") accepts a TCP connection; raises
+  ``ConnectionError`` after ``timeout_s`` seconds."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"--coordinator_address must be host:port, got {address!r}")
+  deadline = time.monotonic() + float(timeout_s)
+  last_error: OSError | None = None
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+        return
+    except OSError as e:
+      last_error = e
+    if time.monotonic() >= deadline:
+      raise ConnectionError(
+          f"Process {process_id} could not reach the coordinator at {address} within "
+          f"{timeout_s:g} s ({last_error}). Start process 0 (which hosts it) with the same "
+          f"--coordinator_address, check the host name and port, and that the port is open "
+          f"between the machines; --distributed_timeout_s sets the wait.")
+    time.sleep(0.5)
 
 
 def _cluster_environment() -> bool:
