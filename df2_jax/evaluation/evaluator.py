@@ -2,9 +2,10 @@
 
 ``evaluate(config, variables, outdir)`` runs the jitted ``MatchRCNN.detect`` over the
 evaluation split (single images in file order, the last batch padded) one batch ahead of the
-host, whose worker threads map every detection back to its original image (boxes, the soft
-28x28 masks pasted with detectron2's semantics and run-length encoded from the box region only,
-landmarks) and stream the rows to compact result chunks (``results``). It writes into
+host, whose worker processes (``host.process_image``) map every detection back to its original
+image (boxes, the soft 28x28 masks pasted with detectron2's semantics and run-length encoded
+from the box region only, landmarks); the rows stream to compact result chunks (``results``).
+It writes into
 ``outdir``:
   detections-NNNNN.npz        the results (``python -m df2_jax.evaluation.results --eval_dir``
                               writes the DeepFashion2 JSON result files from them)
