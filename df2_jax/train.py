@@ -147,8 +147,9 @@ def check_config(config) -> None:
   if str(tc.best_metric) not in evaluator.metric_names():
     raise ValueError(f"config.train.best_metric={tc.best_metric!r} is not an evaluation "
                      f"metric; one of: {', '.join(evaluator.metric_names())}")
-  if str(config.eval.host_pool) not in ("process", "thread"):
-    raise ValueError(f"config.eval.host_pool must be 'process' or 'thread', got "
+  if str(config.eval.host_pool) not in evaluator.HOST_POOLS:
+    raise ValueError(f"config.eval.host_pool must be "
+                     f"{' or '.join(map(repr, evaluator.HOST_POOLS))}, got "
                      f"{config.eval.host_pool!r}")
   if int(config.eval.host_workers) < 0:
     raise ValueError(f"config.eval.host_workers must be >= 0 (0: cores - 1), got "

@@ -85,6 +85,9 @@ def host_workers(requested: int = 0) -> int:
   return int(requested) if requested > 0 else max(1, (os.cpu_count() or 2) - 1)
 
 
+HOST_POOLS = ("process", "thread")  # config.eval.host_pool
+
+
 def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Executor:
   """The pool running ``host.process_image`` (``config.eval.host_workers``, ``host_pool``).
 
@@ -99,7 +102,8 @@ def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Exe
         n, mp_context=multiprocessing.get_context("spawn"))
   if kind == "thread":
     return concurrent.futures.ThreadPoolExecutor(n)
-  raise ValueError(f"config.eval.host_pool must be 'process' or 'thread', got {kind!r}")
+  raise ValueError(f"config.eval.host_pool must be {' or '.join(map(repr, HOST_POOLS))}, got "
+                   f"{kind!r}")
 
 
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict, *,
@@ -304,13 +308,10 @@ def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND
   per image the landmark entries alone are a few GB for the validation split).
   """
   results = results_lib.load(directory)
-  metrics = {}
-  for kind in ("bbox", "segm"):
-    metrics[kind] = coco.evaluate(gt, results.coco(kind), kind, backend=backend)
-  entries = results.coco("keypoints")
-  metrics["keypoints_visible"] = coco.evaluate(gt, entries, "keypoints", visible_only=True,
-                                               backend=backend)
-  metrics["keypoints"] = coco.evaluate(gt, entries, "keypoints", backend=backend)
+  metrics: dict[str, dict] = {}
+  for kind, arg in (("bbox", "bbox_results"), ("segm", "segm_results"),
+                    ("keypoints", "keypoint_results")):
+    metrics.update(coco.evaluate_all(gt, **{arg: results.coco(kind)}, backend=backend))
   return metrics
 
 
