@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
-      batch_size=8,
+      batch_size=8,  # images per device (evaluation and prediction use every device)
       # 0: the whole split; N: a fixed subset of N images (whole pair_ids drawn with a fixed
       # seed, so retrieval queries keep their shop images), the same in every evaluation.
       max_images=0,

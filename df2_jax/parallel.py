@@ -19,6 +19,7 @@ arrays with ``host_local_to_global``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -31,7 +32,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 log = logging.getLogger(__name__)
-
 
 
 def _ensure_partitionable_random() -> None:
@@ -101,7 +101,56 @@ def initialize_distributed(coordinator_address: str | None = None,
                              initialization_timeout=int(timeout_s))
   log.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+  configure_logging()
   return True
+
+
+class _ProcessPrefix(logging.Filter):
+  """Prefixes warnings and errors with "[process i]" (once, whatever the handlers)."""
+
+  def __init__(self, index: int):
+    super().__init__()
+    self.prefix = f"[process {index}] "
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING and not getattr(record, "_process_prefixed", False):
+      record.msg = self.prefix + str(record.msg)
+      record._process_prefixed = True
+    return True
+
+
+def configure_logging() -> None:
+  """In a run of several processes: process 0 logs as usual, the others only warnings and
+  errors, and every process's warnings and errors start with "[process i]". A no-op for one
+  process. ``initialize_distributed`` calls it; call it again if the root logger's handlers
+  are replaced afterwards (``logging.basicConfig(force=True)``)."""
+  if jax.process_count() == 1:
+    return
+  root = logging.getLogger()
+  if jax.process_index() != 0 and root.getEffectiveLevel() < logging.WARNING:
+    root.setLevel(logging.WARNING)
+  for handler in root.handlers:
+    if not any(isinstance(f, _ProcessPrefix) for f in handler.filters):
+      handler.addFilter(_ProcessPrefix(jax.process_index()))
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Returns when every process has reached this barrier; a no-op for one process.
+
+  The wait goes through jax's coordination service (not a device collective), so a long wait
+  (process 0 scoring an evaluation while the others wait) holds no accelerator and has an
+  explicit ``timeout_s``; a process that dies makes the others' wait fail instead of hang.
+  Every process must call the same barriers in the same order (the names get a running
+  number, which the coordination service needs to tell repeated barriers apart).
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  key = f"df2_jax_{name}_{next(_BARRIERS)}"
+  multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
 
 
 def wait_for_coordinator(address: str, timeout_s: float, process_id: int = -1) -> None:
@@ -240,6 +289,8 @@ def _replicate_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
     impl = jax.random.key_impl(x)
     data = _replicate_leaf(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=impl)
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    return x  # already a copy on every device of the mesh
   if jax.process_count() == 1:
     return jax.device_put(x, sharding)
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -283,12 +334,38 @@ def shard_train_step(build_step: Callable[..., Callable[..., Any]], mesh: Mesh, 
   return build_step(*args, in_shardings=(rep, data, rep), out_shardings=(rep, rep), **kwargs)
 
 
+def per_device(fn: Callable[..., Any], mesh: Mesh, num_batch_args: int) -> Callable[..., Any]:
+  """``fn(variables, *batch_args)`` run by every device of ``mesh`` on its own rows, jitted.
+
+  The variables are replicated and each of the ``num_batch_args`` batch arrays is split along
+  its leading axis (``shard_map``): a device computes exactly what a one-device run of ``fn``
+  computes on its rows, with no communication, and the outputs (a pytree of arrays with the
+  leading batch axis) are split the same way. Evaluation and prediction use it: one program
+  over every device of every process, fed by ``host_local_to_global`` and read back with
+  ``host_local``.
+  """
+  rep, data = PartitionSpec(), PartitionSpec(DATA_AXIS)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rep,) + (data,) * num_batch_args,
+                               out_specs=data, check_vma=False))
+
+
+def host_local(tree: Any, mesh: Mesh) -> Any:
+  """This process's rows of arrays split along the leading axis, as numpy arrays (the inverse
+  of ``host_local_to_global``; in a one-process run, the whole arrays)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tree = multihost_utils.global_array_to_host_local_array(tree, mesh,
+                                                            PartitionSpec(DATA_AXIS))
+  return jax.device_get(tree)
+
+
 def global_batch_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
   """The shapes ``host_local_to_global`` will produce from this process's batch."""
   n = jax.process_count()
   return {k: (np.shape(v)[0] * n,) + tuple(np.shape(v)[1:]) for k, v in batch.items()}
 
 
-__all__ = ["DATA_AXIS", "batch_sharding", "check_batch_divisible", "global_batch_shapes",
-           "host_local_to_global", "initialize_distributed", "local_batch_pairs", "make_mesh",
-           "num_data_shards", "one_replica", "replicate", "replicated", "shard_train_step"]
+__all__ = ["DATA_AXIS", "barrier", "batch_sharding", "check_batch_divisible",
+           "configure_logging", "global_batch_shapes", "host_local", "host_local_to_global",
+           "initialize_distributed", "local_batch_pairs", "make_mesh", "num_data_shards",
+           "one_replica", "per_device", "replicate", "replicated", "shard_train_step"]

@@ -23,9 +23,10 @@ import numpy as np
 
 from data_pipeline import annotations, draw, images, transforms
 from data_pipeline.records import DataError, ImageRecord
+from df2_jax import parallel
 from df2_jax.evaluation import coco
 from df2_jax.evaluation import masks as mask_lib
-from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
+from df2_jax.models.match_rcnn import model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -37,70 +38,114 @@ def _image_id(name: str, index: int) -> int:
 
 def predict(config, variables: Any, input_dir: str, output_dir: str, *,
             score_threshold: float = 0.3) -> dict[str, Any]:
-  """Predicts every image of ``input_dir``; draws detections scoring >= score_threshold."""
+  """Predicts every image of ``input_dir``; draws detections scoring >= score_threshold.
+
+  ``config.eval.batch_size`` images per device, every device of the run at once
+  (``evaluator.jitted_detect``). In a run of several processes each process predicts and
+  draws its contiguous share of the sorted file names, and process 0 joins the predictions
+  into ``predictions.json`` (every process must call this together; process 0 returns all
+  predictions, the others their share).
+  """
   from data_pipeline.sources import geometry_from_config
+  from df2_jax.evaluation import evaluator
   geometry = geometry_from_config(config.data)
   model = model_from_config(config)
-  detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
+  mesh = parallel.make_mesh()
+  variables = parallel.replicate(variables, mesh)
+  detect = evaluator.jitted_detect(model, mesh)[0]
+  index, count = jax.process_index(), jax.process_count()
   names = sorted(n for n in os.listdir(input_dir)
                  if n.lower().endswith(annotations.IMAGE_EXTENSIONS))
+  shards = np.array_split(np.arange(len(names)), count)
+  batch_size = int(config.eval.batch_size) * jax.local_device_count()
+  num_batches = -(-max(len(s) for s in shards) // batch_size)  # the same on every process
   os.makedirs(output_dir, exist_ok=True)
   results = {"bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
-  batch_size = int(config.eval.batch_size)
-  pending: list[tuple[int, str, np.ndarray, dict[str, np.ndarray]]] = []
-  skipped = 0
+  skipped = predicted = 0
+  spec = transforms.image_spec(geometry)
 
-  def flush():
-    stacked = {k: np.stack([p[3][k] for p in pending]) for k in ("image", "image_hw")}
-    pad = batch_size - len(pending)
-    if pad:
-      stacked = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-                 for k, v in stacked.items()}
-    out = jax.device_get(detect(variables, stacked["image"], stacked["image_hw"]))
-    for i, (image_id, name, pixels, enc) in enumerate(pending):
+  for b in range(num_batches):
+    pending: list[tuple[int, str, np.ndarray, dict[str, np.ndarray]]] = []
+    for i in shards[index][b * batch_size:(b + 1) * batch_size]:
+      name = names[i]
+      path = os.path.join(input_dir, name)
+      try:
+        pixels = images.load_image(path)
+      except DataError as e:
+        skipped += 1
+        log.warning("Skipping %s", e)
+        continue
       h, w = pixels.shape[:2]
-      sy, sx = np.array([h, w], np.float32) / np.maximum(enc["image_hw"], 1)
-      keep = out["valid"][i]
-      boxes = out["boxes"][i] * np.array([sx, sy, sx, sy], np.float32)
-      masks = np.zeros((len(boxes), h, w), bool)
-      for d in np.nonzero(keep)[0]:  # detectron2's pasting (evaluation.masks)
-        region, (top, left) = mask_lib.paste_mask_region(out["masks"][i, d], boxes[d], (h, w))
-        masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
-      lms = out["landmarks"][i].copy()
-      lms[..., 0] *= sx
-      lms[..., 1] *= sy
-      b, s, k = coco.detections_to_results(image_id, boxes, out["scores"][i],
-                                           out["classes"][i], keep, masks, lms)
-      results["bbox"] += b
-      results["segm"] += s
-      results["keypoints"] += k
-      results["embeddings"][str(image_id)] = out["embeddings"][i][keep].tolist()
-      picture = draw.draw_detections(pixels, boxes, out["scores"][i], out["classes"][i], keep,
-                                     masks, lms, score_threshold)
-      cv2.imwrite(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"),
-                  picture[:, :, ::-1])
-    pending.clear()
+      record = ImageRecord(_image_id(name, int(i)), path, w, h, "", -1, ())
+      pending.append((record.image_id, name, pixels,
+                      transforms.encode_image(record, pixels, geometry, False)))
+    stacked = {k: np.zeros((batch_size,) + spec[k][0], spec[k][1]) for k in ("image", "image_hw")}
+    for j, p in enumerate(pending):  # the rest of the batch stays zero (no detections)
+      for k in stacked:
+        stacked[k][j] = p[3][k]
+    x = parallel.host_local_to_global(stacked, mesh)
+    out = parallel.host_local(detect(variables, x["image"], x["image_hw"]), mesh)
+    for j, (image_id, name, pixels, enc) in enumerate(pending):
+      _add_image(results, image_id, name, pixels, enc, {k: v[j] for k, v in out.items()},
+                 output_dir, score_threshold)
+      predicted += 1
 
-  for index, name in enumerate(names):
-    path = os.path.join(input_dir, name)
-    try:
-      pixels = images.load_image(path)
-    except DataError as e:
-      skipped += 1
-      log.warning("Skipping %s", e)
-      continue
-    h, w = pixels.shape[:2]
-    image_id = _image_id(name, index)
-    record = ImageRecord(image_id, path, w, h, "", -1, ())
-    pending.append((image_id, name, pixels, transforms.encode_image(record, pixels, geometry,
-                                                                    False)))
-    if len(pending) == batch_size:
-      flush()
-  if pending:
-    flush()
-  with open(os.path.join(output_dir, "predictions.json"), "w") as f:
-    json.dump(results, f)
-  log.info("Predicted %d images (%d skipped) into %s.", len(names) - skipped, skipped,
-           output_dir)
+  if count > 1:
+    results, predicted, skipped = _join_shards(output_dir, results, predicted, skipped)
+  if index == 0:
+    with open(os.path.join(output_dir, "predictions.json"), "w") as f:
+      json.dump(results, f)
+  log.info("Predicted %d images (%d skipped) into %s.", predicted, skipped, output_dir)
   return results
 
+
+def _add_image(results: dict[str, Any], image_id: int, name: str, pixels: np.ndarray,
+               enc: dict[str, np.ndarray], out: dict[str, np.ndarray], output_dir: str,
+               score_threshold: float) -> None:
+  """One image's detections (``out``, on the canvas) -> original pixels, the result lists and
+  ``<stem>.png``."""
+  h, w = pixels.shape[:2]
+  sy, sx = np.array([h, w], np.float32) / np.maximum(enc["image_hw"], 1)
+  keep = out["valid"]
+  boxes = out["boxes"] * np.array([sx, sy, sx, sy], np.float32)
+  masks = np.zeros((len(boxes), h, w), bool)
+  for d in np.nonzero(keep)[0]:  # detectron2's pasting (evaluation.masks)
+    region, (top, left) = mask_lib.paste_mask_region(out["masks"][d], boxes[d], (h, w))
+    masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
+  lms = out["landmarks"].copy()
+  lms[..., 0] *= sx
+  lms[..., 1] *= sy
+  b, s, k = coco.detections_to_results(image_id, boxes, out["scores"], out["classes"], keep,
+                                       masks, lms)
+  results["bbox"] += b
+  results["segm"] += s
+  results["keypoints"] += k
+  results["embeddings"][str(image_id)] = out["embeddings"][keep].tolist()
+  picture = draw.draw_detections(pixels, boxes, out["scores"], out["classes"], keep, masks, lms,
+                                 score_threshold)
+  cv2.imwrite(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"), picture[:, :, ::-1])
+
+
+def _join_shards(output_dir: str, results: dict[str, Any], predicted: int, skipped: int
+                 ) -> tuple[dict[str, Any], int, int]:
+  """Several processes: each leaves its predictions in ``output_dir``; process 0 returns them
+  joined in process order (file order) and removes the files, the others their own."""
+  index, count = jax.process_index(), jax.process_count()
+  path = lambda i: os.path.join(output_dir, f"shard-{i:05d}.json")
+  with open(path(index), "w") as f:
+    json.dump({"results": results, "predicted": predicted, "skipped": skipped}, f)
+  parallel.barrier("predictions_written")
+  if index != 0:
+    return results, predicted, skipped
+  joined = {"bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
+  predicted = skipped = 0
+  for i in range(count):
+    with open(path(i)) as f:
+      part = json.load(f)
+    os.remove(path(i))
+    for key in ("bbox", "segm", "keypoints"):
+      joined[key] += part["results"][key]
+    joined["embeddings"].update(part["results"]["embeddings"])
+    predicted += part["predicted"]
+    skipped += part["skipped"]
+  return joined, predicted, skipped

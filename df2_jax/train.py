@@ -102,7 +102,6 @@ class Evaluations:
     self.metric = str(config.train.best_metric)
     self.source = (eval_source if eval_source is not None
                    else sources.source_from_config(config.data, config.data.eval_split))
-    # Several processes would all have to save (issue: evaluation across processes).
     self.best = (ckpt_lib.CheckpointManager(os.path.join(workdir, "best"), 1, max_to_keep=1)
                  if track_best else None)
     self.best_value, self.best_step = -math.inf, None
@@ -112,9 +111,13 @@ class Evaluations:
     self.last_step: int | None = None
 
   def __call__(self, step: int, state: ts.TrainState) -> dict[str, Any]:
-    """Evaluates ``state`` at ``step``; saves it to best/ if it is the best so far."""
+    """Evaluates ``state`` at ``step``; saves it to best/ if it is the best so far.
+
+    Every process calls it (``evaluator.evaluate`` splits the images over them and returns
+    the same metrics on each, so that they agree on saving best/, which they write together).
+    """
     started = time.time()
-    variables = parallel.one_replica({"params": state.params, "constants": state.constants})
+    variables = {"params": state.params, "constants": state.constants}
     metrics = self._evaluator.evaluate(self.config, variables,
                                        os.path.join(self.workdir, f"eval_{step}"),
                                        eval_source=self.source, writer=self.writer, step=step)
@@ -157,10 +160,17 @@ def check_config(config) -> None:
   if int(config.eval.max_images) < 0:
     raise ValueError(f"config.eval.max_images must be >= 0 (0: the whole split), got "
                      f"{config.eval.max_images}")
-  if int(tc.eval_every_steps) > 0 and jax.process_count() > 1:
-    raise ValueError("config.train.eval_every_steps > 0 needs a single process: evaluation "
-                     "across processes is not built yet; set it to 0 and evaluate with "
-                     "--mode eval.")
+
+
+def prepare_data(config) -> None:
+  """Generates the synthetic dataset on first use, on process 0 only, while the other
+  processes wait (processes writing the same files at once would corrupt them)."""
+  if config.data.format != "synthetic":
+    return
+  from data_pipeline import sources  # TensorFlow is loaded here only.
+  if jax.process_index() == 0:
+    sources.ensure_synthetic(config.data)
+  parallel.barrier("synthetic_data", timeout_s=4 * 3600)
 
 
 def train(config, workdir: str, *, train_source=None, eval_source=None) -> ts.TrainState:
@@ -179,7 +189,7 @@ def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=N
                        ) -> dict[str, Any]:
   """Trains (resuming from ``workdir``, evaluating every ``config.train.eval_every_steps``),
   then evaluates the final state into eval_<step>/ unless that step was just evaluated.
-  Returns the final metrics (an empty dict on processes other than 0)."""
+  Returns the final metrics (on every process of a multi-process run)."""
   return _train(config, workdir, train_source=train_source, eval_source=eval_source,
                 evaluate_at_end=True)[1]
 
@@ -192,6 +202,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
   tc = config.train
   check_config(config)
+  prepare_data(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
   geometry = sources.geometry_from_config(config.data)
@@ -216,14 +227,12 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     stack.callback(writer.close)
     evaluations = None
-    if int(tc.eval_every_steps) > 0 or (evaluate_at_end and jax.process_index() == 0):
-      # Several processes would all have to write best/ (evaluation across processes).
-      evaluations = Evaluations(config, workdir, writer, eval_source=eval_source,
-                                track_best=jax.process_count() == 1)
+    if int(tc.eval_every_steps) > 0 or evaluate_at_end:
+      evaluations = Evaluations(config, workdir, writer, eval_source=eval_source)
       stack.callback(evaluations.close)
 
     def finish(state):
-      if not evaluate_at_end or jax.process_index() != 0:
+      if not evaluate_at_end:
         return state, {}
       step = int(state.step)
       if evaluations.last_step == step:
@@ -323,8 +332,10 @@ def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
 
 def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
                         step: int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint's params into workdir/eval_<step>/."""
+  """Evaluates a checkpoint's params into workdir/eval_<step>/ (on every process of a
+  multi-process run together; see ``evaluator.evaluate``)."""
   from df2_jax.evaluation import evaluator
+  prepare_data(config)
   variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step)
   metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
   log.info("%s", headline(metrics, step))

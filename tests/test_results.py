@@ -2,6 +2,7 @@
 round-trip to the official result entries."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -156,3 +157,31 @@ def test_chunks_round_trip_to_the_official_entries(tmp_path):
   # A new writer in the same directory replaces the old chunks.
   results.ResultWriter(str(tmp_path)).close()
   assert len(results.load(str(tmp_path))) == 0
+
+
+def test_shard_writers_load_in_file_order(tmp_path):
+  """Several processes' writers (shard = process index, opened and filled in any order) load
+  as one evaluation in shard order, keypoint rows renumbered; a one-writer evaluation replaces
+  them all."""
+  def image(image_id, n):
+    boxes = np.tile(np.float32([[1, 2, 30, 40]]), (n, 1))
+    return results.image_results(
+        image_id, boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.full(n, 3, np.int32),
+        np.ones(n, bool), np.float32([64, 64]), np.float32([64, 64]), None,
+        np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32))
+  second = results.ResultWriter(str(tmp_path), images_per_chunk=1, shard=1)
+  first = results.ResultWriter(str(tmp_path), images_per_chunk=1, shard=0)
+  for image_id, n in ((3, 1), (4, 2)):
+    second.add(image(image_id, n))
+  second.close()
+  for image_id, n in ((1, 3), (2, 2)):
+    first.add(image(image_id, n))
+  first.close()
+  assert [os.path.basename(p) for p in results.chunk_paths(str(tmp_path))] == [
+      "detections-00000-00000.npz", "detections-00000-00001.npz",
+      "detections-00001-00000.npz", "detections-00001-00001.npz"]
+  loaded = results.load(str(tmp_path))
+  assert loaded.image_id.tolist() == [1, 1, 1, 2, 2, 3, 4, 4]
+  assert loaded.keypoint_rows.tolist() == list(range(8))
+  results.ResultWriter(str(tmp_path)).close()
+  assert len(results.load(str(tmp_path))) == 0 and len(results.chunk_paths(str(tmp_path))) == 1

@@ -1,14 +1,16 @@
 """Evaluation of a trained model on a split: detections -> official metrics and result files.
 
 ``evaluate(config, variables, outdir)`` runs the jitted ``MatchRCNN.detect`` over the
-evaluation split (single images in file order, the last batch padded) one batch ahead of the
-host, whose worker processes (``host.process_image``) map every detection back to its original
-image (boxes, the soft 28x28 masks pasted with detectron2's semantics and run-length encoded
-from the box region only, landmarks); the rows stream to compact result chunks (``results``).
-It writes into
+evaluation split (single images in file order, the last batch padded; ``config.eval.batch_size``
+images on each device, every device of the run; with several processes each detects a
+contiguous shard and process 0 scores them all) one batch ahead of the host, whose worker
+processes (``host.process_image``) map every detection back to its original image (boxes, the
+soft 28x28 masks pasted with detectron2's semantics and run-length encoded from the box region
+only, landmarks); the rows stream to compact result chunks (``results``). It writes into
 ``outdir``:
   detections-NNNNN.npz        the results (``python -m df2_jax.evaluation.results --eval_dir``
-                              writes the DeepFashion2 JSON result files from them)
+                              writes the DeepFashion2 JSON result files from them; several
+                              processes write detections-SSSSS-NNNNN.npz, S the process)
   retrieval_submission.json   official format, top 20, for the queries (see below)
   metrics.json                every number below, and the time of each stage
   detections.png, retrieval.png  pictures (see ``evaluate``)
@@ -31,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import time
 from typing import Any
 
@@ -39,6 +42,7 @@ import jax
 import numpy as np
 
 from data_pipeline import convert, draw
+from df2_jax import parallel
 from df2_jax.evaluation import coco, host, retrieval, visualize
 from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
@@ -49,10 +53,15 @@ COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted(model: MatchRCNN):
-  """(detect, embed) jitted once per model (evaluations during training reuse them)."""
-  detect = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect))
-  embed = jax.jit(lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed))
+def jitted_detect(model: MatchRCNN, mesh) -> tuple[Any, Any]:
+  """(detect, embed) of ``model`` on every device of ``mesh``, each device on its own images
+  (``parallel.per_device``), built once per model and mesh (evaluations during training reuse
+  them). ``detect(variables, images, image_hw)``, ``embed(variables, images, boxes)``: global
+  arrays in (``parallel.host_local_to_global``), global arrays out."""
+  detect = parallel.per_device(
+      lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect), mesh, 2)
+  embed = parallel.per_device(
+      lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed), mesh, 2)
   return detect, embed
 
 
@@ -107,7 +116,7 @@ def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Exe
 
 
 def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict, *,
-                  writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
+                  mesh, writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
                   gallery_nms: float = 0.5, gallery_min_score: float = 0.0,
                   with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
                   keep_min_score: float = 0.0, num_images: int | None = None,
@@ -115,8 +124,11 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
                   ) -> dict[str, Any]:
   """Detects every image of ``dataset`` (eval batches) and streams the results to ``writer``.
 
-  The accelerator runs one batch ahead of the host: while batch k+1 is detected, the images of
-  batch k are post-processed by ``workers`` worker processes (``host.process_image``; see
+  ``variables`` are replicated over ``mesh`` and each batch is split over its devices
+  (``jitted_detect``); in a run of several processes, ``dataset`` is this process's shard and
+  every process must run this together (each detection step is one program over every
+  device). The accelerators run one batch ahead of the host: while batch k+1 is detected, the
+  images of batch k are post-processed by ``workers`` worker processes (``host.process_image``; see
   ``host_pool`` for ``pool_kind``), and their rows reach ``writer`` in file order. Only each
   image's valid detections travel to the workers. Progress with an ETA is logged every
   ``log_every_s`` seconds.
@@ -126,7 +138,7 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
      "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
      "seconds": wall time, "images": number of images}.
   """
-  detect, embed = _jitted(model)
+  detect, embed = jitted_detect(model, mesh)
   found: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={})
   started = last_log = time.perf_counter()
   done = 0
@@ -147,8 +159,8 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
       done += 1
 
   def submit(batch, out, gt_emb) -> None:
-    out = jax.device_get(out)
-    gt_emb = jax.device_get(gt_emb) if gt_emb is not None else None
+    out = parallel.host_local(out, mesh)
+    gt_emb = parallel.host_local(gt_emb, mesh) if gt_emb is not None else None
     for i in np.nonzero(batch["valid"])[0]:
       image_id = int(batch["image_id"][i])
       source = records_by_id[image_id].source
@@ -165,9 +177,11 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
 
   try:
     previous = None
+    inputs = ("image", "image_hw") + (("boxes",) if with_gt_embeddings else ())
     for batch in dataset.as_numpy_iterator():
-      out = detect(variables, batch["image"], batch["image_hw"])  # dispatched, not awaited
-      gt_emb = embed(variables, batch["image"], batch["boxes"]) if with_gt_embeddings else None
+      x = parallel.host_local_to_global({k: batch[k] for k in inputs}, mesh)
+      out = detect(variables, x["image"], x["image_hw"])  # dispatched, not awaited
+      gt_emb = embed(variables, x["image"], x["boxes"]) if with_gt_embeddings else None
       if previous is not None:
         submit(*previous)
       previous = (batch, out, gt_emb)
@@ -223,6 +237,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
   timing: dict[str, float] = {}
   started = time.perf_counter()
+  index, count = jax.process_index(), jax.process_count()
   if eval_source is None:
     eval_source = sources.source_from_config(config.data, config.data.eval_split)
   max_images = int(config.eval.max_images)
@@ -231,37 +246,57 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
     log.info("Evaluating on a fixed subset: %s (config.eval.max_images).", eval_source.name)
   geometry = sources.geometry_from_config(config.data)
   model = model_from_config(config)
-  dataset = pipeline.eval_dataset(eval_source, geometry, batch_size=config.eval.batch_size,
-                                  process_index=0, process_count=1)
+  mesh = parallel.make_mesh()
+  variables = parallel.replicate(variables, mesh)
+  # config.eval.batch_size images per device; each process reads its contiguous shard.
+  dataset = pipeline.eval_dataset(
+      eval_source, geometry, batch_size=int(config.eval.batch_size) * jax.local_device_count(),
+      process_index=index, process_count=count)
+  shard_size = len(np.array_split(np.arange(len(eval_source.records)), count)[index])
   records = {r.image_id: r for r in eval_source.records}
   drawn_ids = [r.image_id for r in eval_source.records[:int(config.eval.num_drawn_images)]]
   query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
   timing["prepare"] = time.perf_counter() - started
 
   os.makedirs(outdir, exist_ok=True)
-  result_writer = results_lib.ResultWriter(outdir)
-  found = run_detection(model, variables, dataset, records, writer=result_writer,
+  if count > 1:  # process 0 clears an earlier evaluation's files before anyone writes
+    if index == 0:
+      results_lib.remove_chunks(outdir)
+      for name in os.listdir(outdir):
+        if name.startswith(_SHARD_PREFIX):
+          os.remove(os.path.join(outdir, name))
+    parallel.barrier("evaluation_start")
+  result_writer = results_lib.ResultWriter(outdir, shard=index if count > 1 else None)
+  found = run_detection(model, variables, dataset, records, mesh=mesh, writer=result_writer,
                         query_gt_by_image=_query_gt_by_image(query_gt),
                         gallery_nms=float(config.eval.gallery_nms_threshold),
                         gallery_min_score=float(config.eval.gallery_score_threshold),
                         keep_outputs=frozenset(drawn_ids),
                         keep_min_score=float(config.eval.draw_score_threshold),
-                        num_images=len(eval_source.records),
+                        num_images=shard_size,
                         workers=int(config.eval.host_workers),
                         pool_kind=str(config.eval.host_pool))
   result_writer.close()
+  found["bytes"] = result_writer.num_bytes
+  if count > 1:
+    found = _gather_found(found, outdir)
+    if index != 0:  # process 0 scores and writes; the others wait and read its metrics
+      parallel.barrier("evaluation_scored", timeout_s=_SCORING_TIMEOUT_S)
+      with open(os.path.join(outdir, "metrics.json")) as f:
+        return json.load(f)
   timing["detection"] = found["seconds"]
-  log.info("Detection and host post-processing: %d images in %.1f s (%.2f images/s); result "
+  log.info("Detection and host post-processing: %d images in %.1f s (%.2f images/s%s); result "
            "files %.1f MB (%.3f MB per image).", found["images"], found["seconds"],
-           found["images"] / max(found["seconds"], 1e-9), result_writer.num_bytes / 1e6,
-           result_writer.num_bytes / 1e6 / max(found["images"], 1))
+           found["images"] / max(found["seconds"], 1e-9),
+           f" on {count} processes" if count > 1 else "", found["bytes"] / 1e6,
+           found["bytes"] / 1e6 / max(found["images"], 1))
 
   stage = time.perf_counter()
   metrics: dict[str, Any] = coco_metrics(outdir, convert.to_coco(eval_source.records))
   timing["coco"] = time.perf_counter() - stage
 
   stage = time.perf_counter()
-  scorer = jax.device_get(variables["params"]["scorer"])
+  scorer = jax.device_get(parallel.one_replica(variables["params"]["scorer"]))
   score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
   k = int(config.eval.retrieval_topk)
   submission = retrieval.build_submission(found["query"], found["gallery"], score_fn, k=k)
@@ -285,6 +320,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   metrics["timing"] = timing
   with open(os.path.join(outdir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=1, default=float)
+  parallel.barrier("evaluation_scored", timeout_s=_SCORING_TIMEOUT_S)
   if writer is not None and step is not None:
     writer.scalars(step, summary_scalars(metrics))
     for name, picture in pictures.items():
@@ -297,6 +333,40 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
            _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
   return metrics
+
+
+_SHARD_PREFIX = "shard-"
+# How long the other processes wait for process 0 to score an evaluation (COCO of the
+# 32k-image validation split takes minutes; a process that dies fails the wait at once).
+_SCORING_TIMEOUT_S = 4 * 3600
+
+
+def _gather_found(found: dict[str, Any], outdir: str) -> dict[str, Any]:
+  """Several processes: every process leaves what ``run_detection`` found on its shard in
+  ``outdir`` (the retrieval entries and drawn detections; its result chunks are already
+  there), and process 0 returns them all joined in process order, which is file order, so
+  every list is what one process would have built. The files are removed once read; other
+  processes get their own ``found`` back."""
+  index, count = jax.process_index(), jax.process_count()
+  path = lambda i: os.path.join(outdir, f"{_SHARD_PREFIX}{i:05d}.pkl")
+  with open(path(index), "wb") as f:
+    pickle.dump(found, f, protocol=pickle.HIGHEST_PROTOCOL)
+  parallel.barrier("evaluation_detected", timeout_s=_SCORING_TIMEOUT_S)
+  if index != 0:
+    return found
+  joined: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={},
+                                seconds=0.0, images=0, bytes=0)
+  for i in range(count):
+    with open(path(i), "rb") as f:
+      part = pickle.load(f)
+    os.remove(path(i))
+    for key in ("query", "gallery", "gt_query", "gt_gallery"):
+      joined[key].extend(part[key])
+    joined["outputs"].update(part["outputs"])
+    joined["seconds"] = max(joined["seconds"], part["seconds"])
+    joined["images"] += part["images"]
+    joined["bytes"] += part["bytes"]
+  return joined
 
 
 def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND

@@ -127,16 +127,21 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
 class ResultWriter:
   """Streams ``ImageResults`` into ``detections-NNNNN.npz`` chunks of ``directory``.
 
-  Chunks are written every ``images_per_chunk`` images and by ``close``; existing chunks of an
-  earlier evaluation in the same directory are removed when the writer opens.
+  Chunks are written every ``images_per_chunk`` images and by ``close``. One writer
+  (``shard=None``) removes the chunks of an earlier evaluation in the directory when it opens.
+  In an evaluation split over processes each process writes its own shard's chunks,
+  ``detections-SSSSS-NNNNN.npz`` (``shard`` = the process index, shards in file order), so that
+  ``load`` reads the whole split in file order; the caller clears old chunks
+  (``remove_chunks``) before any writer opens.
   """
 
-  def __init__(self, directory: str, images_per_chunk: int = 1000):
+  def __init__(self, directory: str, images_per_chunk: int = 1000, shard: int | None = None):
     self.directory = directory
     self.images_per_chunk = int(images_per_chunk)
+    self._prefix = CHUNK_PREFIX if shard is None else f"{CHUNK_PREFIX}{int(shard):05d}-"
     os.makedirs(directory, exist_ok=True)
-    for old in glob.glob(os.path.join(directory, f"{CHUNK_PREFIX}*.npz")):
-      os.remove(old)
+    if shard is None:
+      remove_chunks(directory)
     self._pending: list[ImageResults] = []
     self.num_chunks = 0
     self.num_images = 0
@@ -171,7 +176,7 @@ class ResultWriter:
                             for r, s in zip(pending, starts)], (0,), np.int64),
         keypoints=_cat([r.keypoints for r in pending], (0, MAX_CATEGORY_LANDMARKS, 2),
                        np.float32))
-    path = os.path.join(self.directory, f"{CHUNK_PREFIX}{self.num_chunks:05d}.npz")
+    path = os.path.join(self.directory, f"{self._prefix}{self.num_chunks:05d}.npz")
     np.savez_compressed(path, **arrays)
     self.num_chunks += 1
     self.num_bytes += os.path.getsize(path)
@@ -237,7 +242,14 @@ class Results:
 
 
 def chunk_paths(directory: str) -> list[str]:
+  """The result chunks of ``directory`` in the order they were written (shard by shard)."""
   return sorted(glob.glob(os.path.join(directory, f"{CHUNK_PREFIX}*.npz")))
+
+
+def remove_chunks(directory: str) -> None:
+  """Removes every result chunk of ``directory`` (an earlier evaluation's)."""
+  for path in chunk_paths(directory):
+    os.remove(path)
 
 
 def load(directory: str) -> Results:
