@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -228,18 +229,19 @@ def num_data_shards(mesh: Mesh) -> int:
 
 
 def check_batch_divisible(global_batch_pairs: int, mesh: Mesh) -> None:
-  """Raises ValueError unless the global batch (in image pairs) splits evenly over devices."""
-  n = num_data_shards(mesh)
-  if global_batch_pairs <= 0 or global_batch_pairs % n:
-    lower = (global_batch_pairs // n) * n
-    suggestion = f"{lower} or {lower + n}" if lower else f"{n}"
+  """Raises ValueError unless the global batch (in image pairs) splits evenly over the devices
+  and over the processes (each process loads its own slice)."""
+  n, processes = num_data_shards(mesh), jax.process_count()
+  multiple = math.lcm(n, processes)
+  if global_batch_pairs <= 0 or global_batch_pairs % multiple:
+    lower = (global_batch_pairs // multiple) * multiple
+    suggestion = f"{lower} or {lower + multiple}" if lower > 0 else f"{multiple}"
+    where = f"{n} devices" + (f" in {processes} processes" if processes > 1 else "")
     raise ValueError(
         f"The global batch of {global_batch_pairs} image pairs cannot be split evenly over "
-        f"{n} devices (the mesh's '{DATA_AXIS}' axis): pairs are never split, so the batch "
-        f"must be a multiple of {n} pairs, e.g. {suggestion}.")
-  if global_batch_pairs % jax.process_count():
-    raise ValueError(f"The global batch of {global_batch_pairs} image pairs cannot be split "
-                     f"evenly over {jax.process_count()} processes.")
+        f"{where} (the mesh's '{DATA_AXIS}' axis): pairs are never split, so the batch "
+        f"must be a multiple of {multiple} pairs, e.g. {suggestion} "
+        f"(config.train.global_batch_pairs).")
 
 
 def local_batch_pairs(global_batch_pairs: int, mesh: Mesh) -> int:

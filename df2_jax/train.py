@@ -202,7 +202,6 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
   tc = config.train
   check_config(config)
-  prepare_data(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
   geometry = sources.geometry_from_config(config.data)
@@ -216,6 +215,8 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     if not resuming:  # Weight files are read and checked before anything is compiled.
       initialization.check_config(config)
       loaded = initialization.initial_variables(config, jax.eval_shape(init))
+    if train_source is None:
+      prepare_data(config)
     variables = init()
     if not resuming:
       variables = initialization.fill(loaded, variables)

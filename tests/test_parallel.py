@@ -224,6 +224,17 @@ def test_single_device_helpers():
     assert parallel.initialize_distributed() is False
 
 
+def test_batch_must_split_over_processes_too(monkeypatch):
+  """Each process loads its slice: 3 pairs fit one device but not 2 processes."""
+  mesh = parallel.make_mesh(1)
+  parallel.check_batch_divisible(3, mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"3 image pairs cannot be split evenly over 1 devices "
+                                       r"in 2 processes .* multiple of 2 pairs, e.g. 2 or 4"):
+    parallel.check_batch_divisible(3, mesh)
+  parallel.check_batch_divisible(4, mesh)
+
+
 @pytest.mark.parametrize("index,expected", [
     (1, "[process 1] 3 images failed to load\n"),
     (0, "step 10\n[process 0] 3 images failed to load\n")])
