@@ -15,6 +15,8 @@ Configs are ml_collections files with ``get_config()``; any field can be overrid
 
 import logging
 import os
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -45,10 +47,43 @@ flags.DEFINE_integer("distributed_timeout_s", 300,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad ``--config.a.b=v`` (a field that does not exist, a value
+  of the wrong type) reported in one line, without a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
+                     f"help on flags.\n")
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).strip().strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    key = re.match(r"'?(\w+)'?", text)
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((a for a in overrides if key and f".{key.group(1)}." in a + "."), None)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    if culprit and hint:
+      line = f"{culprit}: no such config field (did you mean {hint.group(1)!r}?)"
+    elif culprit:
+      line = f"{culprit}: no such config field"
+    else:
+      line = " ".join(text.split())
+    sys.stderr.write(f"FATAL Flags parsing error: {line}\n")
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  from df2_jax import validate
+  try:  # every config rule and the workdir, before any data is read or anything is built
+    validate.validate(FLAGS.config)
+    validate.check_workdir(FLAGS.workdir, create=FLAGS.mode == "train")
+  except validate.ConfigError as e:
+    for line in str(e).splitlines():
+      sys.stderr.write(f"Config error: {line}\n")
+    sys.exit(2)
   # orbax logs every checkpoint step at INFO through absl; keep its warnings only.
   quiet_orbax = lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname
   for handler in logging.getLogger().handlers:
@@ -60,19 +95,30 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
   if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
-                              step=FLAGS.step)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Interrupted as e:  # logged, checkpoint saved: the shell's code for the signal
+      sys.exit(128 + e.signum)
+    except FloatingPointError as e:  # the step, the losses and the last finite checkpoint
+      logging.error("%s", e)
+      sys.exit(1)
   else:
-    if not FLAGS.input_dir:
-      raise app.UsageError("--mode predict needs --input_dir")
-    from df2_jax import predict
-    variables, _ = train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
-                                        step=FLAGS.step)
-    predict.predict(FLAGS.config, variables, FLAGS.input_dir,
-                    FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
+    try:
+      if FLAGS.mode == "eval":
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
+                                  checkpoint_dir=FLAGS.checkpoint_dir, step=FLAGS.step)
+      else:
+        if not FLAGS.input_dir:
+          raise app.UsageError("--mode predict needs --input_dir")
+        from df2_jax import predict
+        variables, _ = train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
+                                            step=FLAGS.step)
+        predict.predict(FLAGS.config, variables, FLAGS.input_dir,
+                        FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
+    except (FileNotFoundError, FloatingPointError) as e:  # no checkpoint; diverged params
+      logging.error("%s", e)
+      sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -171,6 +171,15 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     k = int(np.argmax(bad_v))
     _fail(path, field(landmark_key),
           f"visibility {marks[k, 2]:g} of landmark {k + 1} not in {{0, 1, 2}}")
+  # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
+  outside = (marks[:, 2] > 0) & _outside(marks[:, :2], width, height, tol)
+  if outside.any():
+    k = int(np.argmax(outside))
+    _fail(path, field(landmark_key),
+          f"landmark {k + 1} at ({marks[k, 0]:g}, {marks[k, 1]:g}) outside the {width}x{height} "
+          f"image (tolerance {tol:g} px)")
+  labelled = marks[:, 2] > 0
+  marks[labelled, :2] = np.clip(marks[labelled, :2], 0.0, [width, height])
 
   # Segmentation.
   seg_field = field("segmentation")
@@ -189,7 +198,13 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
       _fail(path, poly_field, f"odd number of coordinates ({coords.size})")
     if coords.size < 6:
       _fail(path, poly_field, f"a polygon needs at least 3 points, got {coords.size // 2}")
-    polygons.append(coords.reshape(-1, 2).astype(np.float32))
+    points = coords.reshape(-1, 2)
+    outside = _outside(points, width, height, tol)
+    if outside.any():
+      k = int(np.argmax(outside))
+      _fail(path, poly_field, f"point {k + 1} at ({points[k, 0]:g}, {points[k, 1]:g}) outside "
+                              f"the {width}x{height} image (tolerance {tol:g} px)")
+    polygons.append(np.clip(points, 0.0, [width, height]).astype(np.float32))
 
   # Optional attributes.
   attributes = {}
@@ -201,6 +216,12 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
   return records.Item(category_id=cat, style=style, box=box.astype(np.float32),
                       landmarks=marks.astype(np.float32), polygons=tuple(polygons),
                       **attributes)
+
+
+def _outside(points: np.ndarray, width: int, height: int, tol: float) -> np.ndarray:
+  """[N] bool: points (x, y) farther than ``tol`` pixels outside the image."""
+  return ((points[:, 0] < -tol) | (points[:, 1] < -tol) | (points[:, 0] > width + tol)
+          | (points[:, 1] > height + tol))
 
 
 def _check_source(value: Any, path: str, field: str, *, required: bool) -> str:

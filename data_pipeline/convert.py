@@ -120,7 +120,7 @@ def retrieval_gt(image_records: Sequence[records.ImageRecord]) -> tuple[list[dic
   return queries, gallery
 
 
-def _write_json(obj, path: str) -> None:
+def write_json(obj, path: str) -> None:
   """Writes atomically (temporary file, then rename)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -160,14 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except records.DataError as e:
     logging.error("%s", e)
     return 1
+  if not scan.records:
+    logging.error("No readable image in %s (%d files skipped): nothing to convert, %s not "
+                  "written.", args.root, scan.num_skipped, args.out)
+    return 1
   coco = to_coco(scan.records)
-  _write_json(coco, args.out)
+  write_json(coco, args.out)
   logging.info("Wrote %s: %d images, %d annotations (%d files skipped)", args.out,
                len(coco["images"]), len(coco["annotations"]), scan.num_skipped)
   if args.query_gt:
     queries, gallery = retrieval_gt(scan.records)
-    _write_json(queries, args.query_gt)
-    _write_json(gallery, args.gallery_gt)
+    write_json(queries, args.query_gt)
+    write_json(gallery, args.gallery_gt)
     logging.info("Wrote %s: %d query items (%d with style > 0); %s: %d gallery items",
                  args.query_gt, len(queries), sum(q["style"] > 0 for q in queries),
                  args.gallery_gt, len(gallery))

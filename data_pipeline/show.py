@@ -12,8 +12,10 @@ the positive items of the pair (equal pair_id and style > 0).
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
+
 import cv2
 import numpy as np
 
@@ -51,7 +53,11 @@ def main(argv):
                               start_step=FLAGS.step, process_index=0, process_count=1)
   batch = next(ds.as_numpy_iterator())
   picture = draw.draw_batch(batch)
-  cv2.imwrite(FLAGS.out, picture[:, :, ::-1])
+  parent = os.path.dirname(os.path.abspath(FLAGS.out))
+  os.makedirs(parent, exist_ok=True)
+  if not cv2.imwrite(FLAGS.out, picture[:, :, ::-1]):
+    raise app.UsageError(f"could not write {FLAGS.out} (the file name needs an image "
+                         f"extension such as .png, and the folder must be writable)")
   logging.info("Wrote %s (%dx%d).", FLAGS.out, picture.shape[1], picture.shape[0])
 
 

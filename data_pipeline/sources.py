@@ -76,9 +76,10 @@ def ensure_synthetic(data) -> str:
   """
   import os
   from data_pipeline import synthetic
-  root = os.path.join(data.synthetic_dir, f"s{data.synthetic_seed}_t{data.synthetic_train_pairs}"
-                      f"_v{data.synthetic_val_pairs}_px{data.synthetic_image_size}")
-  done = os.path.join(root, "COMPLETE")
+  root = synthetic.cache_root(data.synthetic_dir, data.synthetic_train_pairs,
+                             data.synthetic_val_pairs, data.synthetic_image_size,
+                             data.synthetic_seed)
+  done = os.path.join(root, synthetic.COMPLETE)
   if not os.path.exists(done):
     log.info("Generating the synthetic DeepFashion2 dataset in %s (cached for later runs).", root)
     synthetic.generate(root, data.synthetic_train_pairs, data.synthetic_val_pairs,

@@ -1,9 +1,11 @@
 r"""Synthetic DeepFashion2: the project's embedded default dataset.
 
-  python -m data_pipeline.synthetic --out data/synthetic --train-pairs 2000 --val-pairs 200 \
-      --image-size 256 --seed 0 --workers 2
+  python -m data_pipeline.synthetic --train-pairs 1800 --val-pairs 50 --image-size 128 \
+      --seed 0 --workers 2
 
-writes ``OUT/train/{image,annos}`` and ``OUT/validation/{image,annos}`` in exactly the raw
+writes ``data/synthetic/s0_t1800_v50_px128/`` (``cache_root``: where ``run.py`` with the demo
+config, whose numbers these are and the defaults, generates and reads the same data;
+``--synthetic-dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with ``train/{image,annos}`` and ``validation/{image,annos}`` in the raw
 DeepFashion2 layout (``image/NNNNNN.jpg`` + ``annos/NNNNNN.json``, six digits, 1-based), so every
 reader of the real data reads it unchanged (``annotations.scan_raw_root`` accepts it).
 
@@ -884,16 +886,36 @@ def generate(out_dir: str | os.PathLike, train_pairs: int, val_pairs: int, image
   return counts
 
 
+COMPLETE = "COMPLETE"  # written last into a finished dataset folder
+
+
+def cache_root(synthetic_dir: str, train_pairs: int, val_pairs: int, image_size: int,
+               seed: int) -> str:
+  """Where a synthetic dataset of these settings lives under ``synthetic_dir``
+  (``config.data.synthetic_dir``): ``s{seed}_t{train}_v{val}_px{size}``. ``run.py``
+  generates it there on first use, and this module's CLI writes it there by default, so both
+  share one copy."""
+  return os.path.join(synthetic_dir, f"s{seed}_t{train_pairs}_v{val_pairs}_px{image_size}")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m data_pipeline.synthetic",
       description="Write a synthetic DeepFashion2 dataset in the raw layout.")
-  parser.add_argument("--out", required=True, help="output root (gets train/ and validation/)")
-  parser.add_argument("--train-pairs", type=int, default=2000,
+  parser.add_argument("--synthetic-dir", default="data/synthetic",
+                      help="the folder of synthetic datasets (config.data.synthetic_dir); the "
+                           "dataset goes to SYNTHETIC_DIR/s{seed}_t{train}_v{val}_px{size}/, "
+                           "where run.py looks for it")
+  parser.add_argument("--out", default=None,
+                      help="write the dataset to exactly this root instead (gets train/ and "
+                           "validation/; train on it with --config.data.format=raw "
+                           "--config.data.root=OUT)")
+  # The defaults are configs/demo_synthetic.py's (tests/test_synthetic.py checks it).
+  parser.add_argument("--train-pairs", type=int, default=1800,
                       help="pair_ids in train (2 images each)")
-  parser.add_argument("--val-pairs", type=int, default=200,
+  parser.add_argument("--val-pairs", type=int, default=50,
                       help="pair_ids in validation (2 images each)")
-  parser.add_argument("--image-size", type=int, default=256, help="longer image side, pixels")
+  parser.add_argument("--image-size", type=int, default=128, help="longer image side, pixels")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workers", type=int, default=1, help="processes")
   return parser.parse_args(argv)
@@ -902,8 +924,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   logging.set_verbosity(logging.INFO)
-  generate(args.out, args.train_pairs, args.val_pairs, args.image_size, args.seed,
+  out = args.out or cache_root(args.synthetic_dir, args.train_pairs, args.val_pairs,
+                               args.image_size, args.seed)
+  generate(out, args.train_pairs, args.val_pairs, args.image_size, args.seed,
            workers=args.workers)
+  with open(os.path.join(out, COMPLETE), "w") as f:
+    f.write("ok\n")
+  if args.out:
+    logging.info("Train on it: python run.py ... --config.data.format=raw "
+                 "--config.data.root=%s", out)
+  else:
+    logging.info("run.py reads it with --config.data.synthetic_dir=%s "
+                 "--config.data.synthetic_train_pairs=%d --config.data.synthetic_val_pairs=%d "
+                 "--config.data.synthetic_image_size=%d --config.data.synthetic_seed=%d (the "
+                 "demo config's values are this command's defaults)", args.synthetic_dir,
+                 args.train_pairs, args.val_pairs, args.image_size, args.seed)
   return 0
 
 

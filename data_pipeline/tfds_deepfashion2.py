@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 SPLITS = {"train": "train", "validation": "validation"}
 
 
-class Deepfashion2(tfds.core.GeneratorBasedBuilder):
-  """DeepFashion2: clothing detection, landmarks, segmentation and retrieval."""
+class Deepfashion2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """DeepFashion2: clothing detection, landmarks, segmentation and retrieval.
+
+  Not registered by name (it is built directly from this module; registering would clash
+  when the module also runs as ``__main__``)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Raw bytes + validated per-image annotation JSON."}
@@ -89,6 +92,15 @@ def prepare(manual_dir: str, data_dir: str) -> Deepfashion2:
 def tfds_source(data_dir: str, split: str) -> DataSource:
   """A prepared split as a pipeline ``DataSource`` (random access, validated records)."""
   builder = Deepfashion2(data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"No prepared DeepFashion2 TFDS data in {data_dir} (config.data.tfds_data_dir). "
+        f"Prepare it once from the unpacked release: python -m data_pipeline.tfds_deepfashion2 "
+        f"--manual_dir /path/to/deepfashion2 --data_dir {data_dir}")
+  if split not in builder.info.splits:
+    raise FileNotFoundError(f"The TFDS data in {data_dir} has no split {split!r} (it has "
+                            f"{sorted(builder.info.splits)}); prepare it from a release that "
+                            f"holds {split}/")
   data = builder.as_data_source(split=split)
   records = []
   for i in range(len(data)):
@@ -116,8 +128,11 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
+  # The builder must come from the package module, not from __main__ (TFDS locates a builder's
+  # files through its class's module, and "__main__" is not a package).
+  from data_pipeline import tfds_deepfashion2 as _package_module
   flags.DEFINE_string("manual_dir", None, "DeepFashion2 root (train/, validation/).",
                       required=True)
   flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"),
                       "TFDS data directory.")
-  app.run(main)
+  app.run(_package_module.main)

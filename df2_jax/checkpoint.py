@@ -16,12 +16,17 @@ directory resumes from ``latest_step()``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from df2_jax import parallel
+
+log = logging.getLogger(__name__)
 
 STATE = "state"
 EXTRA = "extra"
@@ -114,6 +119,53 @@ class CheckpointManager:
         step, args=ocp.args.Composite(**{STATE: state_args, EXTRA: ocp.args.JsonRestore()}))
     return restored[STATE], dict(restored[EXTRA] or {})
 
+  def restore_latest_intact(self, target_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """``(state, extra, step)`` of the newest step that restores completely, or None when the
+    directory holds no step.
+
+    A step that fails to restore (a truncated array file or metadata, an empty or partial step
+    directory) is moved aside, ``<step>`` -> ``<step>.damaged`` (renamed, never deleted; orbax
+    no longer sees it), with a warning that names it and the error, and the next older step is
+    tried. In a multi-process run every process tries the same steps; process 0 renames.
+
+    Raises:
+      RuntimeError: every saved step failed (they are all kept aside).
+    """
+    self.wait_until_finished()
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, extra = self.restore(step, target_state)
+        return state, extra, int(step)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: tensorstore, JSON, IO)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        aside = self._move_aside(step)
+        log.warning("Checkpoint step %d in %s does not restore (%s); moved it to %s and trying "
+                    "the step before.", step, self.directory, reason, aside)
+        failures.append(f"{step} ({reason})")
+    if failures:
+      raise RuntimeError(f"No checkpoint in {self.directory} restores: {'; '.join(failures)}. "
+                         f"They are kept as <step>.damaged; move them away to start afresh.")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Renames step directory ``step`` to ``<step>.damaged`` (``.damaged.N`` if taken)."""
+    source = os.path.join(self.directory, str(step))
+    target = source + ".damaged"
+    n = 1
+    while os.path.exists(target):
+      target, n = f"{source}.damaged.{n}", n + 1
+    parallel.barrier(f"checkpoint_aside_name_{step}")  # every process has named it
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.rename(source, target)
+    parallel.barrier(f"checkpoint_aside_{step}")
+    self._manager.reload()
+    return target
+
+  def will_save(self, step: int) -> bool:
+    """Whether ``save(step)`` (without force) would write a checkpoint."""
+    return bool(self._manager.should_save(int(step)))
+
   def read_extra(self, step: int | None = None) -> dict[str, Any]:
     """The ``extra`` JSON of ``step`` (default: the latest) without reading any array."""
     self.wait_until_finished()
@@ -147,6 +199,21 @@ class CheckpointManager:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest saved step of ``directory`` without creating or changing anything (None when
+  it holds no checkpoint or does not exist)."""
+  directory = _resolve(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    return None
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=_ITEMS,
+                                  item_handlers=_handlers())
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
 
 
 def restore_params(directory: str | os.PathLike, step: int | None = None

@@ -4,8 +4,10 @@
 ``input_dir`` (any mode converted to RGB; unreadable files are skipped with a warning), runs the
 jitted ``MatchRCNN.detect`` in batches on the config's canvas, and writes per image
 ``<stem>.png`` (boxes, category names and scores, masks, landmarks) and one
-``predictions.json``: ``{"bbox": [...], "segm": [...], "keypoints": [...]}`` in the DeepFashion2
-result formats (image_id = the file's numeric stem, else its index), plus the detections'
+``predictions.json``: ``{"images": [...], "bbox": [...], "segm": [...], "keypoints": [...]}``,
+the images as COCO image entries (``id``, ``file_name``, ``height``, ``width``; the ids are the
+files' numeric stems when all are distinct numbers, else 1..N in file-name order: see
+``image_ids``) and the detections in the DeepFashion2 result formats, plus the detections'
 embeddings for retrieval (``embeddings``: {image_id: [[D floats] per detection]}).
 No TensorFlow: images are decoded with Pillow and encoded in numpy.
 """
@@ -31,9 +33,14 @@ from df2_jax.models.match_rcnn import model_from_config
 log = logging.getLogger(__name__)
 
 
-def _image_id(name: str, index: int) -> int:
-  stem = os.path.splitext(name)[0]
-  return int(stem) if stem.isdigit() else index
+def image_ids(names: list[str]) -> list[int]:
+  """One distinct id per file: the numeric stems when every stem is a number and no two are
+  equal (DeepFashion2's ``000001.jpg``), else 1..N in the given order for every file (so
+  ``1.jpg`` and ``a.jpg`` never share an id)."""
+  stems = [os.path.splitext(n)[0] for n in names]
+  if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+    return [int(s) for s in stems]
+  return list(range(1, len(names) + 1))
 
 
 def predict(config, variables: Any, input_dir: str, output_dir: str, *,
@@ -52,20 +59,26 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
   model = model_from_config(config)
   mesh = parallel.make_mesh()
   variables = parallel.replicate(variables, mesh)
+  evaluator.check_finite(variables)
   detect = evaluator.jitted_detect(model, mesh)[0]
   index, count = jax.process_index(), jax.process_count()
   names = sorted(n for n in os.listdir(input_dir)
                  if n.lower().endswith(annotations.IMAGE_EXTENSIONS))
+  ids = image_ids(names)
+  stems = [os.path.splitext(n)[0] for n in names]
+  # <stem>.png, or <name>.png for every file when two files share a stem (a.jpg, a.png).
+  drawn_names = ([f"{s}.png" for s in stems] if len(set(stems)) == len(stems)
+                 else [f"{n}.png" for n in names])
   shards = np.array_split(np.arange(len(names)), count)
   batch_size = int(config.eval.batch_size) * jax.local_device_count()
   num_batches = -(-max(len(s) for s in shards) // batch_size)  # the same on every process
   os.makedirs(output_dir, exist_ok=True)
-  results = {"bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
+  results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   skipped = predicted = 0
   spec = transforms.image_spec(geometry)
 
   for b in range(num_batches):
-    pending: list[tuple[int, str, np.ndarray, dict[str, np.ndarray]]] = []
+    pending: list[tuple[int, tuple[str, str], np.ndarray, dict[str, np.ndarray]]] = []
     for i in shards[index][b * batch_size:(b + 1) * batch_size]:
       name = names[i]
       path = os.path.join(input_dir, name)
@@ -76,8 +89,8 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
         log.warning("Skipping %s", e)
         continue
       h, w = pixels.shape[:2]
-      record = ImageRecord(_image_id(name, int(i)), path, w, h, "", -1, ())
-      pending.append((record.image_id, name, pixels,
+      record = ImageRecord(ids[i], path, w, h, "", -1, ())
+      pending.append((record.image_id, (name, drawn_names[i]), pixels,
                       transforms.encode_image(record, pixels, geometry, False)))
     stacked = {k: np.zeros((batch_size,) + spec[k][0], spec[k][1]) for k in ("image", "image_hw")}
     for j, p in enumerate(pending):  # the rest of the batch stays zero (no detections)
@@ -99,11 +112,12 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
   return results
 
 
-def _add_image(results: dict[str, Any], image_id: int, name: str, pixels: np.ndarray,
-               enc: dict[str, np.ndarray], out: dict[str, np.ndarray], output_dir: str,
-               score_threshold: float) -> None:
+def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
+               pixels: np.ndarray, enc: dict[str, np.ndarray], out: dict[str, np.ndarray],
+               output_dir: str, score_threshold: float) -> None:
   """One image's detections (``out``, on the canvas) -> original pixels, the result lists and
-  ``<stem>.png``."""
+  the drawn PNG (``names``: the file's name and the PNG's)."""
+  name, drawn_name = names
   h, w = pixels.shape[:2]
   sy, sx = np.array([h, w], np.float32) / np.maximum(enc["image_hw"], 1)
   keep = out["valid"]
@@ -117,13 +131,17 @@ def _add_image(results: dict[str, Any], image_id: int, name: str, pixels: np.nda
   lms[..., 1] *= sy
   b, s, k = coco.detections_to_results(image_id, boxes, out["scores"], out["classes"], keep,
                                        masks, lms)
+  results["images"].append({"id": int(image_id), "file_name": name, "height": int(h),
+                            "width": int(w)})
   results["bbox"] += b
   results["segm"] += s
   results["keypoints"] += k
   results["embeddings"][str(image_id)] = out["embeddings"][keep].tolist()
   picture = draw.draw_detections(pixels, boxes, out["scores"], out["classes"], keep, masks, lms,
                                  score_threshold)
-  cv2.imwrite(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"), picture[:, :, ::-1])
+  path = os.path.join(output_dir, drawn_name)
+  if not cv2.imwrite(path, picture[:, :, ::-1]):
+    raise OSError(f"could not write {path}")
 
 
 def _join_shards(output_dir: str, results: dict[str, Any], predicted: int, skipped: int
@@ -137,13 +155,13 @@ def _join_shards(output_dir: str, results: dict[str, Any], predicted: int, skipp
   parallel.barrier("predictions_written")
   if index != 0:
     return results, predicted, skipped
-  joined = {"bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
+  joined = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   predicted = skipped = 0
   for i in range(count):
     with open(path(i)) as f:
       part = json.load(f)
     os.remove(path(i))
-    for key in ("bbox", "segm", "keypoints"):
+    for key in ("images", "bbox", "segm", "keypoints"):
       joined[key] += part["results"][key]
     joined["embeddings"].update(part["results"]["embeddings"])
     predicted += part["predicted"]

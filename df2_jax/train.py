@@ -13,15 +13,18 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import transforms
 from df2_jax import checkpoint as ckpt_lib
-from df2_jax import initialization, parallel, schedules
+from df2_jax import initialization, parallel, schedules, validate
 from df2_jax import train_step as ts
 from df2_jax.models.match_rcnn import LOSS_TERMS, init_variables, model_from_config
 
@@ -61,6 +64,22 @@ class MetricsWriter:
       for k, v in values.items():
         self._tb.scalar(k, v, step)
       self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops the lines of steps after ``step`` (logged by a run that stopped before saving
+    them; the resumed run logs those steps again), so each step has its lines once."""
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path) as f:
+      lines = f.readlines()
+    kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     if self.enabled and self._tb is not None:
@@ -141,25 +160,9 @@ class Evaluations:
 
 
 def check_config(config) -> None:
-  """Checks of the training settings that must fail at start, before any data is read."""
-  from df2_jax.evaluation import evaluator
-  tc = config.train
-  if int(tc.eval_every_steps) < 0:
-    raise ValueError(f"config.train.eval_every_steps must be >= 0 (0: evaluate only after "
-                     f"the last step), got {tc.eval_every_steps}")
-  if str(tc.best_metric) not in evaluator.metric_names():
-    raise ValueError(f"config.train.best_metric={tc.best_metric!r} is not an evaluation "
-                     f"metric; one of: {', '.join(evaluator.metric_names())}")
-  if str(config.eval.host_pool) not in evaluator.HOST_POOLS:
-    raise ValueError(f"config.eval.host_pool must be "
-                     f"{' or '.join(map(repr, evaluator.HOST_POOLS))}, got "
-                     f"{config.eval.host_pool!r}")
-  if int(config.eval.host_workers) < 0:
-    raise ValueError(f"config.eval.host_workers must be >= 0 (0: cores - 1), got "
-                     f"{config.eval.host_workers}")
-  if int(config.eval.max_images) < 0:
-    raise ValueError(f"config.eval.max_images must be >= 0 (0: the whole split), got "
-                     f"{config.eval.max_images}")
+  """Every config rule (``validate.validate``), before any data is read: raises
+  ``validate.ConfigError`` listing each broken one."""
+  validate.validate(config)
 
 
 def prepare_data(config) -> None:
@@ -259,9 +262,10 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     start_step = 0
     if resuming:
-      state, extra = manager.restore(target_state=state)
+      state, extra, start_step = manager.restore_latest_intact(state)
       start_step = int(state.step)
       log.info("Resumed from %s at step %d.", manager.directory, start_step)
+    writer.truncate_after(start_step)  # a crashed run may have logged steps past it
     if start_step >= total_steps:
       log.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps)
       return finish(state)
@@ -273,17 +277,24 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
                                         dict(tc.loss_weights))
     base_key = jax.random.key(config.seed + 1)
+    guard = FiniteGuard()
+    signals = stack.enter_context(StopSignals())
     started, last_log, last_step = time.time(), time.time(), start_step
     for step in range(start_step, total_steps):
       batch = parallel.host_local_to_global(next(batches), mesh)
-      state, metrics = step_fn(state, batch, base_key)
+      if step == start_step:
+        state, metrics = _first_step(step_fn, state, batch, base_key, done=step + 1)
+      else:
+        state, metrics = step_fn(state, batch, base_key)
       done = step + 1
-      if done % tc.log_every_steps == 0 or done == total_steps:
+      guard.update(metrics, done)
+      log_step = done % tc.log_every_steps == 0 or done == total_steps
+      eval_step = (evaluations is not None and tc.eval_every_steps > 0
+                   and done % tc.eval_every_steps == 0)
+      stop = signals.requested(agree=log_step)
+      if log_step:
+        guard.check(done, manager)
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in values.values()):
-          raise FloatingPointError(
-              f"Non-finite loss at step {done}: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
         now = time.time()
         steps_per_s = (done - last_step) / max(now - last_log, 1e-9)
         values["learning_rate"] = float(schedule(step))
@@ -295,8 +306,19 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
                  " ".join(f"{k} {values[k]:.3f}" for k in LOSS_TERMS),
                  steps_per_s, _fmt_time(now - started), _fmt_time(eta))
         last_log, last_step = now, done
-      manager.save(done, state, extra={"step": done}, force=done == total_steps)
-      if evaluations is not None and tc.eval_every_steps > 0 and done % tc.eval_every_steps == 0:
+      # An evaluated or interrupted step is always saved (an evaluation can outlast the grace
+      # period of a preemption); a non-finite state never is.
+      force = done == total_steps or eval_step or stop is not None
+      if force or manager.will_save(done):
+        guard.check(done, manager)
+        manager.save(done, state, extra={"step": done}, force=force)
+      if stop is not None:
+        manager.wait_until_finished()
+        log.warning("Stopped by %s after step %d of %d: checkpoint %d saved in %s; run the same "
+                    "command again to resume.", signal.Signals(stop).name, done, total_steps,
+                    done, manager.directory)
+        raise Interrupted(stop, done, manager.directory)
+      if eval_step:
         evaluations(done, state)
         last_log = time.time()  # steps/s counts training time only
     skipped = len(dataset.stream.skips.skipped)
@@ -304,6 +326,127 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
       log.warning("%d images failed to load during training and were skipped.", skipped)
     manager.wait_until_finished()
     return finish(state)
+
+
+class Interrupted(Exception):
+  """Training stopped on SIGTERM or SIGINT after saving a checkpoint at ``step``."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                     f"checkpoint saved in {directory}")
+    self.signum, self.step, self.directory = int(signum), int(step), directory
+
+
+class StopSignals:
+  """While entered, SIGTERM and SIGINT ask the training loop to stop after the current step
+  (which is then saved); a second signal ends the process at once (the default action).
+
+  ``requested(agree)`` returns the signal number once one has arrived (None before). With
+  several processes the processes must stop at the same step: they compare their flags (a
+  small collective and host sync) only when ``agree`` is true (at log steps), so a signal is
+  acted on at the next log step there. Outside the main thread nothing is installed.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self._received: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self._received is not None:  # the second signal: the default action, now
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self._received = int(signum)
+    log.warning("%s received: saving a checkpoint after this step, then stopping (send it again "
+                "to stop at once).", signal.Signals(signum).name)
+
+  def requested(self, agree: bool = True) -> int | None:
+    if jax.process_count() == 1:
+      return self._received
+    if not agree:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self._received or 0))
+    flags = np.asarray(flags).reshape(-1)
+    return int(flags.max()) if flags.max() > 0 else None
+
+
+@jax.jit
+def _finite_update(tracker: dict[str, Any], metrics: dict[str, jax.Array], step: jax.Array
+                   ) -> dict[str, Any]:
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(
+      metrics)]))
+  first_bad = tracker["finite"] & ~finite
+  return {"finite": tracker["finite"] & finite,
+          "step": jnp.where(first_bad, step, tracker["step"]),
+          "metrics": jax.tree_util.tree_map(lambda old, new: jnp.where(first_bad, new, old),
+                                            tracker["metrics"], metrics)}
+
+
+class FiniteGuard:
+  """Tracks on the device whether every loss and the gradient norm stayed finite, with the
+  first step that was not and its values (no host sync per step); ``check`` reads it (before
+  every save and at every log line) and stops training on a non-finite state."""
+
+  def __init__(self):
+    self._tracker = None
+
+  def update(self, metrics: dict[str, jax.Array], step: int) -> None:
+    if self._tracker is None:  # numpy leaves: valid jit inputs in any process layout
+      self._tracker = {"finite": np.bool_(True), "step": np.int32(-1),
+                       "metrics": jax.tree_util.tree_map(
+                           lambda m: np.zeros(m.shape, m.dtype), metrics)}
+    self._tracker = _finite_update(self._tracker, metrics, np.int32(step))
+
+  def check(self, step: int, manager=None) -> None:
+    """Raises FloatingPointError naming the first non-finite step and its values."""
+    if self._tracker is None:
+      return
+    tracker = jax.device_get(parallel.one_replica(self._tracker))
+    if bool(tracker["finite"]):
+      return
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(tracker["metrics"].items()))
+    last = manager.latest_step() if manager is not None else None
+    where = (f"the last checkpoint (step {last} in {manager.directory}) holds only finite "
+             f"values" if last is not None else "no checkpoint was saved")
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at step {int(tracker['step'])}: {values}. Training "
+        f"stopped at step {step} without saving it; {where}. Lower config.train.base_lr or "
+        f"raise config.train.warmup_steps.")
+
+
+def _first_step(step_fn, state, batch, base_key, done: int):
+  """The first step of a run, awaited: a failure (out of memory, most often) is reported as
+  the step's, before anything is saved, rather than surfacing in the checkpoint writer."""
+  try:
+    state, metrics = step_fn(state, batch, base_key)
+    jax.block_until_ready((state, metrics))
+    return state, metrics
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
+    text = str(e)
+    memory = any(m in text for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                     "Allocator", "allocat"))
+    hint = (" The step does not fit in memory: lower config.train.global_batch_pairs or the "
+            "canvas (config.data.canvas), or use accelerators with more memory (the 1x recipe "
+            "is sized for 8 GPUs or TPU chips; see the README)." if memory else "")
+    raise RuntimeError(f"The training step failed at step {done}, before any checkpoint of "
+                       f"this run was saved: {type(e).__name__}: "
+                       f"{text.strip().splitlines()[0][:500] if text.strip() else ''}.{hint}"
+                       ) from e
 
 
 def headline(metrics: dict[str, Any], step: int) -> str:
@@ -322,9 +465,8 @@ def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
   """``({"params", "constants"}, step)`` of a checkpoint (the latest by default), params only:
   no optimizer state is read, so a directory copied to another machine works."""
   directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  if step is None:
-    with ckpt_lib.CheckpointManager(directory) as manager:
-      step = manager.latest_step()
+  if step is None:  # read-only: a missing folder is not created
+    step = ckpt_lib.latest_step(directory)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
   params, constants = ckpt_lib.restore_params(directory, step)
@@ -336,8 +478,9 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = No
   """Evaluates a checkpoint's params into workdir/eval_<step>/ (on every process of a
   multi-process run together; see ``evaluator.evaluate``)."""
   from df2_jax.evaluation import evaluator
-  prepare_data(config)
+  check_config(config)
   variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step)
+  prepare_data(config)
   metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
   log.info("%s", headline(metrics, step))
   return metrics

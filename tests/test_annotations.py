@@ -130,6 +130,16 @@ def test_box_within_tolerance_is_clipped():
   np.testing.assert_array_equal(_parse(anno).items[0].box, [0, 86, 600, 500])
 
 
+def test_landmarks_and_polygons_within_tolerance_are_clipped():
+  anno = _issue4()
+  anno["item2"]["landmarks"][27:30] = [600.5, -0.5, 2]  # landmark 10, visible
+  anno["item2"]["landmarks"][0:3] = [7000, 7000, 0]  # unlabelled: coordinates not checked
+  anno["item2"]["segmentation"][1] = [-1, 2, 94, 58, 601, 501]
+  top = _parse(anno).items[1]
+  np.testing.assert_array_equal(top.landmarks[9], [600, 0, 2])
+  np.testing.assert_array_equal(top.polygons[1], [[0, 2], [94, 58], [600, 500]])
+
+
 def test_item_order_is_numeric():
   anno = _issue4()
   anno["item10"] = anno.pop("item2")
@@ -207,6 +217,10 @@ RULES = {
     "no polygons": (_set(["item2", "segmentation"], []), "item2.segmentation"),
     "polygon not flat": (_set(["item2", "segmentation"], [[[1, 2], [3, 4], [5, 6]]]),
                          "item2.segmentation[0]"),
+    "landmark out of image": (_set_landmark("item2", 27, 5000), "item2.landmarks"),
+    "landmark above image": (_set_landmark("item2", 28, -3), "item2.landmarks"),
+    "polygon point out of image": (_set(["item2", "segmentation", 1],
+                                        [1, 2, 94, 58, 900, 10]), "item2.segmentation[1]"),
     "no items": (_no_items, "items"),
     "bad source": (_set(["source"], "consumer"), "source"),
     "negative style": (_set(["item1", "style"], -1), "item1.style"),

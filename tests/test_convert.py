@@ -279,6 +279,17 @@ def test_cli_skips_or_fails_on_bad_files(tmp_path, caplog):
   assert not strict_out.exists()
 
 
+def test_cli_on_an_empty_split_fails_and_writes_nothing(tmp_path, caplog):
+  root = tmp_path / "empty"
+  (root / "annos").mkdir(parents=True)
+  (root / "image").mkdir()
+  out = tmp_path / "coco.json"
+  assert convert.main(["--root", str(root), "--out", str(out), "--num-workers", "1"]) == 1
+  assert not out.exists()
+  assert any("No readable image" in r.getMessage() and str(root) in r.getMessage()
+             for r in caplog.records)
+
+
 def test_synthetic_split_converts_for_pycocotools_and_retrieval(tmp_path):
   from pycocotools.coco import COCO
   from data_pipeline import synthetic

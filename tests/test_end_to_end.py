@@ -47,6 +47,16 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   assert results.main(["--eval_dir", outdir]) == 0
   with open(os.path.join(outdir, "bbox_results.json")) as f:
     assert len(json.load(f)) == sum(1 for _ in results.load(outdir).scores)
+  # metrics.json names the ground truth it was scored against: the scorers rerun on it.
+  from df2_jax.evaluation import coco
+  from df2_jax.evaluation import retrieval
+  gt = metrics["ground_truth"]
+  assert coco.evaluate(gt["coco"], os.path.join(outdir, "bbox_results.json"), "bbox")["AP"] == (
+      metrics["bbox"]["AP"])
+  rerun = retrieval.evaluate_retrieval(os.path.join(outdir, "retrieval_submission.json"),
+                                       gt["query_gt"], gt["gallery_gt"])
+  assert [rerun[f"top{k}"] for k in (1, 5, 10, 15, 20)] == [
+      metrics["retrieval"][f"top{k}"] for k in (1, 5, 10, 15, 20)]
   for kind in ("bbox", "segm", "keypoints", "keypoints_visible"):
     assert 0.0 <= metrics[kind]["AP"] <= 1.0
   for kind in ("retrieval", "retrieval_gt_boxes"):
@@ -118,3 +128,20 @@ def test_predict_on_a_folder_of_images(tmp_path):
       "002092.png", "151674.png", "predictions.json"]
   assert set(out["embeddings"]) == {"2092", "151674"}
   assert {r["image_id"] for r in out["bbox"]} <= {2092, 151674}
+  assert [(i["id"], i["file_name"]) for i in out["images"]] == [(2092, "002092.jpg"),
+                                                                (151674, "151674.jpg")]
+  # Names that are not all distinct numbers: ids 1..N in name order, one per file, and the
+  # drawings named after the whole file name when two files share a stem.
+  mixed = tmp_path / "mixed"
+  mixed.mkdir()
+  shutil.copy(fixtures_dir() / "image" / "002092.jpg", mixed / "1.jpg")
+  shutil.copy(fixtures_dir() / "image" / "151674.jpg", mixed / "a.jpg")
+  cv2.imwrite(str(mixed / "a.png"), cv2.imread(str(fixtures_dir() / "image" / "002092.jpg")))
+  out = predict.predict(config, variables, str(mixed), str(tmp_path / "pred_mixed"))
+  assert [(i["id"], i["file_name"]) for i in out["images"]] == [(1, "1.jpg"), (2, "a.jpg"),
+                                                                (3, "a.png")]
+  assert set(out["embeddings"]) == {"1", "2", "3"}
+  assert sorted(p.name for p in (tmp_path / "pred_mixed").iterdir()) == [
+      "1.jpg.png", "a.jpg.png", "a.png.png", "predictions.json"]
+  with open(tmp_path / "pred_mixed" / "predictions.json") as f:
+    assert json.load(f)["images"] == out["images"]

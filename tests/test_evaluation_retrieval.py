@@ -327,3 +327,32 @@ def test_a_submission_of_the_protocol_queries_scores_like_every_detection():
   assert len(pruned) < len(submission)
   assert (full_ranks < rv.NO_HIT).sum() >= 3  # some hits, some misses
   np.testing.assert_array_equal(rv.first_hit_ranks(pruned, query_gt, gallery_gt), full_ranks)
+
+
+def test_scorers_name_a_wrong_file_and_its_kind(tmp_path):
+  """The issue's mix-ups: a COCO GT given as results, a query GT given as the submission."""
+  import json
+  from df2_jax.evaluation import coco
+  gt = {"images": [{"id": 1, "width": 10, "height": 10}], "annotations": [],
+        "categories": [{"id": 1, "name": "short_sleeved_shirt"}]}
+  query_gt = [{"query_image_id": 1, "bbox": [0, 0, 5, 5], "cls": 1, "style": 1, "pair_id": 1}]
+  gallery_gt = [{"gallery_image_id": 2, "bbox": [0, 0, 5, 5], "style": 1, "pair_id": 1}]
+  paths = {}
+  for name, obj in (("gt", gt), ("query", query_gt), ("gallery", gallery_gt)):
+    paths[name] = tmp_path / f"{name}.json"
+    paths[name].write_text(json.dumps(obj))
+  with pytest.raises(ValueError, match=rf"{paths['gt']}: the results \(--results\) for --type "
+                                       r"bbox must be bbox results .* but it is COCO ground "
+                                       r"truth"):
+    coco.evaluate(str(paths["gt"]), str(paths["gt"]), "bbox")
+  with pytest.raises(ValueError, match=rf"{paths['query']}: the ground truth \(--gt\) must be "
+                                       r"COCO ground truth .* but it is retrieval query"):
+    coco.evaluate(str(paths["query"]), [], "bbox")
+  with pytest.raises(ValueError, match=rf"{paths['query']}: the submission \(--results\) must "
+                                       r"be a retrieval submission .* but it is retrieval query"):
+    rv.evaluate_retrieval(str(paths["query"]), str(paths["query"]),
+                                 str(paths["gallery"]))
+  with pytest.raises(ValueError, match=r"the gallery ground truth \(--gallery-gt\) must be "
+                                       r"retrieval gallery ground truth .* but it is retrieval "
+                                       r"query"):
+    rv.evaluate_retrieval([], str(paths["query"]), str(paths["query"]))

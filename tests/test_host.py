@@ -60,8 +60,9 @@ def test_worker_processes_give_what_this_process_gives(source):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("host_pool", "processes", "host_pool must be 'process' or 'thread'"),
-    ("host_workers", -1, "host_workers must be >= 0"),
+    ("host_pool", "processes",
+     "config.eval.host_pool must be one of 'process', 'thread', got 'processes'"),
+    ("host_workers", -1, "config.eval.host_workers must be >= 0, got -1"),
 ])
 def test_host_settings_fail_at_start(field, value, message):
   config = tiny.get_config()

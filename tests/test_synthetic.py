@@ -188,3 +188,25 @@ def test_styled_items_share_appearance_across_images():
   other = synthetic.make_pair_spec(1, 0, 8)
   assert spec.key.appearance != other.key.appearance
   assert spec.key.style == 1
+
+
+def test_the_cli_writes_where_run_py_reads(tmp_path):
+  """The CLI's defaults are the demo config's, and it writes the folder (with the completion
+  mark) that run.py's ensure_synthetic would generate, so the demo reuses it."""
+  from configs import demo_synthetic
+  from data_pipeline import sources
+  from data_pipeline import synthetic as syn
+  data = demo_synthetic.get_config().data
+  args = syn._parse_args([])  # pylint: disable=protected-access
+  assert (args.train_pairs, args.val_pairs, args.image_size, args.seed) == (
+      data.synthetic_train_pairs, data.synthetic_val_pairs, data.synthetic_image_size,
+      data.synthetic_seed)
+  assert syn.main(["--synthetic-dir", str(tmp_path), "--train-pairs", "2", "--val-pairs", "1",
+                   "--image-size", "64"]) == 0
+  data.update(dict(synthetic_dir=str(tmp_path), synthetic_train_pairs=2, synthetic_val_pairs=1,
+                   synthetic_image_size=64))
+  root = tmp_path / "s0_t2_v1_px64"
+  assert (root / syn.COMPLETE).exists() and len(list((root / "train" / "image").iterdir())) == 4
+  stamp = (root / "train" / "annos" / "000001.json").stat().st_mtime_ns
+  assert sources.ensure_synthetic(data) == str(root)  # found, not generated again
+  assert (root / "train" / "annos" / "000001.json").stat().st_mtime_ns == stamp

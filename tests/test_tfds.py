@@ -1,9 +1,13 @@
 """The TFDS builder: prepared from a raw root, read back as a pipeline source."""
 
 import json
+from pathlib import Path
 import shutil
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_pipeline import pairs, pipeline, sources, tfds_deepfashion2, transforms
@@ -30,7 +34,19 @@ def _raw_root(tmp_path, real_fixture):
 
 def test_tfds_builder_round_trip(tmp_path, real_fixture):
   root = _raw_root(tmp_path / "raw", real_fixture)
-  builder = tfds_deepfashion2.prepare(str(root), str(tmp_path / "tfds"))
+  # format=tfds on a folder nobody prepared says what to run.
+  with pytest.raises(FileNotFoundError, match="python -m data_pipeline.tfds_deepfashion2 "
+                                              "--manual_dir"):
+    tfds_deepfashion2.tfds_source(str(tmp_path / "tfds"), "train")
+  # The module docstring's command, exactly as documented.
+  proc = subprocess.run([sys.executable, "-m", "data_pipeline.tfds_deepfashion2", "--manual_dir",
+                         str(root), "--data_dir", str(tmp_path / "tfds")],
+                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Prepared" in proc.stderr
+  builder = tfds_deepfashion2.Deepfashion2(data_dir=str(tmp_path / "tfds"))
+  assert builder.is_prepared()
   assert builder.info.splits["train"].num_examples == 2
   assert builder.info.splits["validation"].num_examples == 2  # the corrupt image is skipped
   raw = sources.raw_source(str(root / "train"))

@@ -34,11 +34,13 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import time
 from typing import Any
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import convert, draw
@@ -63,6 +65,26 @@ def jitted_detect(model: MatchRCNN, mesh) -> tuple[Any, Any]:
   embed = parallel.per_device(
       lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed), mesh, 2)
   return detect, embed
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def check_finite(variables: Any, what: str = "the params") -> None:
+  """Raises FloatingPointError naming the tensors of ``variables`` that hold NaN or inf (a
+  diverged run's params would evaluate to AP 0 without a word)."""
+  floats = {jax.tree_util.keystr(path): leaf for path, leaf in
+            jax.tree_util.tree_leaves_with_path(variables)
+            if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jnp.floating)}
+  ok = jax.device_get(parallel.one_replica(_finite_leaves(floats)))
+  bad = sorted(k for k, v in ok.items() if not bool(v))
+  if bad:
+    raise FloatingPointError(
+        f"{what} hold non-finite values in {len(bad)} of {len(floats)} tensors (e.g. "
+        f"{', '.join(bad[:3])}): the run diverged before this checkpoint; evaluate an earlier "
+        f"step (--step) instead.")
 
 
 def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
@@ -248,6 +270,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   model = model_from_config(config)
   mesh = parallel.make_mesh()
   variables = parallel.replicate(variables, mesh)
+  check_finite(variables)
   # config.eval.batch_size images per device; each process reads its contiguous shard.
   dataset = pipeline.eval_dataset(
       eval_source, geometry, batch_size=int(config.eval.batch_size) * jax.local_device_count(),
@@ -292,8 +315,10 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            found["bytes"] / 1e6 / max(found["images"], 1))
 
   stage = time.perf_counter()
-  metrics: dict[str, Any] = coco_metrics(outdir, convert.to_coco(eval_source.records))
+  gt = convert.to_coco(eval_source.records)
+  metrics: dict[str, Any] = coco_metrics(outdir, gt)
   timing["coco"] = time.perf_counter() - stage
+  metrics["ground_truth"] = write_ground_truth(outdir, eval_source, gt, query_gt, gallery_gt)
 
   stage = time.perf_counter()
   scorer = jax.device_get(parallel.one_replica(variables["params"]["scorer"]))
@@ -333,6 +358,25 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
            _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
   return metrics
+
+
+def write_ground_truth(outdir: str, source, gt: dict, query_gt: list, gallery_gt: list
+                       ) -> dict[str, str]:
+  """The ground truth an evaluation was scored against, as the files the scorer CLIs read:
+  ``coco.json``, ``query_gt.json``, ``gallery_gt.json`` in ``ground_truth/<split>/`` beside
+  ``outdir`` (written once per split and workdir; later evaluations reuse them). Returns their
+  paths, which metrics.json records, so a scorer can be rerun on ``eval_<step>/``::
+
+    python -m df2_jax.evaluation.coco --gt <coco.json> --results eval_<step>/bbox_results.json
+  """
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{source.name}_{len(source.records)}").strip("_")
+  folder = os.path.join(os.path.dirname(os.path.abspath(outdir)), "ground_truth", name[-150:])
+  paths = {kind: os.path.join(folder, f"{kind}.json")
+           for kind in ("coco", "query_gt", "gallery_gt")}
+  for kind, obj in (("coco", gt), ("query_gt", query_gt), ("gallery_gt", gallery_gt)):
+    if not os.path.exists(paths[kind]):
+      convert.write_json(obj, paths[kind])
+  return paths
 
 
 _SHARD_PREFIX = "shard-"
