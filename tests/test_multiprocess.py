@@ -82,6 +82,12 @@ def _start(args: dict) -> subprocess.Popen:
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={args['devices']}").strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # The test session's compilation cache (conftest): the second round's processes run the
+  # first round's programs and load them instead of compiling again.
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
   log = open(args["log"], "w")
   return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                            json.dumps(args)], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -9,6 +9,7 @@
 """
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import pytest
 from configs import tiny
 from df2_jax import checkpoint, train
 
-STEPS = 10
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -81,29 +82,33 @@ def _signal_after_step(workdir: str, step: int, signum: int) -> threading.Thread
   return thread
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_step_and_the_rerun_equals_an_uninterrupted_run(
-    data_dir, reference, tmp_path, signum, caplog):
+def test_signals_save_the_step_and_the_rerun_equals_an_uninterrupted_run(
+    data_dir, reference, tmp_path, caplog):
+  """SIGTERM after step 2, then (resumed) SIGINT two steps later: each run saves the step it
+  stopped at; the third run finishes bit-for-bit equal to the uninterrupted run."""
   config = _config(data_dir)
   workdir = str(tmp_path / "run")
-  before = signal.getsignal(signum)
-  _signal_after_step(workdir, 3, signum)
-  with pytest.raises(train.Interrupted) as stopped:
-    train.train(config, workdir)
-  assert signal.getsignal(signum) is before  # the handlers are put back
-  step = stopped.value.step
-  assert stopped.value.signum == signum and 3 <= step < STEPS
-  steps = _steps(os.path.join(workdir, "checkpoints"))
-  assert steps[-1] == step, steps  # saved though it is not a checkpoint step (every 100)
-  assert f"Stopped by {signal.Signals(signum).name} after step {step}" in caplog.text
-  assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+  resumed_at = 0
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    before = signal.getsignal(signum)
+    _signal_after_step(workdir, resumed_at + 2, signum)
+    with pytest.raises(train.Interrupted) as stopped:
+      train.train(config, workdir)
+    assert signal.getsignal(signum) is before  # the handlers are put back
+    step = stopped.value.step
+    assert stopped.value.signum == signum and resumed_at + 3 <= step < STEPS
+    steps = _steps(os.path.join(workdir, "checkpoints"))
+    assert steps[-1] == step, steps  # saved though it is not a checkpoint step (every 100)
+    assert f"Stopped by {signal.Signals(signum).name} after step {step}" in caplog.text
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+    resumed_at = step
 
   state = train.train(config, workdir)  # the same command again
   assert int(state.step) == STEPS
   _assert_bitwise_equal(reference, _flat(state.params))
-  # metrics.jsonl: one line per step, though the first run logged steps it did not save.
-  logged = [l for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert len(logged) == STEPS
+  # metrics.jsonl: one line per step, though the stopped runs logged steps they did not save.
+  logged = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert logged == list(range(1, STEPS + 1))
 
 
 def _truncate(path):
@@ -153,7 +158,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_step_resume
 
 
 def test_a_diverging_run_never_saves_a_non_finite_state(data_dir, tmp_path):
-  config = _config(data_dir, base_lr=1e4, warmup_steps=0, num_steps=20, log_every_steps=20,
+  config = _config(data_dir, base_lr=1e4, warmup_steps=0, num_steps=10, log_every_steps=10,
                    checkpoint_every_steps=5)
   workdir = str(tmp_path / "run")
   with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step \d+: .*"
@@ -176,3 +181,15 @@ def test_a_diverging_run_never_saves_a_non_finite_state(data_dir, tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite values in 1 of \d+ tensors"):
     train.evaluate_checkpoint(config, workdir, checkpoint_dir=os.path.join(tmp_path, "nan"))
   assert not os.path.exists(os.path.join(workdir, "eval_7"))
+
+
+def test_a_failing_first_step_is_reported_as_the_step_not_as_a_checkpoint_error():
+  """An out-of-memory first step (the 1x recipe on a CPU) fails as the step, before anything
+  is saved, with what to change."""
+  def step_fn(state, batch, key):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                       "67645734912 bytes.")
+  with pytest.raises(RuntimeError, match=r"The training step failed at step 1, before any "
+                                         r"checkpoint of this run was saved: RuntimeError: "
+                                         r"RESOURCE_EXHAUSTED.* does not fit in memory"):
+    train._first_step(step_fn, None, None, None, done=1)  # pylint: disable=protected-access

@@ -339,7 +339,9 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                            gallery_gt, int(config.eval.num_retrieval_strips),
                            float(config.eval.draw_score_threshold))
   for name, picture in pictures.items():
-    cv2.imwrite(os.path.join(outdir, f"{name}.png"), picture[:, :, ::-1])
+    path = os.path.join(outdir, f"{name}.png")
+    if not cv2.imwrite(path, picture[:, :, ::-1]):
+      raise OSError(f"could not write {path}")
   timing["pictures"] = time.perf_counter() - stage
   timing["total"] = time.perf_counter() - started
   metrics["timing"] = timing
