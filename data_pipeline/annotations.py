@@ -172,13 +172,13 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, field(landmark_key),
           f"visibility {marks[k, 2]:g} of landmark {k + 1} not in {{0, 1, 2}}")
   # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
-  outside = (marks[:, 2] > 0) & _outside(marks[:, :2], width, height, tol)
+  labelled = marks[:, 2] > 0
+  outside = labelled & _outside(marks[:, :2], width, height, tol)
   if outside.any():
     k = int(np.argmax(outside))
     _fail(path, field(landmark_key),
           f"landmark {k + 1} at ({marks[k, 0]:g}, {marks[k, 1]:g}) outside the {width}x{height} "
           f"image (tolerance {tol:g} px)")
-  labelled = marks[:, 2] > 0
   marks[labelled, :2] = np.clip(marks[labelled, :2], 0.0, [width, height])
 
   # Segmentation.

@@ -15,7 +15,6 @@ import logging
 import os
 
 from absl import app, flags
-
 import cv2
 import numpy as np
 

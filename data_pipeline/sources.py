@@ -79,14 +79,12 @@ def ensure_synthetic(data) -> str:
   root = synthetic.cache_root(data.synthetic_dir, data.synthetic_train_pairs,
                              data.synthetic_val_pairs, data.synthetic_image_size,
                              data.synthetic_seed)
-  done = os.path.join(root, synthetic.COMPLETE)
-  if not os.path.exists(done):
+  if not os.path.exists(os.path.join(root, synthetic.COMPLETE)):
     log.info("Generating the synthetic DeepFashion2 dataset in %s (cached for later runs).", root)
     synthetic.generate(root, data.synthetic_train_pairs, data.synthetic_val_pairs,
                        data.synthetic_image_size, data.synthetic_seed,
                        workers=max(1, os.cpu_count() or 1))
-    with open(done, "w") as f:
-      f.write("ok\n")
+    synthetic.mark_complete(root)
   return root
 
 

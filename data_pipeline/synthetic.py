@@ -5,7 +5,8 @@ r"""Synthetic DeepFashion2: the project's embedded default dataset.
 
 writes ``data/synthetic/s0_t1800_v50_px128/`` (``cache_root``: where ``run.py`` with the demo
 config, whose numbers these are and the defaults, generates and reads the same data;
-``--synthetic-dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with ``train/{image,annos}`` and ``validation/{image,annos}`` in the raw
+``--synthetic-dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with
+``train/{image,annos}`` and ``validation/{image,annos}`` in the raw
 DeepFashion2 layout (``image/NNNNNN.jpg`` + ``annos/NNNNNN.json``, six digits, 1-based), so every
 reader of the real data reads it unchanged (``annotations.scan_raw_root`` accepts it).
 
@@ -889,6 +890,13 @@ def generate(out_dir: str | os.PathLike, train_pairs: int, val_pairs: int, image
 COMPLETE = "COMPLETE"  # written last into a finished dataset folder
 
 
+def mark_complete(root: str) -> None:
+  """Writes ``root/COMPLETE``: the dataset there is whole (``sources.ensure_synthetic`` reuses
+  only such a folder)."""
+  with open(os.path.join(root, COMPLETE), "w") as f:
+    f.write("ok\n")
+
+
 def cache_root(synthetic_dir: str, train_pairs: int, val_pairs: int, image_size: int,
                seed: int) -> str:
   """Where a synthetic dataset of these settings lives under ``synthetic_dir``
@@ -928,8 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args.image_size, args.seed)
   generate(out, args.train_pairs, args.val_pairs, args.image_size, args.seed,
            workers=args.workers)
-  with open(os.path.join(out, COMPLETE), "w") as f:
-    f.write("ok\n")
+  mark_complete(out)
   if args.out:
     logging.info("Train on it: python run.py ... --config.data.format=raw "
                  "--config.data.root=%s", out)

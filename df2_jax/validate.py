@@ -21,7 +21,9 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 from data_pipeline.annotations import CHECK_IMAGE_MODES
+from df2_jax.evaluation import evaluator
 from df2_jax.evaluation.evaluator import HOST_POOLS
+from df2_jax.models import match_rcnn
 from df2_jax.models.resnet import NORMS
 
 FORMATS = ("raw", "coco", "tfds", "synthetic")
@@ -190,8 +192,6 @@ def _get(config, dotted: str) -> tuple[bool, Any]:
 
 def problems(config) -> list[str]:
   """Every rule ``config`` breaks, one line each (empty when it is fine)."""
-  from df2_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-  from df2_jax.models import match_rcnn  # pylint: disable=g-import-not-at-top
   found, failed = [], set()
   for path, rule in RULES.items():
     present, value = _get(config, path)
@@ -256,23 +256,6 @@ def validate(config) -> None:
   found = problems(config)
   if found:
     raise ConfigError("\n".join(found))
-
-
-def flat_keys(config, prefix: str = "") -> list[str]:
-  """Every field of ``config`` as a dotted path ("train.num_steps")."""
-  keys = []
-  for k in config.keys():
-    v = config[k]
-    path = f"{prefix}{k}"
-    keys.append(path)
-    if hasattr(v, "keys") and callable(v.keys):
-      keys += flat_keys(v, path + ".")
-  return keys
-
-
-def suggest(word: str, options) -> str:
-  """" (did you mean 'x'?)" for the closest of ``options``, or ""."""
-  return _suggest(word, options)
 
 
 def check_workdir(workdir: str, *, create: bool) -> None:

@@ -41,7 +41,6 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import logging
 import sys
 import time
@@ -54,9 +53,9 @@ from pycocotools import mask as mask_utils
 
 from data_pipeline.deepfashion2 import COCO_NAMES
 from data_pipeline.deepfashion2 import NUM_LANDMARKS
-from df2_jax.evaluation import json_kinds
 from data_pipeline.deepfashion2 import OKS_SIGMAS
 from data_pipeline.deepfashion2 import landmark_slice
+from df2_jax.evaluation import json_kinds
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +89,6 @@ _RESULT_KEYS = {
     "segm": ("image_id", "category_id", "segmentation", "score"),
     "keypoints": ("image_id", "category_id", "keypoints", "score"),
 }
-
-
-def _source(obj_or_path: Any) -> str:
-  """A path's name for messages, or "the given object"."""
-  if isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__"):
-    return str(obj_or_path)
-  return "the given object"
-
-
-def _load_json(obj_or_path: Any) -> Any:
-  if isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__"):
-    with open(obj_or_path) as f:
-      return json.load(f)
-  return obj_or_path
 
 
 @contextlib.contextmanager
@@ -387,12 +372,11 @@ def evaluate(gt: dict | str,
     raise ValueError("visible_only applies to iou_type='keypoints' only")
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  results_source = _source(results)
-  gt_dict = _load_json(gt)
-  results = _load_json(results)
-  json_kinds.expect(gt_dict, "coco_gt", _source(gt), "the ground truth (--gt)")
-  json_kinds.expect(results, iou_type, results_source,
+  gt_dict, results_list = json_kinds.load(gt), json_kinds.load(results)
+  json_kinds.expect(gt_dict, "coco_gt", json_kinds.name_of(gt), "the ground truth (--gt)")
+  json_kinds.expect(results_list, iou_type, json_kinds.name_of(results),
                     f"the results (--results) for --type {iou_type}")
+  results = results_list
   keys = _RESULT_KEYS[iou_type]
   with _gc_paused():
     gt_dict = visible_only_gt(gt_dict) if visible_only else _copy_dataset(gt_dict)
@@ -430,7 +414,7 @@ def evaluate_all(gt: dict | str,
     {"bbox": ..., "segm": ..., "keypoints_visible": ..., "keypoints": ...} (each an
     ``evaluate`` output), leaving out the types whose results are None.
   """
-  gt = _load_json(gt)
+  gt = json_kinds.load(gt)
   out = {}
   kw = dict(verbose=verbose, backend=backend)
   if bbox_results is not None:

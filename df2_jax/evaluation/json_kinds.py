@@ -9,6 +9,7 @@ argument needs.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 DESCRIPTIONS = {
@@ -24,6 +25,23 @@ DESCRIPTIONS = {
     "gallery_gt": "retrieval gallery ground truth (a list of {gallery_image_id, bbox, style, "
                   "pair_id}, as convert --gallery-gt writes)",
 }
+
+
+def _is_path(obj_or_path: Any) -> bool:
+  return isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__")
+
+
+def load(obj_or_path: Any) -> Any:
+  """A JSON file's content, or the object itself when it is not a path."""
+  if _is_path(obj_or_path):
+    with open(obj_or_path) as f:
+      return json.load(f)
+  return obj_or_path
+
+
+def name_of(obj_or_path: Any) -> str:
+  """A path as given, or "the given object" (for messages)."""
+  return str(obj_or_path) if _is_path(obj_or_path) else "the given object"
 
 
 def kind_of(obj: Any) -> str:

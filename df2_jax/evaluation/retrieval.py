@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-import json
 import sys
 from typing import Any
 
@@ -82,19 +81,6 @@ def _first_hit_rank(gallery_ids: np.ndarray, gallery_boxes: np.ndarray,
   return int(np.argmax(hit)) if hit.any() else NO_HIT
 
 
-def _source(obj_or_path: Any) -> str:
-  if isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__"):
-    return str(obj_or_path)
-  return "the given object"
-
-
-def _load_json(obj_or_path: Any) -> Any:
-  if isinstance(obj_or_path, (str, bytes)) or hasattr(obj_or_path, "__fspath__"):
-    with open(obj_or_path) as f:
-      return json.load(f)
-  return obj_or_path
-
-
 def first_hit_ranks(submission: list[dict] | str,
                     query_gt: list[dict] | str,
                     gallery_gt: list[dict] | str) -> np.ndarray:
@@ -111,13 +97,13 @@ def first_hit_ranks(submission: list[dict] | str,
     [Q] int64, Q = number of GT query items with style > 0 (in GT file order); NO_HIT for a miss
     (undetected, wrong class, or no retrieved item hits).
   """
-  names = [_source(x) for x in (submission, query_gt, gallery_gt)]
-  submission = _load_json(submission)
-  query_gt = _load_json(query_gt)
-  gallery_gt = _load_json(gallery_gt)
-  json_kinds.expect(submission, "submission", names[0], "the submission (--results)")
-  json_kinds.expect(query_gt, "query_gt", names[1], "the query ground truth (--query-gt)")
-  json_kinds.expect(gallery_gt, "gallery_gt", names[2], "the gallery ground truth (--gallery-gt)")
+  loaded = []
+  for arg, kind, role in ((submission, "submission", "the submission (--results)"),
+                          (query_gt, "query_gt", "the query ground truth (--query-gt)"),
+                          (gallery_gt, "gallery_gt", "the gallery ground truth (--gallery-gt)")):
+    loaded.append(json_kinds.load(arg))
+    json_kinds.expect(loaded[-1], kind, json_kinds.name_of(arg), role)
+  submission, query_gt, gallery_gt = loaded
 
   # Correct gallery items by (pair_id, style).
   by_pair_style: dict[tuple[int, int], list[int]] = defaultdict(list)
