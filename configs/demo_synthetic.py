@@ -34,7 +34,8 @@ def get_config():
       roi_positive_fraction=0.5, box_fc_dim=512, cls_agnostic_bbox_reg=True, mask_conv_dim=8,
       landmark_conv_dim=32, landmark_num_convs=2, landmark_rois_per_image=2,
       landmark_select_channels=True,
-      match_conv_dim=32, match_proj_dim=64, embed_dim=32, detections_per_image=20,
+      match_conv_dim=32, match_proj_dim=64, embed_dim=32, match_rois_per_image=4,
+      detections_per_image=20,
       detection_candidates=500, dtype="float32"))
   # 5 epochs of 900 steps (3600 images in 1800 pairs, 2 per step); x0.1 at epoch 4 (step 3600).
   config.train.update(dict(global_batch_pairs=2, epochs=5, decay_epochs=(4,),

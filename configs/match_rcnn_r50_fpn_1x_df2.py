@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
       short_side=800, max_size=1333, canvas=(1344, 1344),
       max_instances=8, mask_size=112, flip_prob=0.5,
       strict=False, check_images="decode", num_workers=0,
+      # Each step's image pairs share the user image's category where possible (the pair loss
+      # then ranks same-category shop items as negatives; see data_pipeline.pairs).
+      category_batches=False,
   ))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -59,10 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
       rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
       roi_align_method="gather",  # or "matmul": faster for small feature maps on a CPU
       roi_batch_size_per_image=512, roi_positive_fraction=0.25,
-      box_fc_dim=1024, cls_agnostic_bbox_reg=False, mask_conv_dim=256, landmark_conv_dim=512, landmark_num_convs=8,
+      box_fc_dim=1024, cls_agnostic_bbox_reg=False, mask_conv_dim=256, landmark_conv_dim=512,
+      landmark_num_convs=8,
       landmark_rois_per_image=32, landmark_visible_only=False,
       landmark_select_channels=False,  # True: only each RoI's category channels (narrow heads)
       match_conv_dim=256, match_proj_dim=1024, embed_dim=256,
+      # The pair loss: every user item of the batch against every shop item ("batch"; "pair":
+      # within each image pair only), 8 foreground RoIs per image embedded besides the GT boxes
+      # (the author's layer log: 8 RoIs per image; detected boxes are what retrieval sees),
+      # positives and negatives weighing half each, the similarity fc starting as minus the
+      # mean squared distance. Each measured on the demo: docs/EXPERIMENTS.md.
+      match_negatives="batch", match_rois_per_image=8, match_balanced=True,
+      match_scorer_init="distance",
       score_threshold=0.05, detection_nms_threshold=0.5, detections_per_image=100,
       detection_candidates=2000, dtype="bfloat16",
       # A fresh run starts from these (a resumed run reads its checkpoint instead):

@@ -52,19 +52,24 @@ class EpochElements(NamedTuple):
 class PairIndex:
   """The partner graph of a training set and its epochs.
 
-  Constructed from ``pairs`` and ``num_images``; the other attributes are derived.
+  Constructed from ``pairs``, ``num_images`` and optionally ``keys``; the other attributes are
+  derived.
 
   Attributes:
     pairs: [N, 2] int64 record indices (user, shop) of all partner pairs (the graph's edges),
       sorted by (pair_id, user id, shop id) when built by ``build_pair_index``; empty in
       singles mode.
     num_images: number of records.
+    keys: [num_images] int64 or None: a grouping key of each image (``build_pair_index``: the
+      category of its first item with style > 0, -1 without one), for ``epoch_elements``'s
+      ``group_size``.
     users: sorted record indices of the user images that have a partner (the graph's rows).
     shops: sorted record indices of the shop images that have a partner (its columns).
     pairs_per_epoch: the size of a maximum matching: matched elements in every epoch.
   """
   pairs: np.ndarray
   num_images: int
+  keys: np.ndarray | None = None
   users: np.ndarray = dataclasses.field(init=False)
   shops: np.ndarray = dataclasses.field(init=False)
   pairs_per_epoch: int = dataclasses.field(init=False)
@@ -125,7 +130,7 @@ class PairIndex:
     rows = np.flatnonzero(match >= 0)
     return self.users[row_perm[rows]], self.shops[col_perm[match[rows]]]
 
-  def epoch_elements(self, epoch: int, seed: int) -> EpochElements:
+  def epoch_elements(self, epoch: int, seed: int, group_size: int = 1) -> EpochElements:
     """The ``epoch_size`` elements of one epoch, in their (shuffled) order.
 
     Every image appears exactly once, with one exception: when the images left over by the
@@ -134,6 +139,13 @@ class PairIndex:
     pairing, the order) depends only on (seed, epoch), so any step can be reached without
     replaying the steps before it (for a given SciPy version: its matching may change between
     versions).
+
+    With ``group_size`` > 1 (the elements of one training step) and ``keys``, the order puts
+    matched elements of one key (the user image's category) together in runs of
+    ``group_size``, so that the matching loss of a step ranks each user item against shop items
+    of its own category (hard negatives) besides its partner; the runs are in random order, the
+    elements left over (unmatched, or fewer than ``group_size`` of a key) fill runs of mixed
+    keys, and a short run comes last. The epoch holds the same elements as without grouping.
     """
     rng = np.random.default_rng([seed, epoch])
     users, shops = self._matching(rng)
@@ -150,8 +162,40 @@ class PairIndex:
       rest = np.append(rest, extra)
     elements = np.concatenate([np.stack([users, shops], 1), rest.reshape(-1, 2)])
     match_valid = np.arange(len(elements)) < len(users)
-    order = rng.permutation(len(elements))
+    if group_size > 1 and self.keys is not None:
+      keys = np.where(match_valid, np.asarray(self.keys)[elements[:, 0]], -1)
+      order = _grouped_order(rng, keys, group_size)
+    else:
+      order = rng.permutation(len(elements))
     return EpochElements(elements[order], match_valid[order])
+
+
+def _grouped_order(rng: np.random.Generator, keys: np.ndarray, group_size: int) -> np.ndarray:
+  """A random permutation of range(len(keys)) made of runs of ``group_size`` positions of one
+  key (key -1: no key), then runs of the leftovers, a short run last."""
+  perm = rng.permutation(len(keys))
+  runs, mixed = [], []
+  for key in np.unique(keys):
+    members = perm[keys[perm] == key]  # in random order
+    full = 0 if key < 0 else len(members) // group_size * group_size
+    runs += [members[i:i + group_size] for i in range(0, full, group_size)]
+    mixed.append(members[full:])
+  mixed = rng.permutation(np.concatenate(mixed))
+  runs += [mixed[i:i + group_size] for i in range(0, len(mixed), group_size)]
+  short = [r for r in runs if len(r) < group_size]
+  full_runs = [r for r in runs if len(r) == group_size]
+  ordered = [full_runs[i] for i in rng.permutation(len(full_runs))] + short
+  return np.concatenate(ordered) if ordered else np.zeros(0, np.int64)
+
+
+def image_keys(records: list[ImageRecord]) -> np.ndarray:
+  """[N] int64: the category of each record's item with the smallest style > 0 (-1: none)."""
+  keys = np.full(len(records), -1, np.int64)
+  for i, rec in enumerate(records):
+    styled = sorted((item.style, item.category_id) for item in rec.items if item.style > 0)
+    if styled:
+      keys[i] = styled[0][1]
+  return keys
 
 
 def positive_styles(record: ImageRecord) -> set[int]:
@@ -179,7 +223,8 @@ def build_pair_index(records: list[ImageRecord]) -> PairIndex:
       for s, styles_s in zip(shops, shop_styles):
         if styles_u & styles_s:
           pairs.append((u, s))
-  index = PairIndex(np.asarray(pairs, np.int64).reshape(-1, 2), len(records))
+  index = PairIndex(np.asarray(pairs, np.int64).reshape(-1, 2), len(records),
+                    image_keys(records))
   if index.match_valid:
     log.info(
         "Pair index: %d images, %d with a partner (%d image pairs); each epoch: %d elements, "

@@ -72,7 +72,7 @@ class TrainStream:
   """
 
   def __init__(self, source: DataSource, pair_index: PairIndex, geometry: ImageGeometry,
-               seed: int, flip_prob: float = 0.5):
+               seed: int, flip_prob: float = 0.5, group_size: int = 1):
     if pair_index.epoch_size == 0:
       raise ValueError("The training source has no images.")
     self.source = source
@@ -80,12 +80,13 @@ class TrainStream:
     self.geometry = geometry
     self.seed = seed
     self.flip_prob = flip_prob
+    self.group_size = group_size
     self.skips = _SkipCounter()
     self._epoch_cache = functools.lru_cache(maxsize=2)(self._epoch)
     self.keys = list(transforms.image_spec(geometry))
 
   def _epoch(self, epoch: int) -> EpochElements:
-    return self.pair_index.epoch_elements(epoch, self.seed)
+    return self.pair_index.epoch_elements(epoch, self.seed, self.group_size)
 
   def _encode(self, record_index: int, flip: bool) -> dict[str, np.ndarray]:
     record = self.source.records[record_index]
@@ -146,19 +147,23 @@ def train_dataset(source: DataSource, pair_index: PairIndex, geometry: ImageGeom
                   global_batch_pairs: int, seed: int, start_step: int = 0,
                   flip_prob: float = 0.5, process_index: int | None = None,
                   process_count: int | None = None, num_parallel_calls: int = -1,
-                  prefetch: int = 2) -> tf.data.Dataset:
+                  prefetch: int = 2, category_batches: bool = False) -> tf.data.Dataset:
   """An infinite dataset of this process's training batches, from step ``start_step`` on.
 
   Each batch holds ``global_batch_pairs / process_count`` elements of two images (matched
   partner pairs or two images with the matching targets masked): this process's slice of the
-  global batch. Deterministic for a seed, whatever the parallelism.
+  global batch. Deterministic for a seed, whatever the parallelism. With
+  ``category_batches`` the matched elements of one global batch share the user image's
+  category where the epoch allows (``PairIndex.epoch_elements`` with ``group_size``
+  global_batch_pairs): the matching loss then sees same-category negatives every step.
   """
   pi, pc = _process_info(process_index, process_count)
   if global_batch_pairs % pc:
     raise ValueError(f"global_batch_pairs={global_batch_pairs} is not divisible by the "
                      f"{pc} processes.")
   local = global_batch_pairs // pc
-  stream = TrainStream(source, pair_index, geometry, seed, flip_prob)
+  stream = TrainStream(source, pair_index, geometry, seed, flip_prob,
+                       group_size=global_batch_pairs if category_batches else 1)
   signature = _output_signature(geometry, (2,))
   signature["match_valid"] = ((), np.dtype(np.bool_))
   signature["element"] = ((), np.dtype(np.int64))

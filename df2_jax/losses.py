@@ -205,21 +205,34 @@ def landmark_loss(
                    jnp.sum(ok.astype(jnp.float32)))
 
 
-def pair_loss(logits: Array, labels: Array, valid: Array) -> Array:
+def pair_loss(logits: Array, labels: Array, valid: Array, balanced: bool = False) -> Array:
   """Matching loss: BCE with logits averaged over valid item pairs.
 
   Args:
-    logits: [P, Mu, Ms] match logits of P image pairs.
-    labels: [P, Mu, Ms] in {0, 1} (pair_targets).
-    valid: [P, Mu, Ms] bool.
+    logits: [..., Mu, Ms] match logits (P image pairs [P, Mu, Ms], or a whole batch's user
+      items against its shop items [U, S]).
+    labels: same shape, in {0, 1} (pair_targets).
+    valid: same shape, bool.
+    balanced: the mean over the positive pairs and the mean over the negative ones weigh half
+      each (one of them alone when the other kind has no valid pair), so that many negatives
+      do not drown the few positives; False: one mean over all valid pairs.
 
   Returns:
     float32 scalar; 0 without valid pairs.
   """
   valid = jnp.asarray(valid, bool)
   bce = sigmoid_bce(logits, labels)
-  return _safe_div(jnp.sum(jnp.where(valid, bce, 0.0)),
-                   jnp.sum(valid.astype(jnp.float32)))
+  if not balanced:
+    return _safe_div(jnp.sum(jnp.where(valid, bce, 0.0)),
+                     jnp.sum(valid.astype(jnp.float32)))
+  pos = valid & (jnp.asarray(labels) > 0.5)
+  neg = valid & ~pos
+  n_pos = jnp.sum(pos.astype(jnp.float32))
+  n_neg = jnp.sum(neg.astype(jnp.float32))
+  mean_pos = _safe_div(jnp.sum(jnp.where(pos, bce, 0.0)), n_pos)
+  mean_neg = _safe_div(jnp.sum(jnp.where(neg, bce, 0.0)), n_neg)
+  kinds = (n_pos > 0).astype(jnp.float32) + (n_neg > 0).astype(jnp.float32)
+  return _safe_div(mean_pos + mean_neg, kinds)
 
 
 def total_loss(terms: Mapping[str, Array],

@@ -272,7 +272,9 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     dataset = pipeline.train_dataset(train_source, pair_index, geometry,
                                      global_batch_pairs=tc.global_batch_pairs, seed=config.seed,
-                                     start_step=start_step, flip_prob=config.data.flip_prob)
+                                     start_step=start_step, flip_prob=config.data.flip_prob,
+                                     category_batches=bool(
+                                         config.data.get("category_batches", False)))
     batches = dataset.as_numpy_iterator()
     step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
                                         dict(tc.loss_weights))

@@ -30,6 +30,7 @@ FORMATS = ("raw", "coco", "tfds", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 ROI_ALIGN_METHODS = ("gather", "matmul")
+MATCH_NEGATIVES = ("pair", "batch")
 CANVAS_MULTIPLE = 32  # the FPN's coarsest C level (stride 32) must tile the canvas exactly
 
 
@@ -94,6 +95,10 @@ def sequence(length: int | None, item: Callable[[Any], str | None]
   return check
 
 
+def boolean(v) -> str | None:
+  return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
+
+
 def canvas(v) -> str | None:
   problem = sequence(2, integer(CANVAS_MULTIPLE))(v)
   if problem is None and any(int(x) % CANVAS_MULTIPLE for x in v):
@@ -118,6 +123,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.max_instances": POSITIVE,
     "data.mask_size": POSITIVE,
     "data.flip_prob": FRACTION,
+    "data.category_batches": boolean,
     "data.check_images": choice(CHECK_IMAGE_MODES),
     "data.num_workers": NON_NEGATIVE,
     "data.synthetic_train_pairs": POSITIVE,
@@ -141,13 +147,20 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.roi_batch_size_per_image": POSITIVE,
     "model.roi_positive_fraction": number(0.0, 1.0, lo_open=True),
     "model.box_fc_dim": POSITIVE,
+    "model.cls_agnostic_bbox_reg": boolean,
     "model.mask_conv_dim": POSITIVE,
     "model.landmark_conv_dim": POSITIVE,
     "model.landmark_num_convs": POSITIVE,
     "model.landmark_rois_per_image": POSITIVE,
+    "model.landmark_visible_only": boolean,
+    "model.landmark_select_channels": boolean,
     "model.match_conv_dim": POSITIVE,
     "model.match_proj_dim": POSITIVE,
     "model.embed_dim": POSITIVE,
+    "model.match_negatives": choice(MATCH_NEGATIVES),
+    "model.match_rois_per_image": NON_NEGATIVE,
+    "model.match_balanced": boolean,
+    "model.match_scorer_init": choice(("normal", "distance")),
     "model.score_threshold": FRACTION,
     "model.detection_nms_threshold": IOU,
     "model.detections_per_image": POSITIVE,

@@ -246,6 +246,23 @@ def test_pair_loss_by_hand():
   assert float(losses.pair_loss(logits, labels, jnp.zeros_like(valid))) == 0.0
 
 
+def test_balanced_pair_loss_by_hand():
+  # Positives (0, 0), (0, 1); negatives (1, 0) and (1, 2); (1, 1) is not valid.
+  logits = jnp.array([[0.0, 2.0, 3.0], [-1.0, 50.0, 1.0]])
+  labels = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  valid = jnp.array([[True, True, False], [True, False, True]])
+  got = jax.jit(losses.pair_loss, static_argnames="balanced")(logits, labels, valid,
+                                                               balanced=True)
+  pos = (LN2 + _softplus(-2.0)) / 2
+  neg = (_softplus(-1.0) + _softplus(1.0)) / 2
+  np.testing.assert_allclose(got, (pos + neg) / 2, rtol=1e-6)
+  # One kind alone: its mean (not half of it); nothing valid: 0.
+  only_neg = valid & (labels == 0)
+  np.testing.assert_allclose(losses.pair_loss(logits, labels, only_neg, balanced=True), neg,
+                             rtol=1e-6)
+  assert float(losses.pair_loss(logits, labels, jnp.zeros_like(valid), balanced=True)) == 0.0
+
+
 # --------------------------------------------------------------------- total
 
 

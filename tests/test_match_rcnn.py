@@ -1,5 +1,6 @@
 """The assembled Match R-CNN: loss terms, inference outputs, the compiled train step."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,10 +10,12 @@ import optax
 
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import memory, transforms
+from df2_jax import losses
 from df2_jax import train_step as ts
-from df2_jax.models import matching
+from df2_jax.models import match_rcnn, matching
 from df2_jax.models.match_rcnn import LOSS_TERMS, MatchRCNN, MatchRCNNConfig, init_variables
 from df2_jax.ops import boxes as box_ops
+from df2_jax.ops import targets
 
 SIZE = 128
 GEOMETRY = transforms.ImageGeometry((SIZE, SIZE), 96, SIZE, 4, 28)
@@ -89,6 +92,63 @@ def test_gallery_scores_are_the_pairwise_formula():
   scorer = variables["params"]["scorer"]
   want = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"], query, gallery)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_negatives_pair_term_is_the_formula():
+  # Every user item of the batch against every shop item, positives and negatives balanced:
+  # the pair term equals the formula on the embeddings of the GT boxes.
+  model, variables = _model_and_variables()
+  batch_model = MatchRCNN(dataclasses.replace(TINY, match_negatives="batch",
+                                              match_balanced=True), (SIZE, SIZE))
+  b = _batch()
+  terms = jax.jit(lambda v, x, k: batch_model.apply(v, x, rngs={"sampling": k},
+                                                    method=MatchRCNN.losses))(
+                                                        variables, b, jax.random.key(1))
+  emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["boxes"]),
+                               method=MatchRCNN.embed)).reshape(2, 2, 4, 16)
+  scorer = variables["params"]["scorer"]
+  logits = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"],
+                                              emb[:, 0].reshape(8, 16), emb[:, 1].reshape(8, 16))
+  ok = np.asarray(b["instance_valid"]) & np.asarray(b["match_valid"])[:, None, None]
+  labels, valid = targets.pair_targets(
+      b["pair_id"][:, 0].reshape(-1), b["style"][:, 0].reshape(-1), ok[:, 0].reshape(-1),
+      b["pair_id"][:, 1].reshape(-1), b["style"][:, 1].reshape(-1), ok[:, 1].reshape(-1))
+  # The two image pairs' items are negatives of each other now: more valid pairs than within
+  # each image pair, and the positives are the same.
+  assert int(np.sum(valid)) > int(np.sum(ok[:, 0].sum(1) * ok[:, 1].sum(1)))
+  want = losses.pair_loss(logits, labels, valid, balanced=True)
+  np.testing.assert_allclose(float(terms["pair"]), float(want), rtol=2e-5)
+  assert abs(float(terms["pair"]) - float(losses.pair_loss(logits, labels, valid))) > 1e-4
+
+
+def test_matching_items_label_rois_with_their_item():
+  gt = np.array([[[0, 0, 10, 10], [20, 20, 40, 40]]], np.float32)
+  items = match_rcnn.matching_items(
+      jnp.asarray(gt), jnp.array([[7, 7]]), jnp.array([[1, 2]]), jnp.array([[True, True]]),
+      jnp.array([[[1, 1, 11, 11], [21, 19, 41, 40], [0, 0, 0, 0]]], jnp.float32),
+      jnp.array([[True, True, False]]), jnp.array([[0, 1, 0]]))
+  np.testing.assert_array_equal(items["boxes"][0, 2:4], [[1, 1, 11, 11], [21, 19, 41, 40]])
+  np.testing.assert_array_equal(items["pair_id"], [[7, 7, 7, 7, 7]])
+  np.testing.assert_array_equal(items["style"], [[1, 2, 1, 2, 1]])
+  np.testing.assert_array_equal(items["valid"], [[True, True, True, True, False]])
+
+
+def test_pair_labels_within_pairs_and_across_the_batch():
+  # Two image pairs; pair 1's shop image holds pair 0's item too (the same pair_id and style),
+  # as DeepFashion2 pair_ids do when several image pairs share one.
+  pid = np.array([[[3, 3], [3, 9]], [[4, 4], [3, 4]]])
+  sty = np.array([[[1, 0], [1, 1]], [[1, 1], [1, 1]]])
+  ok = np.ones((2, 2, 2), bool)
+  ok[1, 0, 1] = False  # a padded user item
+  labels, valid = match_rcnn.pair_labels(pid, sty, ok, "pair")
+  np.testing.assert_array_equal(labels, [[[1, 0], [0, 0]], [[0, 1], [0, 0]]])
+  np.testing.assert_array_equal(valid, [[[1, 1], [1, 1]], [[1, 1], [0, 0]]])
+  labels, valid = match_rcnn.pair_labels(pid, sty, ok, "batch")
+  # Rows: user items (pair 0: 3/1, 3/0; pair 1: 4/1, pad); columns: shop items (3/1, 9/1,
+  # 3/1, 4/1).
+  np.testing.assert_array_equal(labels, [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1],
+                                         [0, 0, 0, 0]])
+  np.testing.assert_array_equal(valid.sum(1), [4, 4, 4, 0])
 
 
 def test_train_step_compiles_once_and_has_no_host_callbacks():

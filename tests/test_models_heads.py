@@ -355,6 +355,20 @@ def test_pair_scorer_params():
   assert params["kernel"].shape == (16,) and params["bias"].shape == ()
   with pytest.raises(ValueError):
     scorer.apply({"params": params}, jnp.zeros((2, 8)), jnp.zeros((2, 8)))
+  assert 0 < float(jnp.std(params["kernel"])) < 0.05  # "normal": N(0, 0.01^2)
+
+
+def test_pair_scorer_distance_init_is_minus_the_mean_squared_distance():
+  scorer = matching.PairScorer(embed_dim=4, weight_init="distance")
+  a = jnp.array([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+  b = jnp.array([[0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 4.0, 5.0]])
+  params = scorer.init(jax.random.key(0), a, b)["params"]
+  np.testing.assert_array_equal(params["kernel"], [-0.25] * 4)
+  logits = scorer.apply({"params": params}, a, b)
+  # Rows: a[0] (equal to b[0]; b[1] = a[0] + 2), a[1] (distances 1+0+1+4, 1+4+9+16).
+  np.testing.assert_allclose(logits, [[0.0, -4.0], [-1.5, -7.5]], atol=1e-5)
+  with pytest.raises(ValueError, match="weight_init"):
+    matching.PairScorer(embed_dim=4, weight_init="zeros").init(jax.random.key(0), a, b)
 
 
 def _rand(key, shape, offset=0.0):

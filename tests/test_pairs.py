@@ -168,3 +168,43 @@ def test_singles_fallback_is_logged_and_masks_matching(caplog):
 def test_an_image_cannot_be_both_user_and_shop():
   with pytest.raises(ValueError, match="user image in one pair"):
     pairs.PairIndex(np.array([[0, 1], [1, 2]]), 3)
+
+
+def _category_pairs(categories, seed=0):
+  """One user/shop partner pair per entry of ``categories`` (the shared item's category) and a
+  user image without a partner."""
+  records = []
+  for p, cid in enumerate(categories):
+    records.append(make_record(2 * p + 1, [make_item(category_id=cid, style=1)],
+                               source="user", pair_id=p + 1))
+    records.append(make_record(2 * p + 2, [make_item(category_id=cid, style=1),
+                                           make_item(category_id=7, style=0)],
+                               source="shop", pair_id=p + 1))
+  records.append(make_record(999, [make_item(category_id=3, style=1)], source="user",
+                             pair_id=500))
+  return records
+
+
+def test_category_batches_group_matched_elements_by_category():
+  categories = [1] * 7 + [2] * 4 + [5] * 3 + [9]
+  index = pairs.build_pair_index(_category_pairs(categories))
+  np.testing.assert_array_equal(index.keys[:4], [1, 1, 1, 1])
+  assert index.keys[-1] == 3
+  for epoch in range(3):
+    plain = index.epoch_elements(epoch, 0)
+    grouped = index.epoch_elements(epoch, 0, group_size=3)
+    # The same elements (the same matching), in another order.
+    as_set = lambda e: sorted(zip(map(tuple, e.elements.tolist()), e.match_valid.tolist()))
+    assert as_set(grouped) == as_set(plain)
+    keys = np.where(grouped.match_valid, index.keys[grouped.elements[:, 0]], -1)
+    runs = [keys[i:i + 3] for i in range(0, len(keys), 3)]
+    # 15 matched pairs + 1 leftover element (the unpartnered user and the extra image): 16
+    # elements, 5 full runs and a short last one. Category 1 gives 2 runs (7 = 2 x 3 + 1),
+    # 2 gives one (4 = 3 + 1), 5 one: 4 runs of one category, the leftovers mixed.
+    assert len(keys) == 16 and len(runs[-1]) == 1
+    pure = [r for r in runs if len(r) == 3 and len(set(r.tolist())) == 1 and r[0] >= 0]
+    assert sorted(int(r[0]) for r in pure) == [1, 1, 2, 5]
+    again = index.epoch_elements(epoch, 0, group_size=3)
+    np.testing.assert_array_equal(again.elements, grouped.elements)
+  assert not np.array_equal(index.epoch_elements(0, 0, 3).elements,
+                            index.epoch_elements(1, 0, 3).elements)

@@ -19,6 +19,7 @@ from df2_jax.evaluation import retrieval
 GREEN = (40, 200, 60)
 RED = (220, 40, 40)
 GREY = (128, 128, 128)
+BLUE = (40, 90, 220)
 
 
 def crop_thumbnail(pixels: np.ndarray, box: Sequence[float], height: int) -> np.ndarray:
@@ -32,8 +33,9 @@ def crop_thumbnail(pixels: np.ndarray, box: Sequence[float], height: int) -> np.
   return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def _framed(thumb: np.ndarray, color: tuple[int, int, int], text: str, border: int = 3
-            ) -> np.ndarray:
+def framed(thumb: np.ndarray, color: tuple[int, int, int], text: str, border: int = 3
+           ) -> np.ndarray:
+  """A thumbnail in a coloured frame with a line of text under it."""
   out = cv2.copyMakeBorder(thumb, border, border + 14, border, border, cv2.BORDER_CONSTANT,
                            value=color)
   cv2.putText(out, text, (2, out.shape[0] - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
@@ -76,11 +78,11 @@ def retrieval_strip(query_pixels: np.ndarray, entry: dict, gallery_pixels: dict[
                     ) -> np.ndarray:
   """[H, W, 3] uint8: the query crop (grey frame), then the top-k gallery crops (green = hit)."""
   name = COCO_NAMES.get(int(entry["query_cls"]), "?")
-  tiles = [_framed(crop_thumbnail(query_pixels, entry["query_bbox"], height), GREY,
+  tiles = [framed(crop_thumbnail(query_pixels, entry["query_bbox"], height), GREY,
                    f"query {name} {entry['query_score']:.2f}")]
   for r, (gid, gbox) in enumerate(zip(entry["gallery_image_id"][:k],
                                       entry["gallery_bbox"][:k])):
-    tiles.append(_framed(crop_thumbnail(gallery_pixels[int(gid)], gbox, height),
+    tiles.append(framed(crop_thumbnail(gallery_pixels[int(gid)], gbox, height),
                          GREEN if hits[r] else RED, f"#{r + 1} shop {int(gid)}"))
   strip = np.concatenate([np.pad(t, ((0, 0), (0, 6), (0, 0))) for t in tiles], axis=1)
   banner = np.zeros((16, strip.shape[1], 3), np.uint8)

@@ -81,6 +81,18 @@ class MatchRCNNConfig:
   match_conv_dim: int = 256
   match_proj_dim: int = 1024
   embed_dim: int = 256
+  # What the pair loss sees (see ``losses``). "pair": each user item against the shop items of
+  # its own image pair (the paper); "batch": against every shop item of the batch, so items of
+  # the same category but another garment are negatives too.
+  match_negatives: str = "pair"
+  # Foreground RoIs per image (proposals at IoU >= 0.5 with an item, as the box head samples
+  # them) embedded besides the ground-truth boxes and labelled with their item: the matching
+  # network also learns from the imprecise boxes it is given at test time. 0: GT boxes only.
+  match_rois_per_image: int = 0
+  # Positives and negatives weigh half each in the pair loss (False: every pair the same).
+  match_balanced: bool = False
+  # The similarity fc's initial weights (matching.PairScorer.weight_init): "normal" or "distance".
+  match_scorer_init: str = "normal"
   # Inference.
   score_threshold: float = 0.05
   detection_nms_threshold: float = 0.5
@@ -130,7 +142,7 @@ class MatchRCNN(nn.Module):
                                       num_convs=c.landmark_num_convs, dtype=dtype)
     self.matching_head = MatchingHead(embed_dim=c.embed_dim, conv_dim=c.match_conv_dim,
                                       proj_dim=c.match_proj_dim, dtype=dtype)
-    self.scorer = PairScorer(embed_dim=c.embed_dim)
+    self.scorer = PairScorer(embed_dim=c.embed_dim, weight_init=c.match_scorer_init)
 
   # ------------------------------------------------------------------------------------------
   # Shared pieces.
@@ -229,14 +241,24 @@ class MatchRCNN(nn.Module):
     landmark = loss_lib.landmark_loss(lm_logits, lm_index, lm_valid, lm_classes,
                                       gathered=c.landmark_select_channels)
 
-    # Matching: embeddings of the ground-truth items, every user item x shop item of a pair.
-    emb = self._embed(feats, gt_boxes).reshape((num_pairs, 2) + gt_boxes.shape[1:2] + (-1,))
-    pair_logits = self.scorer(emb[:, 0], emb[:, 1])
-    pid, sty, val = batch["pair_id"], batch["style"], batch["instance_valid"]
-    labels, valid = jax.vmap(target_ops.pair_targets)(
-        pid[:, 0], sty[:, 0], val[:, 0], pid[:, 1], sty[:, 1], val[:, 1])
-    valid = valid & batch["match_valid"][:, None, None]
-    pair = loss_lib.pair_loss(pair_logits, labels, valid)
+    # Matching: embeddings of the ground-truth items (and of foreground RoIs labelled with
+    # their item), scored user item x shop item within each image pair or across the batch.
+    n_roi = min(c.match_rois_per_image, f)
+    items = matching_items(gt_boxes, _flatten_pairs(batch["pair_id"]),
+                           _flatten_pairs(batch["style"]), gt_valid, fg_rois[:, :n_roi],
+                           fg[:, :n_roi], matched[:, :n_roi])
+    n = items["boxes"].shape[1]
+    emb = self._embed(feats, items["boxes"]).reshape(num_pairs, 2, n, -1)
+    split = lambda x: x.reshape(num_pairs, 2, n)
+    item_valid = split(items["valid"]) & batch["match_valid"][:, None, None]
+    labels, valid = pair_labels(split(items["pair_id"]), split(items["style"]), item_valid,
+                                c.match_negatives)
+    if c.match_negatives == "batch":  # every user item of the batch x every shop item
+      flat = lambda x: x.reshape(num_pairs * n, -1)
+      pair_logits = self.scorer(flat(emb[:, 0]), flat(emb[:, 1]))
+    else:
+      pair_logits = self.scorer(emb[:, 0], emb[:, 1])
+    pair = loss_lib.pair_loss(pair_logits, labels, valid, balanced=c.match_balanced)
 
     return dict(rpn_cls=rpn_cls, rpn_box=rpn_box, cls=cls, box=box, mask=mask,
                 landmark=landmark, pair=pair)
@@ -329,6 +351,50 @@ class MatchRCNN(nn.Module):
   def match_logits(self, query: Array, gallery: Array) -> Array:
     """Match logits [..., Q, G] of query embeddings [..., Q, D] against a gallery [..., G, D]."""
     return self.scorer(query, gallery)
+
+
+def matching_items(gt_boxes: Array, pair_id: Array, style: Array, gt_valid: Array,
+                   rois: Array, roi_fg: Array, roi_item: Array) -> dict[str, Array]:
+  """The items the pair loss embeds: every GT item, then the given foreground RoIs, each RoI
+  labelled with the pair_id and style of the GT item it matched (IoU >= 0.5).
+
+  Args:
+    gt_boxes: [B, M, 4]; pair_id, style: [B, M] int; gt_valid: [B, M] bool.
+    rois: [B, K, 4] (K may be 0); roi_fg: [B, K] bool; roi_item: [B, K] int GT index.
+
+  Returns:
+    {"boxes" [B, M + K, 4], "pair_id", "style" [B, M + K] int32, "valid" [B, M + K] bool}.
+  """
+  pair_id, style = pair_id.astype(jnp.int32), style.astype(jnp.int32)
+  take = lambda x: jnp.take_along_axis(x, roi_item.astype(jnp.int32), axis=1)
+  return {"boxes": jnp.concatenate([gt_boxes, rois.astype(gt_boxes.dtype)], axis=1),
+          "pair_id": jnp.concatenate([pair_id, take(pair_id)], axis=1),
+          "style": jnp.concatenate([style, take(style)], axis=1),
+          "valid": jnp.concatenate([gt_valid, roi_fg], axis=1)}
+
+
+def pair_labels(pair_id: Array, style: Array, valid: Array, negatives: str
+                ) -> tuple[Array, Array]:
+  """Labels and validity of the pair loss's logits.
+
+  Args:
+    pair_id, style, valid: [P, 2, N] per image pair, user items (index 0) and shop items (1);
+      valid already False for pairs whose matching is masked.
+    negatives: "pair": user items x shop items of the same image pair, [P, N, N]; "batch":
+      every user item of the batch x every shop item of the batch, [P * N, P * N] (rows and
+      columns in pair-major order), positive wherever pair_id and style > 0 agree.
+
+  Returns:
+    (labels float32 in {0, 1}, valid bool), shaped as the logits.
+  """
+  if negatives == "pair":
+    return jax.vmap(target_ops.pair_targets)(pair_id[:, 0], style[:, 0], valid[:, 0],
+                                             pair_id[:, 1], style[:, 1], valid[:, 1])
+  if negatives == "batch":
+    flat = lambda x, side: x[:, side].reshape(-1)
+    return target_ops.pair_targets(flat(pair_id, 0), flat(style, 0), flat(valid, 0),
+                                   flat(pair_id, 1), flat(style, 1), flat(valid, 1))
+  raise ValueError(f"match_negatives must be 'pair' or 'batch', got {negatives!r}")
 
 
 # config.model fields that say how to initialise a fresh run, not what the network is.

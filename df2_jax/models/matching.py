@@ -87,7 +87,8 @@ class MatchingHead(nn.Module):
     return x.astype(jnp.float32)
 
 
-def expanded_square_logits(w: Array, bias: Array, a: Array, b: Array) -> Array:
+def expanded_square_logits(w: Array, bias: Array, a: Array, b: Array,
+                           center: Array | None = None) -> Array:
   """All-pairs logits sum_d w_d (a_d - b_d)^2 + bias by expanding the square.
 
   Args:
@@ -96,6 +97,9 @@ def expanded_square_logits(w: Array, bias: Array, a: Array, b: Array) -> Array:
     a: [..., U, D] embeddings (e.g. user items, or queries).
     b: [..., S, D] embeddings (e.g. shop items, or the gallery); the leading
       dims broadcast against a's.
+    center: [D] the shift subtracted from both sets; default the mean of the
+      two sets' means. A fixed one makes the rounding of a gallery scored in
+      chunks independent of how it is chunked.
 
   Returns:
     [..., U, S] float32 logits; entry (u, s) scores a[u] against b[s].
@@ -104,8 +108,11 @@ def expanded_square_logits(w: Array, bias: Array, a: Array, b: Array) -> Array:
   a = jnp.asarray(a, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
   # A common shift cancels in a - b; it only reduces cancellation below.
-  c = 0.5 * (jnp.mean(a, axis=-2, keepdims=True) +
-             jnp.mean(b, axis=-2, keepdims=True))
+  if center is None:
+    c = 0.5 * (jnp.mean(a, axis=-2, keepdims=True) +
+               jnp.mean(b, axis=-2, keepdims=True))
+  else:
+    c = jnp.asarray(center, jnp.float32)
   c = jax.lax.stop_gradient(c)
   a = a - c
   b = b - c
@@ -172,14 +179,24 @@ class PairScorer(nn.Module):
 
   Attributes:
     embed_dim: D, the embedding width (MatchingHead.embed_dim).
+    weight_init: "normal": weights drawn from N(0, 0.01^2), so the first logits are near 0 whatever
+      the embeddings (an uninformed start); "distance": every weight -1/D, so the logit starts
+      as minus the mean squared distance: close embeddings score higher from the first step,
+      and the gradient reaching the embeddings is not scaled down by near-zero weights.
     param_dtype: parameter dtype; the logits are always computed in float32.
   """
   embed_dim: int = 256
+  weight_init: str = "normal"
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.kernel = self.param("kernel", nn.initializers.normal(0.01),
-                             (self.embed_dim,), self.param_dtype)
+    if self.weight_init == "normal":
+      kernel_init = nn.initializers.normal(0.01)
+    elif self.weight_init == "distance":
+      kernel_init = nn.initializers.constant(-1.0 / self.embed_dim)
+    else:
+      raise ValueError(f"weight_init must be 'normal' or 'distance', got {self.weight_init!r}")
+    self.kernel = self.param("kernel", kernel_init, (self.embed_dim,), self.param_dtype)
     self.bias = self.param("bias", nn.initializers.zeros, (), self.param_dtype)
 
   def _check(self, *xs: Array) -> None:

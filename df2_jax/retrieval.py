@@ -1,0 +1,735 @@
+r"""Consumer-to-shop retrieval as a tool: index a folder of shop photos once, then ask which shop
+items match the garments of a photo.
+
+  python -m df2_jax.retrieval index --config configs/demo_synthetic.py --workdir runs/demo \
+      --images SHOP_DIR --out INDEX_DIR [--source shop] [--checkpoint_dir D] [--step N] \
+      [--config.a.b=v]
+  python -m df2_jax.retrieval query --index INDEX_DIR --image PHOTO_OR_FOLDER [--top 20] \
+      [--out result.png | --out OUT_FOLDER] [--json results.json]
+
+``index`` detects every garment of every image of SHOP_DIR (``MatchRCNN.detect``, batched on
+every local device: ``config.eval.batch_size`` images per device), keeps the detections scoring
+at least ``config.eval.gallery_score_threshold`` after a class-agnostic NMS per image at
+``config.eval.gallery_nms_threshold`` (the evaluation's gallery rule: one entry per garment),
+and writes them as a new part of INDEX_DIR (``--source shop``: only the images a DeepFashion2
+annotation beside the folder calls shop images, e.g. a split's ``image/`` folder). Run it again on the same INDEX_DIR to append: the
+images already indexed (same absolute path) are skipped, earlier parts are never rewritten, and
+the model must be the index's own (its checkpoint and model config; the embeddings of two
+models cannot be compared). An image that cannot be decoded is skipped with a log line and
+listed in its part's ``images.json``.
+
+Layout (every array memory-maps with ``np.load(mmap_mode="r")``)::
+
+  INDEX_DIR/manifest.json        what the index is (written last, atomically):
+      format, version, items, images, embed_dim, parts [{name, images, items, skipped}],
+      checkpoint_dir, step, config (the full config JSON the index was built with),
+      scorer {kernel [D], bias} (the matching network's similarity fc), min_score, nms
+  INDEX_DIR/part-NNNNN/embeddings.npy  [n, D] float32  matching embeddings
+                       boxes.npy       [n, 4] float32  x1, y1, x2, y2 in original pixels
+                       classes.npy     [n] int32       category 1..13
+                       scores.npy      [n] float32     detection score
+                       image.npy       [n] int32       row of the part's images.json
+                       images.json     {"images": [{path, height, width}], "skipped":
+                                        [{path, error}]}
+
+``query`` detects the garments of a photo (or of every image of a folder) with the same rule
+(a photo's garments are its detections scoring >= the index's ``min_score`` after the same NMS),
+scores each against the whole gallery with the matching network, logit = fc((v_q - v_g)^2)
+(``GalleryScorer``: one matrix product per chunk of gallery rows on the default device, a
+running exact top-k; no approximate index), prints the ranked shop items (image, box, category,
+match probability = sigmoid(logit)) as text, optionally writes them as JSON (``--json``; the
+fields are those of ``query_result``), and draws one strip per garment: the garment's crop, then
+its top shop items' crops with their match probabilities (``--out``: a PNG for one photo, a
+folder of ``<stem>.png`` for several).
+
+No TensorFlow (images are decoded with Pillow); one process (all of its local devices).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipeline import annotations, images, transforms
+from data_pipeline.deepfashion2 import COCO_NAMES
+from data_pipeline.records import DataError, ImageRecord
+from df2_jax import parallel
+from df2_jax.evaluation import retrieval as retrieval_lib
+from df2_jax.evaluation import visualize
+from df2_jax.models import matching
+
+log = logging.getLogger(__name__)
+
+FORMAT = "df2-jax-retrieval-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = {"embeddings": np.float32, "boxes": np.float32, "classes": np.int32,
+          "scores": np.float32, "image": np.int32}
+DEFAULT_CHUNK = 65536  # gallery rows per matrix product: [Q, 65536] float32 logits at a time
+
+
+class IndexFolderError(ValueError):
+  """An index folder that cannot be used as asked (named, with the reason)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection of the garments of image files.
+
+
+@dataclasses.dataclass
+class Garments:
+  """The garments found in one image: the detections kept by the gallery rule."""
+  path: str
+  height: int
+  width: int
+  boxes: np.ndarray  # [n, 4] float32, original pixels
+  classes: np.ndarray  # [n] int32
+  scores: np.ndarray  # [n] float32
+  embeddings: np.ndarray  # [n, D] float32
+  pixels: np.ndarray | None = None  # [H, W, 3] uint8 RGB, when asked for
+
+
+def image_files(path: str, source: str | None = None) -> list[str]:
+  """``path`` itself when it is a file, else the images of the folder (sorted, not recursive:
+  .jpg, .jpeg, .png in any case). With ``source`` ("shop" or "user") only the images whose
+  DeepFashion2 annotation (``../annos/<stem>.json`` beside the image folder) has that
+  "source"."""
+  if os.path.isfile(path):
+    paths = [os.path.abspath(path)]
+  elif os.path.isdir(path):
+    paths = [os.path.abspath(os.path.join(path, n)) for n in sorted(os.listdir(path))
+             if n.lower().endswith(annotations.IMAGE_EXTENSIONS)
+             and os.path.isfile(os.path.join(path, n))]
+  else:
+    raise FileNotFoundError(f"{path}: no such image file or folder")
+  if source is None:
+    return paths
+  kept = []
+  for p in paths:
+    anno = os.path.join(os.path.dirname(os.path.dirname(p)), "annos",
+                        os.path.splitext(os.path.basename(p))[0] + ".json")
+    try:
+      with open(anno) as f:
+        found = json.load(f).get("source")
+    except (OSError, json.JSONDecodeError) as e:
+      raise FileNotFoundError(f"{anno}: cannot read the annotation of {p} for --source "
+                              f"({e})") from None
+    if found == source:
+      kept.append(p)
+  return kept
+
+
+class Detector:
+  """``MatchRCNN.detect`` of a config and its variables on every local device, turned into the
+  garments of image files (``garments``)."""
+
+  def __init__(self, config, variables: Any, *, min_score: float, nms: float):
+    from data_pipeline.sources import geometry_from_config
+    from df2_jax.evaluation import evaluator
+    from df2_jax.models.match_rcnn import model_from_config
+    if jax.process_count() > 1:
+      raise RuntimeError("df2_jax.retrieval runs as one process (on all of its devices)")
+    self.geometry = geometry_from_config(config.data)
+    self.mesh = parallel.make_mesh()
+    self.variables = parallel.replicate(variables, self.mesh)
+    evaluator.check_finite(self.variables)
+    self.detect = evaluator.jitted_detect(model_from_config(config), self.mesh)[0]
+    self.batch_size = int(config.eval.batch_size) * jax.local_device_count()
+    self.min_score, self.nms = float(min_score), float(nms)
+    self._spec = transforms.image_spec(self.geometry)
+
+  def garments(self, paths: Sequence[str], *, keep_pixels: bool = False,
+               skipped: list[dict] | None = None, progress: str | None = None
+               ) -> Iterator[Garments]:
+    """The garments of every readable file of ``paths``, in order. A file that cannot be
+    decoded is logged, appended to ``skipped`` ({path, error}) and left out. Images are
+    decoded by a few threads while the device detects the previous batch; with ``progress``
+    (a label) a log line with the rate and the time left is written about every 10 s."""
+    batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+    start = last_log = time.perf_counter()
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+      decoded = (pool.map(_load, batch) for batch in batches)  # lazily, one batch ahead
+      pending = next(decoded, None)
+      for batch in batches:
+        loaded = list(pending)
+        pending = next(decoded, None)
+        ok = []
+        for path, result in zip(batch, loaded):
+          if isinstance(result, DataError):
+            log.warning("Skipping %s", result)
+            if skipped is not None:
+              skipped.append({"path": path, "error": str(result)})
+          else:
+            ok.append((path, result))
+        yield from self._detect_batch(ok, keep_pixels)
+        done += len(batch)
+        now = time.perf_counter()
+        if progress and (now - last_log >= 10.0 or done == len(paths)):
+          rate = done / max(now - start, 1e-9)
+          log.info("%s: %d/%d images (%.1f images/s, %s left)", progress, done, len(paths),
+                   rate, _clock((len(paths) - done) / max(rate, 1e-9)))
+          last_log = now
+
+  def _detect_batch(self, loaded: list[tuple[str, np.ndarray]], keep_pixels: bool
+                    ) -> Iterator[Garments]:
+    if not loaded:
+      return
+    stacked = {k: np.zeros((self.batch_size,) + self._spec[k][0], self._spec[k][1])
+               for k in ("image", "image_hw")}
+    encoded = []
+    for j, (path, pixels) in enumerate(loaded):  # the rest of the batch stays zero
+      h, w = pixels.shape[:2]
+      enc = transforms.encode_image(ImageRecord(j + 1, path, w, h, "", -1, ()), pixels,
+                                    self.geometry, False)
+      encoded.append(enc)
+      for k in stacked:
+        stacked[k][j] = enc[k]
+    x = parallel.host_local_to_global(stacked, self.mesh)
+    out = parallel.host_local(self.detect(self.variables, x["image"], x["image_hw"]),
+                              self.mesh)
+    for j, (path, pixels) in enumerate(loaded):
+      h, w = pixels.shape[:2]
+      sy, sx = np.array([h, w], np.float32) / np.maximum(encoded[j]["image_hw"], 1)
+      rows = np.nonzero(out["valid"][j])[0]
+      boxes = out["boxes"][j][rows] * np.array([sx, sy, sx, sy], np.float32)
+      dets = [dict(image_id=0, bbox=boxes[n].tolist(), score=float(out["scores"][j][r]),
+                   row=int(r)) for n, r in enumerate(rows)]
+      kept = retrieval_lib.dedupe_gallery(dets, self.nms, self.min_score)
+      kept.sort(key=lambda d: -d["score"])
+      take = np.array([d["row"] for d in kept], np.int64)
+      n = len(take)
+      yield Garments(
+          path=path, height=int(h), width=int(w),
+          boxes=np.array([d["bbox"] for d in kept], np.float32).reshape(n, 4),
+          classes=out["classes"][j][take].astype(np.int32).reshape(n),
+          scores=out["scores"][j][take].astype(np.float32).reshape(n),
+          embeddings=out["embeddings"][j][take].astype(np.float32).reshape(n, -1),
+          pixels=pixels if keep_pixels else None)
+
+
+def _load(path: str) -> np.ndarray | DataError:
+  try:
+    return images.load_image(path)
+  except DataError as e:
+    return e
+
+
+def _clock(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The index on disk.
+
+
+class GalleryIndex:
+  """An index folder, read: its manifest and its parts' arrays (memory-mapped)."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    path = os.path.join(directory, MANIFEST)
+    try:
+      with open(path) as f:
+        self.manifest = json.load(f)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"{path}: no retrieval index here (build one with "
+                              f"'python -m df2_jax.retrieval index ... --out {directory}')"
+                              ) from None
+    except json.JSONDecodeError as e:
+      raise IndexFolderError(f"{path}: not JSON ({e})") from None
+    if self.manifest.get("format") != FORMAT:
+      raise IndexFolderError(f"{path}: field 'format' is {self.manifest.get('format')!r}, not "
+                        f"{FORMAT!r}")
+    if self.manifest.get("version") != VERSION:
+      raise IndexFolderError(f"{path}: field 'version' is {self.manifest.get('version')!r}; this "
+                        f"code reads version {VERSION}")
+    self.parts = [p["name"] for p in self.manifest["parts"]]
+    self._arrays: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+    for name in self.parts:
+      for key in ARRAYS:
+        self._arrays[key].append(np.load(os.path.join(directory, name, f"{key}.npy"),
+                                         mmap_mode="r"))
+    sizes = [len(a) for a in self._arrays["embeddings"]]
+    self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if int(self.offsets[-1]) != int(self.manifest["items"]):
+      raise IndexFolderError(f"{path}: field 'items' says {self.manifest['items']} but the parts "
+                        f"hold {int(self.offsets[-1])}")
+    self._images: dict[int, list[dict]] = {}
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  @property
+  def embed_dim(self) -> int:
+    return int(self.manifest["embed_dim"])
+
+  def array(self, key: str) -> np.ndarray:
+    """One array over all parts ([N, ...]; a copy when there are several parts)."""
+    parts = self._arrays[key]
+    if len(parts) == 1:
+      return parts[0]
+    if not parts:
+      shape = (0, self.embed_dim) if key == "embeddings" else (0, 4) if key == "boxes" else (0,)
+      return np.zeros(shape, ARRAYS[key])
+    return np.concatenate(parts)
+
+  def part_images(self, part: int) -> list[dict]:
+    if part not in self._images:
+      with open(os.path.join(self.directory, self.parts[part], "images.json")) as f:
+        self._images[part] = json.load(f)["images"]
+    return self._images[part]
+
+  def indexed_paths(self) -> set[str]:
+    return {im["path"] for p in range(len(self.parts)) for im in self.part_images(p)}
+
+  def item(self, i: int) -> dict[str, Any]:
+    """Gallery item ``i``: {index, image, box, category_id, category, detection_score}."""
+    part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+    row = int(i - self.offsets[part])
+    a = {k: v[part] for k, v in self._arrays.items()}
+    cid = int(a["classes"][row])
+    return {"index": int(i), "image": self.part_images(part)[int(a["image"][row])]["path"],
+            "box": [round(float(v), 2) for v in a["boxes"][row]], "category_id": cid,
+            "category": COCO_NAMES.get(cid, "?"),
+            "detection_score": round(float(a["scores"][row]), 4)}
+
+  def scorer_params(self) -> dict[str, np.ndarray]:
+    s = self.manifest["scorer"]
+    return {"kernel": np.asarray(s["kernel"], np.float32),
+            "bias": np.asarray(s["bias"], np.float32)}
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _model_identity(config_json: dict) -> dict:
+  """What must agree for two embeddings to be comparable: the model and the image geometry."""
+  model = {k: v for k, v in config_json["model"].items()
+           if k not in ("backbone_weights", "init_from", "init_from_step")}
+  data = {k: config_json["data"][k] for k in ("canvas", "short_side", "max_size")}
+  return {"model": model, "data": data}
+
+
+def build_index(config, variables: Any, image_dir: str, out_dir: str, *, checkpoint_dir: str,
+                step: int, min_score: float | None = None, nms: float | None = None,
+                source: str | None = None) -> dict[str, Any]:
+  """Indexes the images of ``image_dir`` (those of ``source``, see ``image_files``) into
+  ``out_dir`` (a new index, or a new part of an existing one). Returns the manifest written."""
+  scorer = {k: np.asarray(v, np.float32) for k, v in variables["params"]["scorer"].items()}
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  existing = GalleryIndex(out_dir) if os.path.exists(manifest_path) else None
+  config_json = _config_json(config)
+  if existing is not None:
+    m = existing.manifest
+    if _model_identity(m["config"]) != _model_identity(config_json) or int(m["step"]) != step:
+      raise IndexFolderError(
+          f"{out_dir} was built by another model (step {m['step']} of {m['checkpoint_dir']}); "
+          f"its embeddings cannot be compared with this one's: index into a new folder")
+    old = existing.scorer_params()
+    if not (np.array_equal(old["kernel"], scorer["kernel"])
+            and np.array_equal(old["bias"], scorer["bias"])):
+      raise IndexFolderError(f"{out_dir} was built by another checkpoint (its scorer differs): "
+                        f"index into a new folder")
+    min_score = float(m["min_score"]) if min_score is None else min_score
+    nms = float(m["nms"]) if nms is None else nms
+    if (min_score, nms) != (float(m["min_score"]), float(m["nms"])):
+      raise IndexFolderError(f"{out_dir} keeps detections with min_score {m['min_score']} and nms "
+                        f"{m['nms']}; appending must use the same")
+    manifest = m
+    done = existing.indexed_paths()
+  else:
+    min_score = float(config.eval.gallery_score_threshold) if min_score is None else min_score
+    nms = float(config.eval.gallery_nms_threshold) if nms is None else nms
+    manifest = {"format": FORMAT, "version": VERSION, "items": 0, "images": 0,
+                "embed_dim": int(scorer["kernel"].shape[0]), "parts": [],
+                "checkpoint_dir": os.path.abspath(checkpoint_dir), "step": int(step),
+                "config": config_json,
+                "scorer": {"kernel": scorer["kernel"].tolist(), "bias": float(scorer["bias"])},
+                "min_score": min_score, "nms": nms}
+    done = set()
+
+  paths = image_files(image_dir, source)
+  new = [p for p in paths if p not in done]
+  if len(new) < len(paths):
+    log.info("%d of %d images of %s are already in the index; indexing the other %d.",
+             len(paths) - len(new), len(paths), image_dir, len(new))
+  if not new:
+    log.info("Nothing to add to %s.", out_dir)
+    return manifest
+
+  detector = Detector(config, variables, min_score=min_score, nms=nms)
+  skipped: list[dict] = []
+  part_images: list[dict] = []
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+  for g in detector.garments(new, skipped=skipped, progress=f"Indexing {image_dir}"):
+    n = len(g.scores)
+    cols["embeddings"].append(g.embeddings)
+    cols["boxes"].append(g.boxes)
+    cols["classes"].append(g.classes)
+    cols["scores"].append(g.scores)
+    cols["image"].append(np.full((n,), len(part_images), np.int32))
+    part_images.append({"path": g.path, "height": g.height, "width": g.width})
+
+  name = f"part-{len(manifest['parts']):05d}"
+  part_dir = os.path.join(out_dir, name)
+  if os.path.exists(part_dir):  # an earlier run stopped before its manifest: not in the index
+    shutil.rmtree(part_dir)
+  os.makedirs(part_dir)
+  dim = manifest["embed_dim"]
+  for key, dtype in ARRAYS.items():
+    empty = {"embeddings": (0, dim), "boxes": (0, 4)}.get(key, (0,))
+    arr = np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(empty, dtype)
+    np.save(os.path.join(part_dir, f"{key}.npy"), arr)
+  with open(os.path.join(part_dir, "images.json"), "w") as f:
+    json.dump({"images": part_images, "skipped": skipped}, f)
+  items = int(sum(len(c) for c in cols["scores"]))
+  manifest = dict(manifest, parts=manifest["parts"] + [
+      {"name": name, "images": len(part_images), "items": items, "skipped": len(skipped)}])
+  manifest["items"] = int(manifest["items"]) + items
+  manifest["images"] = int(manifest["images"]) + len(part_images)
+  tmp = manifest_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f)
+  os.replace(tmp, manifest_path)
+  log.info("Indexed %d images (%d garments, %d unreadable images skipped) into %s/%s; the "
+           "index holds %d garments of %d images.", len(part_images), items, len(skipped),
+           out_dir, name, manifest["items"], manifest["images"])
+  return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a gallery.
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _scan_top_k(kernel, bias, center, queries, chunks, chunk_sq, num_valid, k: int):
+  """Exact top-k logits of queries [Q, D] against the gallery chunks [C, R, D] (already
+  shifted by ``center``; rows >= num_valid are padding), whose terms sum_d w_d g_d^2 are
+  ``chunk_sq`` [C, R]: a running top-k over the chunks, ties to the lower gallery index."""
+  rows = chunks.shape[1]
+  kc = min(k, rows)
+  q = queries - center
+  q_sq = jnp.einsum("qd,d->q", q * q, kernel, precision=jax.lax.Precision.HIGHEST)
+  qw = q * kernel
+
+  def body(carry, xs):
+    best_v, best_i = carry
+    chunk, sq, offset = xs
+    cross = jnp.einsum("qd,rd->qr", qw, chunk, precision=jax.lax.Precision.HIGHEST)
+    logits = q_sq[:, None] + sq[None, :] - 2.0 * cross + bias
+    index = offset + jnp.arange(rows, dtype=jnp.int32)
+    logits = jnp.where(index[None, :] < num_valid, logits, -jnp.inf)
+    v, i = jax.lax.top_k(logits, kc)
+    all_v = jnp.concatenate([best_v, v], axis=1)
+    all_i = jnp.concatenate([best_i, index[i]], axis=1)
+    top_v, pick = jax.lax.top_k(all_v, k)
+    return (top_v, jnp.take_along_axis(all_i, pick, axis=1)), None
+
+  init = (jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
+          jnp.zeros((q.shape[0], k), jnp.int32))
+  offsets = jnp.arange(chunks.shape[0], dtype=jnp.int32) * rows
+  (values, indices), _ = jax.lax.scan(body, init, (chunks, chunk_sq, offsets))
+  return values, indices
+
+
+@jax.jit
+def _gallery_terms(kernel, center, chunks):
+  shifted = chunks - center
+  sq = jnp.einsum("crd,d->cr", shifted * shifted, kernel, precision=jax.lax.Precision.HIGHEST)
+  return shifted, sq
+
+
+class GalleryScorer:
+  """Exact top-k of the matching network's logits of queries against a whole gallery.
+
+  The logit of query q and gallery item g is fc((q - g)^2) = sum_d w_d (q_d - g_d)^2 + b,
+  expanded as in ``matching.expanded_square_logits`` with a fixed shift c (the gallery's
+  mean): sum w (q - c)^2 + sum w (g - c)^2 - 2 ((q - c) * w) . (g - c) + b. The gallery side is
+  prepared once: the shifted rows, as [C, R, D] chunks of R rows on the default device (the
+  accelerator when there is one), and their terms sum w (g - c)^2. A query batch is then one
+  compiled program per power-of-two batch size that reads each chunk once (one [Q, D] x
+  [D, R] product) and keeps a running top-k: exact, no approximate index.
+  """
+
+  def __init__(self, scorer: dict[str, np.ndarray], gallery: np.ndarray, *,
+               chunk: int = DEFAULT_CHUNK):
+    self.size, self.dim = gallery.shape
+    self.kernel = jnp.asarray(scorer["kernel"], jnp.float32)
+    self.bias = jnp.asarray(scorer["bias"], jnp.float32)
+    num_chunks = max(1, -(-self.size // chunk))
+    per_chunk = -(-self.size // num_chunks)  # equal chunks, under 8 padded rows each
+    rows = max(8, -(-per_chunk // 8) * 8)
+    padded = np.zeros((num_chunks * rows, self.dim), np.float32)
+    mean = np.zeros(self.dim, np.float64)
+    for start in range(0, self.size, rows):  # a memory-mapped gallery is read once, in slices
+      part = np.asarray(gallery[start:start + rows], np.float32)
+      padded[start:start + len(part)] = part
+      mean += part.sum(axis=0, dtype=np.float64)
+    self.center = jnp.asarray(mean / max(self.size, 1), jnp.float32)
+    self.chunks, self.chunk_sq = _gallery_terms(
+        self.kernel, self.center, jax.device_put(padded.reshape(num_chunks, rows, self.dim)))
+
+  def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [Q, k'], gallery indices [Q, k']) best first, k' = min(k, gallery size)."""
+    queries = np.asarray(queries, np.float32).reshape(-1, self.dim)
+    num_q, k = len(queries), min(int(k), self.size)
+    if num_q == 0 or k == 0:
+      return np.zeros((num_q, 0), np.float32), np.zeros((num_q, 0), np.int64)
+    bucket = 1 << (num_q - 1).bit_length()
+    padded = np.zeros((bucket, self.dim), np.float32)
+    padded[:num_q] = queries
+    values, indices = _scan_top_k(self.kernel, self.bias, self.center, jnp.asarray(padded),
+                                  self.chunks, self.chunk_sq, jnp.int32(self.size), k)
+    return (np.asarray(values)[:num_q], np.asarray(indices)[:num_q].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries.
+
+
+def query_result(g: Garments, index: GalleryIndex, logits: np.ndarray, rows: np.ndarray
+                 ) -> dict[str, Any]:
+  """One photo's answer: {image, height, width, garments: [{box, category_id, category,
+  detection_score, results: [{rank, index, image, box, category_id, category,
+  detection_score, match_score, logit}]}]} (match_score = sigmoid(logit), best first)."""
+  garments = []
+  for n in range(len(g.scores)):
+    results = []
+    for r, (logit, i) in enumerate(zip(logits[n], rows[n])):
+      item = index.item(int(i))
+      item.update(rank=r + 1, logit=round(float(logit), 4),
+                  match_score=round(float(1.0 / (1.0 + np.exp(-float(logit)))), 4))
+      results.append(item)
+    cid = int(g.classes[n])
+    garments.append({"box": [round(float(v), 2) for v in g.boxes[n]], "category_id": cid,
+                     "category": COCO_NAMES.get(cid, "?"),
+                     "detection_score": round(float(g.scores[n]), 4), "results": results})
+  return {"image": g.path, "height": g.height, "width": g.width, "garments": garments}
+
+
+def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, height: int = 112
+                ) -> np.ndarray:
+  """[H, W, 3] uint8 RGB: one strip per garment of the photo, the garment's crop (grey frame)
+  then its ``top`` best shop items' crops (rank and match probability under each)."""
+  rows = []
+  cache: dict[str, np.ndarray | None] = {}
+  for n, garment in enumerate(result["garments"]):
+    tiles = [visualize.framed(visualize.crop_thumbnail(photo, garment["box"], height),
+                              visualize.GREY,
+                              f"garment {n + 1} {garment['category']} "
+                              f"{garment['detection_score']:.2f}")]
+    for item in garment["results"][:top]:
+      if item["image"] not in cache:
+        try:
+          cache[item["image"]] = images.load_image(item["image"])
+        except DataError as e:  # a gallery image moved or deleted since it was indexed
+          log.warning("Cannot draw %s", e)
+          cache[item["image"]] = None
+      pixels = cache[item["image"]]
+      thumb = (visualize.crop_thumbnail(pixels, item["box"], height) if pixels is not None
+               else np.zeros((height, height // 2, 3), np.uint8))
+      tiles.append(visualize.framed(thumb, visualize.BLUE,
+                                    f"#{item['rank']} {item['match_score']:.2f}"))
+    rows.append(np.concatenate([np.pad(t, ((0, height + 20 - t.shape[0]), (0, 6), (0, 0)))
+                                for t in tiles], axis=1))
+  if not rows:
+    blank = np.zeros((24, 320, 3), np.uint8)
+    cv2.putText(blank, "no garment found", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return blank
+  return visualize.stack_rows(rows)
+
+
+def format_text(result: dict[str, Any]) -> str:
+  lines = [f"{result['image']} ({result['width']}x{result['height']}): "
+           f"{len(result['garments'])} garment(s)"]
+  for n, garment in enumerate(result["garments"]):
+    lines.append(f"  garment {n + 1}: {garment['category']} "
+                 f"(detection {garment['detection_score']:.2f}) box {_box(garment['box'])}")
+    for item in garment["results"]:
+      lines.append(f"    {item['rank']:>3}. {item['match_score']:.3f}  {item['image']}  "
+                   f"box {_box(item['box'])}  {item['category']}")
+  return "\n".join(lines)
+
+
+def _box(box: Sequence[float]) -> str:
+  return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+
+def run_query(index: GalleryIndex, detector: Detector, photos: Sequence[str], *, top: int,
+              scorer: GalleryScorer | None = None, skipped: list[dict] | None = None
+              ) -> Iterator[tuple[Garments, dict[str, Any]]]:
+  """(garments with pixels, ``query_result``) of every readable photo."""
+  scorer = scorer or GalleryScorer(index.scorer_params(), index.array("embeddings"))
+  for g in detector.garments(photos, keep_pixels=True, skipped=skipped):
+    logits, rows = scorer.top_k(g.embeddings, top)
+    yield g, query_result(g, index, logits, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _load_model(config, checkpoint_dir: str, step: int | None):
+  from df2_jax import train
+  variables, step = train.load_variables("", checkpoint_dir=checkpoint_dir, step=step)
+  return variables, step
+
+
+def index_main(config, workdir: str | None, checkpoint_dir: str | None, step: int | None,
+               image_dir: str, out_dir: str, min_score: float | None,
+               source: str | None = None) -> int:
+  existing = os.path.exists(os.path.join(out_dir, MANIFEST))
+  if existing:
+    m = GalleryIndex(out_dir).manifest
+    if config is None:
+      import ml_collections
+      config = ml_collections.ConfigDict(m["config"])
+    checkpoint_dir = checkpoint_dir or m["checkpoint_dir"]
+    step = int(m["step"]) if step is None else step
+  if config is None:
+    raise IndexFolderError("--config is needed to build a new index")
+  if checkpoint_dir is None:
+    if not workdir:
+      raise IndexFolderError("--workdir or --checkpoint_dir is needed to build a new index")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+  from df2_jax import validate
+  validate.validate(config)
+  variables, step = _load_model(config, checkpoint_dir, step)
+  os.makedirs(out_dir, exist_ok=True)
+  build_index(config, variables, image_dir, out_dir, checkpoint_dir=checkpoint_dir, step=step,
+              min_score=min_score, source=source)
+  return 0
+
+
+def query_main(index_dir: str, image: str, top: int, out: str | None, json_path: str | None,
+               checkpoint_dir: str | None, min_score: float | None) -> int:
+  import ml_collections
+  index = GalleryIndex(index_dir)
+  m = index.manifest
+  config = ml_collections.ConfigDict(m["config"])
+  variables, _ = _load_model(config, checkpoint_dir or m["checkpoint_dir"], int(m["step"]))
+  stored = index.scorer_params()
+  got = {k: np.asarray(v, np.float32) for k, v in variables["params"]["scorer"].items()}
+  if not (np.array_equal(stored["kernel"], got["kernel"])
+          and np.array_equal(stored["bias"], got["bias"])):
+    raise IndexFolderError(f"the checkpoint (step {m['step']} of "
+                      f"{checkpoint_dir or m['checkpoint_dir']}) is not the one {index_dir} was "
+                      f"built with (their scorers differ)")
+  detector = Detector(config, variables,
+                      min_score=float(m["min_score"]) if min_score is None else min_score,
+                      nms=float(m["nms"]))
+  photos = image_files(image)
+  many = os.path.isdir(image)
+  if out and many:
+    os.makedirs(out, exist_ok=True)
+  elif out and os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  answers, skipped = [], []
+  for g, result in run_query(index, detector, photos, top=top, skipped=skipped):
+    print(format_text(result), flush=True)
+    answers.append(result)
+    if out:
+      path = (os.path.join(out, os.path.splitext(os.path.basename(g.path))[0] + ".png")
+              if many else out)
+      picture = draw_result(g.pixels, result)
+      if not cv2.imwrite(path, picture[:, :, ::-1]):
+        raise OSError(f"could not write {path}")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"index": os.path.abspath(index_dir), "gallery_items": len(index),
+                 "queries": answers, "skipped": skipped}, f, indent=1)
+  if skipped:
+    log.warning("%d of %d photos could not be read", len(skipped), len(photos))
+  return 0 if answers or not photos else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m df2_jax.retrieval",
+                                   description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  ix = sub.add_parser("index", help="detect the garments of a folder of shop images into an "
+                      "index (a new one, or appended)")
+  ix.add_argument("--config", help="the model's config file (get_config()); for a new index")
+  ix.add_argument("--workdir", help="the training workdir (its checkpoints/)")
+  ix.add_argument("--checkpoint_dir", help="a checkpoint directory (default WORKDIR/checkpoints)")
+  ix.add_argument("--step", type=int, help="the checkpoint step (default: the latest)")
+  ix.add_argument("--images", required=True, help="a folder of shop images (.jpg/.jpeg/.png)")
+  ix.add_argument("--out", required=True, help="the index folder")
+  ix.add_argument("--source", choices=("shop", "user"),
+                  help="only the images of this source in their DeepFashion2 annotations "
+                       "(IMAGES/../annos/<stem>.json), e.g. the shop images of a split")
+  ix.add_argument("--min_score", type=float,
+                  help="keep detections scoring at least this (default "
+                       "config.eval.gallery_score_threshold)")
+  q = sub.add_parser("query", help="rank the indexed shop items for the garments of photos")
+  q.add_argument("--index", required=True, help="an index folder")
+  q.add_argument("--image", required=True, help="a photo, or a folder of photos")
+  q.add_argument("--top", type=int, default=20, help="shop items per garment (default 20)")
+  q.add_argument("--out", help="the strips: a .png for one photo, a folder for a folder")
+  q.add_argument("--json", help="write the ranked items to this JSON file")
+  q.add_argument("--checkpoint_dir", help="where the index's checkpoint is now, if moved")
+  q.add_argument("--min_score", type=float,
+                 help="a photo's garments: detections scoring at least this (default: the "
+                      "index's)")
+  args, rest = parser.parse_known_args(argv)
+  overrides = [a for a in rest if a.startswith("--config.")]
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown or (overrides and args.command != "index"):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notes
+  try:
+    if args.command == "index":
+      config = _read_config(args.config, overrides) if args.config else None
+      if overrides and config is None:
+        parser.error("--config.a.b=v overrides need --config")
+      return index_main(config, args.workdir, args.checkpoint_dir, args.step, args.images,
+                        args.out, args.min_score, args.source)
+    if args.top < 1:
+      parser.error(f"--top must be >= 1, got {args.top}")
+    return query_main(args.index, args.image, args.top, args.out, args.json,
+                      args.checkpoint_dir, args.min_score)
+  except (FileNotFoundError, IndexFolderError, FloatingPointError) as e:
+    log.error("%s", e)
+    return 1
+  except ValueError as e:  # validate.ConfigError and bad override values
+    for line in str(e).splitlines():
+      log.error("Config error: %s", line)
+    return 2
+
+
+def _read_config(path: str, overrides: Sequence[str]):
+  """The config of a config file with ``--config.a.b=v`` overrides (absl's parser, as run.py)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["retrieval", f"--config={path}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:
+    raise ValueError(" ".join(str(e).split())) from None
+  return fv.config
+
+
+if __name__ == "__main__":
+  sys.exit(main())
