@@ -8,14 +8,17 @@ head (4500 steps of 2 image pairs, AdamW), evaluates the validation split (COCO 
 masks and landmarks, retrieval top-k) and draws predictions and retrieval strips into
 runs/demo/eval_4500/.
 
-Expected (2026-11-29, the project's 2-core CPU machine, jax 0.10.2, the README command in a
-fresh clone, pip install and data generation included): 10 min 54 s wall (2.5 GB peak RSS,
-6.7-8.0 steps/s); AP_box 0.531, AP_mask 0.484, landmark AP 0.365 (visible + occluded),
-retrieval top-1 0.089 / top-20 0.768 (detected boxes). Deterministic on one machine.
+Expected (2026-11-30, the project's 2-core CPU machine, jax 0.10.2, the README command in a
+fresh clone, pip install and data generation included): 11 min 56 s wall (2.5 GB peak RSS,
+6.6-7.6 steps/s); AP_box 0.535, AP_mask 0.500, landmark AP 0.371 (visible + occluded),
+retrieval top-1 0.125 / top-20 0.893 (detected boxes; 0.161 / 0.946 with GT boxes).
+Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
 head, FPN) and narrow where it costs (mask, landmarks), with 1800 generated pairs against
-overfitting; docs/EXPERIMENTS.md has every measurement behind it.
+overfitting; the pair loss takes the 1x recipe's batch negatives, balanced terms and distance
+start with 4 foreground RoIs per image (top-1 0.089 -> 0.125, top-20 0.768 -> 0.893);
+docs/EXPERIMENTS.md has every measurement behind it.
 """
 
 from configs import match_rcnn_r50_fpn_1x_df2 as base
