@@ -25,7 +25,8 @@ def get_config():
       rpn_post_nms_topk_test=100, roi_align_method="matmul", roi_batch_size_per_image=64,
       box_fc_dim=64, mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2,
       landmark_rois_per_image=8, landmark_select_channels=True,
-      match_conv_dim=16, match_proj_dim=32, embed_dim=16, detections_per_image=10,
+      match_conv_dim=16, match_proj_dim=32, embed_dim=16, match_rois_per_image=2,
+      detections_per_image=10,
       detection_candidates=200, dtype="float32"))
   config.train.update(dict(global_batch_pairs=2, num_steps=20, base_lr=0.01, warmup_steps=5,
                            log_every_steps=5, checkpoint_every_steps=10, keep_checkpoints=2,
