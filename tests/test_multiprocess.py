@@ -139,14 +139,16 @@ def _params(path):
 def _assert_same_params(one, both):
   """Within 1e-5 relative to the whole parameter vector (the issue's bound), and each tensor
   within 1e-4 of its largest value (measured: at most 1.2e-5 after 6 steps, summation order)
-  with an absolute floor for the few tensors that stay ~1e-11."""
+  with an absolute floor of 1e-6, 1e-4 of one step at the tiny config's learning rate 0.01, for
+  tensors that stay near zero (measured: 1.04e-7 on an FPN bias of largest value 1e-3 once the
+  pair loss spans the whole batch, whose sums cross the devices in another order)."""
   assert sorted(one) == sorted(both) and len(one) > 50
   diff2 = sum(float(np.sum((one[k] - both[k]) ** 2)) for k in one)
   norm2 = sum(float(np.sum(one[k] ** 2)) for k in one)
   assert (diff2 / norm2) ** 0.5 <= 1e-5, (diff2 / norm2) ** 0.5
   for k in one:
     scale = float(np.max(np.abs(one[k])))
-    assert float(np.max(np.abs(one[k] - both[k]))) <= 1e-4 * scale + 1e-9, k
+    assert float(np.max(np.abs(one[k] - both[k]))) <= 1e-4 * scale + 1e-6, k
 
 
 def _losses(path):
