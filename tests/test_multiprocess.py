@@ -140,8 +140,9 @@ def _assert_same_params(one, both):
   """Within 1e-5 relative to the whole parameter vector (the issue's bound), and each tensor
   within 1e-4 of its largest value (measured: at most 1.2e-5 after 6 steps, summation order)
   with an absolute floor of 1e-6, 1e-4 of one step at the tiny config's learning rate 0.01, for
-  tensors that stay near zero (measured: 1.04e-7 on an FPN bias of largest value 1e-3 once the
-  pair loss spans the whole batch, whose sums cross the devices in another order)."""
+  tensors that stay near zero (measured: 1.04e-7 on an FPN bias of largest value 1e-3 with the
+  pair loss over the whole batch, whose sums cross the devices in another order; the tiny config
+  now keeps it within image pairs)."""
   assert sorted(one) == sorted(both) and len(one) > 50
   diff2 = sum(float(np.sum((one[k] - both[k]) ** 2)) for k in one)
   norm2 = sum(float(np.sum(one[k] ** 2)) for k in one)
