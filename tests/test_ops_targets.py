@@ -226,6 +226,30 @@ def test_rpn_targets_vmapped():
   assert out['deltas'].shape == (2, 3, 4)
 
 
+
+def test_rpn_targets_ignore_anchors_centred_in_the_padding():
+  # Content 40 high x 30 wide on a larger canvas: anchors centred at x >= 30 or y >= 40 are
+  # neither fg nor bg, whatever their IoU; the rest as without image_hw.
+  anchors = np.array([
+      [0, 0, 10, 12],     # centre (5, 6), IoU 0.83 -> fg
+      [20, 20, 30, 30],   # centre (25, 25) -> bg
+      [25, 0, 45, 10],    # centre (35, 5): in the padding on the right -> ignored
+      [0, 35, 10, 50],    # centre (5, 42.5): in the padding below -> ignored
+      [0, 0, 10, 10.5],   # centre (5, 5.25), IoU 0.95, a copy of the GT but for 0.5 px
+  ], np.float32)
+  free = _rpn_targets(jax.random.PRNGKey(0), anchors, _GT, _GT_OK, 256, 0.5, 0.7, 0.3)
+  np.testing.assert_array_equal(free['labels'], [1, 0, 0, 0, 1])
+  out = jax.jit(targets.rpn_targets, static_argnums=(4, 5, 6, 7))(
+      jax.random.PRNGKey(0), anchors, _GT, _GT_OK, 256, 0.5, 0.7, 0.3, np.array([40, 30]))
+  np.testing.assert_array_equal(out['labels'], [1, 0, -1, -1, 1])
+  np.testing.assert_array_equal(out['deltas'][2:4], 0.0)
+  # A GT whose only overlapping anchors are centred in the padding gets no fg anchor.
+  gt = np.array([[26, 0, 30, 10], [0, 0, 0, 0]], np.float32)
+  out = jax.jit(targets.rpn_targets, static_argnums=(4, 5, 6, 7))(
+      jax.random.PRNGKey(0), anchors, gt, _GT_OK, 256, 0.5, 0.7, 0.3, np.array([40, 30]))
+  assert (np.asarray(out['labels']) == 1).sum() == 0
+
+
 # -------------------------------------------------------------- roi_targets
 
 _RT_GT = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 10, 10]],

@@ -93,13 +93,17 @@ def match(iou: Array, gt_valid: Array, thresholds: Sequence[float],
 
 def rpn_targets(key: Array, anchors: Array, gt_boxes: Array, gt_valid: Array,
                 num_samples: int = 256, positive_fraction: float = 0.5,
-                fg_iou: float = 0.7, bg_iou: float = 0.3) -> Dict[str, Array]:
+                fg_iou: float = 0.7, bg_iou: float = 0.3,
+                image_hw: Optional[Array] = None) -> Dict[str, Array]:
   """RPN objectness labels and deltas (detectron2 label_and_sample_anchors).
 
   Anchors are matched with IoU >= fg_iou fg, < bg_iou bg, in between ignored,
   plus low-quality matches (each GT's best anchors are fg); then at most
   num_samples * positive_fraction fg and the rest bg are sampled. Anchors
-  crossing the image border are kept (anchor_boundary_thresh = -1). An image
+  crossing the image border are kept (anchor_boundary_thresh = -1), but with
+  image_hw an anchor whose centre lies in the canvas's zero padding (x >= w or
+  y >= h) is neither fg nor bg: it is never sampled, so the RPN does not learn
+  "padding is background" from anchors no image content can reach. An image
   without valid GT samples num_samples bg anchors. Per image; vmap over a
   batch with one key per image.
 
@@ -111,6 +115,8 @@ def rpn_targets(key: Array, anchors: Array, gt_boxes: Array, gt_valid: Array,
     num_samples: static anchors sampled per image (RPN.BATCH_SIZE_PER_IMAGE).
     positive_fraction: static RPN.POSITIVE_FRACTION.
     fg_iou, bg_iou: static RPN.IOU_THRESHOLDS (bg_iou, fg_iou).
+    image_hw: [2] the image's content height and width on the canvas; None:
+      every anchor may be sampled.
 
   Returns:
     labels: [A] int32; 1 sampled fg, 0 sampled bg, -1 not sampled.
@@ -122,6 +128,11 @@ def rpn_targets(key: Array, anchors: Array, gt_boxes: Array, gt_valid: Array,
   iou = box_ops.pairwise_iou(gt_boxes, anchors)  # [M, A]
   matched, labels = match(iou, gt_valid, (bg_iou, fg_iou), RPN_IOU_LABELS,
                           allow_low_quality=True)
+  if image_hw is not None:
+    hw = jnp.asarray(image_hw, jnp.float32)
+    cx = 0.5 * (anchors[:, 0] + anchors[:, 2])
+    cy = 0.5 * (anchors[:, 1] + anchors[:, 3])
+    labels = jnp.where((cx < hw[1]) & (cy < hw[0]), labels, -1)
   fg, bg = sampling.subsample_labels(key, labels, num_samples,
                                      positive_fraction)
   out_labels = jnp.where(fg, 1, jnp.where(bg, 0, -1)).astype(jnp.int32)
