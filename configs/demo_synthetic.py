@@ -38,6 +38,10 @@ def get_config():
       landmark_conv_dim=32, landmark_num_convs=2, landmark_rois_per_image=2,
       landmark_select_channels=True,
       match_conv_dim=32, match_proj_dim=64, embed_dim=32, match_rois_per_image=4,
+      # A memory of one epoch's GT items (900 steps x at most 10 items, pooled features), of
+      # which 16 random steps' items train the matching head each step (a bank of the training
+      # set, refreshed once per epoch): top-1 0.125 -> 0.357.
+      match_memory_steps=900, match_memory_items=10, match_memory_draw=16,
       detections_per_image=20,
       detection_candidates=500, dtype="float32"))
   # 5 epochs of 900 steps (3600 images in 1800 pairs, 2 per step); x0.1 at epoch 4 (step 3600).

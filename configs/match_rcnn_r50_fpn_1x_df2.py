@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
       # mean squared distance. Each measured on the demo: docs/EXPERIMENTS.md.
       match_negatives="batch", match_rois_per_image=8, match_balanced=True,
       match_scorer_init="distance",
+      # The GT items of the last N steps (at most match_memory_items per step, 0: all GT
+      # slots), kept as pooled RoI features, add a pair-loss term of their own, embedded by the
+      # current matching head (0: off). Off here: the recipe sees 8 image pairs per step for 12
+      # epochs, and the memory's benefit at this scale is unmeasured.
+      match_memory_steps=0, match_memory_items=0, match_memory_draw=0,
       score_threshold=0.05, detection_nms_threshold=0.5, detections_per_image=100,
       detection_candidates=2000, dtype="bfloat16",
       # A fresh run starts from these (a resumed run reads its checkpoint instead):
@@ -96,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
       momentum=0.9,
       weight_decay=1e-4,
       num_steps=-1,                  # > 0 overrides epochs
+      # Top-level modules whose learning rate is not decayed (e.g. ("matching_head", "scorer"):
+      # the matching network keeps learning on the settled features of the last epochs).
+      undecayed_modules=(),
       # The paper's l1..l5 were never published: 1 each (and 1 for the RPN terms).
       loss_weights=ml_collections.ConfigDict(dict(
           rpn_cls=1.0, rpn_box=1.0, cls=1.0, box=1.0, landmark=1.0, mask=1.0, pair=1.0)),

@@ -30,6 +30,9 @@ def get_config():
       # and the batch-wide pair loss's sums cross devices in layout-dependent order (Adam
       # amplified that to 1e-4 relative in a few tensors); "batch" is tested on its own.
       match_negatives="pair",
+      # The GT items of the last 2 steps join the pair loss: resume, process-layout and
+      # device-count tests then cover the memory in the train state.
+      match_memory_steps=2,
       detections_per_image=10,
       detection_candidates=200, dtype="float32"))
   config.train.update(dict(global_batch_pairs=2, num_steps=20, base_lr=0.01, warmup_steps=5,

@@ -2,7 +2,7 @@
 
 Each saved step is a directory ``<directory>/<step>/`` with two items:
 
-* ``state``: the ``TrainState`` pytree (step, params, constants, opt_state), written with
+* ``state``: the ``TrainState`` pytree (step, params, constants, opt_state, memory), written with
   orbax's PyTree handler (tensorstore, one file set per array; sharded arrays are written by
   the processes that own them).
 * ``extra``: a small JSON dict for everything that is not an array: the position in the data
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 STATE = "state"
 EXTRA = "extra"
 _ITEMS = (STATE, EXTRA)
+# TrainState fields that checkpoints of earlier versions lack: restored as the target gives them
+# (a fresh value) instead of failing, so that a run resumes across the upgrade.
+FRESH_IF_ABSENT = ("memory",)
 
 
 def _resolve(directory: str | os.PathLike) -> str:
@@ -42,6 +45,12 @@ def _resolve(directory: str | os.PathLike) -> str:
 
 def _handlers() -> dict[str, Any]:
   return {STATE: ocp.PyTreeCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()}
+
+
+def _field_names(state: Any) -> tuple[str, ...]:
+  """The field names of a dataclass state (``TrainState``); () for other pytrees."""
+  fields = getattr(state, "__dataclass_fields__", None)
+  return tuple(fields) if fields else ()
 
 
 def _abstract(tree: Any) -> Any:
@@ -109,15 +118,38 @@ class CheckpointManager:
     """
     self.wait_until_finished()
     step = self._resolve_step(step)
+    absent = []
     if target_state is None:
       state_args = ocp.args.PyTreeRestore()
     else:
-      abstract = _abstract(target_state)
+      absent = self._absent_fields(step, target_state)
+      if absent:
+        log.warning("Checkpoint step %d in %s has no %s (an earlier version's checkpoint); "
+                    "they start as initialised.", step, self.directory, absent)
+        item = {k: getattr(target_state, k) for k in _field_names(target_state)
+                if k not in absent}
+      else:
+        item = target_state
+      abstract = _abstract(item)
       state_args = ocp.args.PyTreeRestore(
           item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{STATE: state_args, EXTRA: ocp.args.JsonRestore()}))
-    return restored[STATE], dict(restored[EXTRA] or {})
+    state = restored[STATE]
+    if target_state is not None and absent:
+      state = target_state.replace(**state)
+    return state, dict(restored[EXTRA] or {})
+
+  def _absent_fields(self, step: int, target_state: Any) -> list[str]:
+    """The ``FRESH_IF_ABSENT`` fields of ``target_state`` (a dataclass) that step lacks."""
+    names = _field_names(target_state)
+    if not any(k in names for k in FRESH_IF_ABSENT):
+      return []
+    metadata = self._manager.item_metadata(step)[STATE]
+    tree = getattr(metadata, "tree", metadata)
+    if not hasattr(tree, "keys"):
+      return []
+    return [k for k in FRESH_IF_ABSENT if k in names and k not in tree]
 
   def restore_latest_intact(self, target_state: Any) -> tuple[Any, dict[str, Any], int] | None:
     """``(state, extra, step)`` of the newest step that restores completely, or None when the

@@ -254,9 +254,16 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
              steps_per_epoch, total_steps, tc.global_batch_pairs,
              [int(e) * steps_per_epoch for e in tc.decay_epochs])
 
+    undecayed = tuple(tc.get("undecayed_modules", ()))
+    if undecayed:
+      log.info("Modules %s keep the base learning rate after the warm-up (no decay).",
+               list(undecayed))
     tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
                            weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
-                           optimizer=tc.optimizer)
+                           optimizer=tc.optimizer, undecayed=undecayed,
+                           undecayed_learning_rate=schedules.step_decay_schedule(
+                               tc.base_lr, steps_per_epoch, (), 0.1, tc.warmup_steps,
+                               tc.warmup_factor))
     state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
     del variables
 

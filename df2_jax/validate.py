@@ -31,6 +31,9 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 ROI_ALIGN_METHODS = ("gather", "matmul")
 MATCH_NEGATIVES = ("pair", "batch")
+# MatchRCNN's top-level parameter modules (train.undecayed_modules names some of them).
+PARAM_MODULES = ("backbone", "fpn", "rpn", "box_head", "mask_head", "landmark_head",
+                 "matching_head", "scorer")
 CANVAS_MULTIPLE = 32  # the FPN's coarsest C level (stride 32) must tile the canvas exactly
 
 
@@ -161,6 +164,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.match_rois_per_image": NON_NEGATIVE,
     "model.match_balanced": boolean,
     "model.match_scorer_init": choice(("normal", "distance")),
+    "model.match_memory_steps": NON_NEGATIVE,
+    "model.match_memory_items": NON_NEGATIVE,
+    "model.match_memory_draw": NON_NEGATIVE,
     "model.score_threshold": FRACTION,
     "model.detection_nms_threshold": IOU,
     "model.detections_per_image": POSITIVE,
@@ -177,6 +183,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.momentum": number(0.0, 1.0, hi_open=True),
     "train.weight_decay": number(0.0),
     "train.num_steps": integer(-1),
+    "train.undecayed_modules": sequence(None, choice(PARAM_MODULES)),
     "train.log_every_steps": POSITIVE,
     "train.checkpoint_every_steps": POSITIVE,
     "train.keep_checkpoints": POSITIVE,

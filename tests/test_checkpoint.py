@@ -80,7 +80,7 @@ def test_restore_latest_and_chosen_step(tmp_path):
 def test_restore_without_target_gives_plain_trees(tmp_path):
   mgr, states = _save_steps(tmp_path / "ckpt")
   state, _ = mgr.restore()
-  assert set(state) == {"step", "params", "constants", "opt_state"}
+  assert set(state) == {"step", "params", "constants", "opt_state", "memory"}
   _assert_trees_equal(state["params"], states[4].params)
   mgr.close()
 
@@ -167,3 +167,35 @@ def test_match_rcnn_train_state_round_trip(tmp_path):
   params, constants = checkpoint.restore_params(tmp_path / "ckpt")
   _assert_trees_equal(params, state.params)
   _assert_trees_equal(constants, state.constants)
+
+
+def test_a_checkpoint_without_the_memory_field_resumes_with_a_fresh_memory(tmp_path, caplog):
+  """Checkpoints written before TrainState had ``memory`` restore into today's state (the
+  memory as the target gives it, with a warning) and are not taken for damaged ones."""
+  import flax  # pylint: disable=import-outside-toplevel
+
+  @flax.struct.dataclass
+  class EarlierTrainState:  # TrainState before the pair loss's memory
+    step: jax.Array
+    params: dict
+    constants: dict
+    opt_state: tuple
+
+  state = _tiny_state(3)
+  earlier = EarlierTrainState(step=state.step, params=state.params, constants=state.constants,
+                              opt_state=state.opt_state)
+  with checkpoint.CheckpointManager(tmp_path / "ckpt", save_interval_steps=1) as mgr:
+    mgr.save(3, earlier)
+  fresh = {"pair_memory": {"cursor": jnp.array(0, jnp.int32), "valid": jnp.zeros((2, 3), bool)}}
+  target = _tiny_state(0).replace(memory=fresh)
+  with checkpoint.CheckpointManager(tmp_path / "ckpt", save_interval_steps=1) as mgr:
+    restored, _, step = mgr.restore_latest_intact(target)
+  assert step == 3 and "has no ['memory']" in caplog.text
+  _assert_trees_equal(restored, state.replace(memory=fresh))
+  # A state with a memory round-trips it.
+  written = state.replace(memory={"pair_memory": {"cursor": jnp.array(1, jnp.int32),
+                                                  "valid": jnp.ones((2, 3), bool)}})
+  with checkpoint.CheckpointManager(tmp_path / "ckpt2", save_interval_steps=1) as mgr:
+    mgr.save(3, written)
+    mgr.wait_until_finished()
+    _assert_trees_equal(mgr.restore(target_state=target)[0], written)

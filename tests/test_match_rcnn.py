@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import memory, transforms
 from df2_jax import losses
+from df2_jax import validate
 from df2_jax import train_step as ts
 from df2_jax.models import match_rcnn, matching
 from df2_jax.models.match_rcnn import LOSS_TERMS, MatchRCNN, MatchRCNNConfig, init_variables
@@ -50,6 +52,7 @@ def _flat(x):
 def test_initial_loss_terms_are_the_uninformed_values():
   model, variables = _model_and_variables()
   assert set(variables) == {"params", "constants"}
+  assert set(variables["params"]) == set(validate.PARAM_MODULES)  # undecayed_modules' choices
   terms = jax.jit(lambda v, b, k: model.apply(v, b, rngs={"sampling": k},
                                               method=MatchRCNN.losses))(
                                                   variables, _batch(), jax.random.key(1))
@@ -119,6 +122,64 @@ def test_batch_negatives_pair_term_is_the_formula():
   want = losses.pair_loss(logits, labels, valid, balanced=True)
   np.testing.assert_allclose(float(terms["pair"]), float(want), rtol=2e-5)
   assert abs(float(terms["pair"]) - float(losses.pair_loss(logits, labels, valid))) > 1e-4
+
+
+
+@pytest.mark.parametrize("negatives,steps,draw", [("pair", 1, 0), ("batch", 2, 1)])
+def test_memory_items_add_their_own_pair_term(negatives, steps, draw):
+  """The second step's pair term is the formula over its own GT items plus the formula over the
+  first step's, stored in the memory and embedded by the current head (user x shop items within
+  each image pair for "pair", across the image pairs for "batch"; a draw of one stored step
+  takes the filled one); the memory then holds the second step's items."""
+  model, variables = _model_and_variables()
+  cfg = dataclasses.replace(TINY, match_memory_steps=steps, match_memory_draw=draw,
+                            match_negatives=negatives, match_balanced=True)
+  mem_model = MatchRCNN(cfg, (SIZE, SIZE))
+  first, second = _batch(), _batch(2)
+  m = first["boxes"].shape[2]
+  zeros = lambda shape, dtype: jnp.zeros((steps, 4 * m) + shape, dtype)
+  memory = {"pair_memory": dict({k: zeros((), jnp.int32) for k in
+                                 ("pair_id", "style", "side", "group", "cursor")},
+                                features=zeros((7, 7, TINY.fpn_channels), jnp.float32),
+                                valid=zeros((), bool), cursor=jnp.zeros((), jnp.int32))}
+  run = jax.jit(lambda mem, x: mem_model.apply(dict(variables, memory=mem), x,
+                                               rngs={"sampling": jax.random.key(1)},
+                                               method=MatchRCNN.losses, mutable=["memory"]))
+  scorer = variables["params"]["scorer"]
+
+  def term(b):  # the balanced pair loss of one batch's GT items, by the formula
+    emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["boxes"]),
+                                 method=MatchRCNN.embed)).reshape(2, 2, m, -1)
+    ok = np.asarray(b["instance_valid"]) & np.asarray(b["match_valid"])[:, None, None]
+    pid, sty = np.asarray(b["pair_id"]), np.asarray(b["style"])
+    if negatives == "batch":
+      flat = lambda x: x.reshape((-1,) + x.shape[2:])
+      logits = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"],
+                                                  flat(emb[:, 0]), flat(emb[:, 1]))
+      labels, valid = targets.pair_targets(flat(pid[:, 0]), flat(sty[:, 0]), flat(ok[:, 0]),
+                                           flat(pid[:, 1]), flat(sty[:, 1]), flat(ok[:, 1]))
+    else:
+      logits = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"],
+                                                  emb[:, 0], emb[:, 1])
+      labels, valid = jax.vmap(targets.pair_targets)(pid[:, 0], sty[:, 0], ok[:, 0],
+                                                     pid[:, 1], sty[:, 1], ok[:, 1])
+    assert int(np.sum(np.asarray(labels) * np.asarray(valid))) >= 2  # positives in each
+    return float(losses.pair_loss(logits, labels, valid, balanced=True))
+
+  terms, mutated = run(memory, first)  # the memory is empty: this step's term alone
+  np.testing.assert_allclose(float(terms["pair"]), term(first), rtol=2e-5)
+  terms, mutated = run(mutated["memory"], second)
+  np.testing.assert_allclose(float(terms["pair"]), term(second) + term(first), rtol=2e-5)
+  # The memory holds the second step's valid items first, in batch order (pair, side, item).
+  stored = mutated["memory"]["pair_memory"]
+  ok = np.asarray(second["instance_valid"]).reshape(-1)
+  n = int(ok.sum())
+  slot = 1 % steps
+  np.testing.assert_array_equal(stored["valid"][slot], np.arange(ok.size) < n)
+  np.testing.assert_array_equal(stored["pair_id"][slot][:n],
+                                np.asarray(second["pair_id"]).reshape(-1)[ok])
+  np.testing.assert_array_equal(stored["side"][slot][:n], np.tile(np.repeat([0, 1], m), 2)[ok])
+  assert int(stored["cursor"]) == 2 % steps
 
 
 def test_matching_items_label_rois_with_their_item():

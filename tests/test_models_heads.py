@@ -371,6 +371,43 @@ def test_pair_scorer_distance_init_is_minus_the_mean_squared_distance():
     matching.PairScorer(embed_dim=4, weight_init="zeros").init(jax.random.key(0), a, b)
 
 
+
+def test_pair_memory_is_a_ring_of_the_last_steps():
+  """Each call returns the items of the `steps` calls before it (slot order, empty slots
+  invalid), keeps at most `items` valid items of a call (in their order) and overwrites the
+  oldest slot; read-only without a mutable "memory"."""
+  mem = matching.PairMemory(steps=2, items=3)
+
+  def items(t):  # call t: 4 items, item i's features filled with 10 t + i; items 1 invalid
+    return (10.0 * t + jnp.arange(4.0)[:, None, None, None] * jnp.ones((4, 1, 1, 2)),
+            jnp.array([10 * t + i for i in range(4)]), jnp.array([1, 1, 0, 2]),
+            jnp.array([0, 1, 0, 1]), jnp.array([0, 0, 1, 1]),
+            jnp.array([True, False, True, t % 2 == 1]))
+
+  variables = mem.init(jax.random.key(0), *items(0))
+  assert variables["memory"]["features"].shape == (2, 3, 1, 1, 2)
+  assert not np.asarray(variables["memory"]["valid"]).any()  # init stores nothing
+  for t in range(1, 5):
+    stored, variables = mem.apply(variables, *items(t), mutable=["memory"])
+    assert stored["pair_id"].shape == stored["valid"].shape == (2, 3)
+    if t > 1:  # call t - 1's valid items (0, 2 and, for odd calls, 3) in slot (t - 2) % 2
+      slot, odd = (t - 2) % 2, (t - 1) % 2 == 1
+      kept = [0, 2, 3] if odd else [0, 2]
+      np.testing.assert_array_equal(stored["pair_id"][slot][:len(kept)],
+                                    [10 * (t - 1) + i for i in kept])
+      np.testing.assert_array_equal(stored["valid"][slot], [True, True, odd])
+      np.testing.assert_array_equal(stored["features"][slot][:len(kept), 0, 0, 0],
+                                    [10.0 * (t - 1) + i for i in kept])
+      np.testing.assert_array_equal(stored["side"][slot][:len(kept)], [[0, 0, 1], [0, 0]][1 - odd])
+      np.testing.assert_array_equal(stored["group"][slot][:len(kept)], [[0, 1, 1], [0, 1]][1 - odd])
+  assert int(variables["memory"]["cursor"]) == 0
+  for _ in range(2):  # not mutable: reads, writes nothing (slots hold calls 3 and 4)
+    np.testing.assert_array_equal(mem.apply(variables, *items(5))["pair_id"][:, 0], [30, 40])
+  # items=0: as many places as a call passes.
+  assert matching.PairMemory(steps=2).init(jax.random.key(0), *items(0))["memory"][
+      "valid"].shape == (2, 4)
+
+
 def _rand(key, shape, offset=0.0):
   return jax.random.normal(jax.random.key(key), shape) + offset
 

@@ -1,4 +1,4 @@
-"""Data parallelism on 8 fake CPU devices: one train step equals the one-device step, and the
+"""Data parallelism on 8 fake CPU devices: two train steps equal the one-device steps, and the
 training loop runs there.
 
 The pytest process has already initialised jax with one CPU device, so the 8-device checks
@@ -6,6 +6,7 @@ run in a subprocess started with ``XLA_FLAGS=--xla_force_host_platform_device_co
 (this file's ``__main__``), which prints its findings as one JSON line for the asserts here.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,7 +37,8 @@ def _worker() -> dict:
          bool(jax.config.jax_threefry_partitionable)}
   geometry = transforms.ImageGeometry((CANVAS, CANVAS), 48, CANVAS, 4, 28)
   batch = memory.synthetic_pair_batch(PAIRS, geometry, image_size=CANVAS)
-  model = MatchRCNN(TINY, (CANVAS, CANVAS))
+  # With the pair loss's memory of one step: the second step scores the first step's items too.
+  model = MatchRCNN(dataclasses.replace(TINY, match_memory_steps=1), (CANVAS, CANVAS))
   variables = init_variables(model, jax.random.key(0), batch)
   tx = ts.make_optimizer(0.01, variables["params"], freeze_at=0)
   host_state = jax.tree_util.tree_map(np.asarray,
@@ -50,17 +52,25 @@ def _worker() -> dict:
     step_key = parallel.replicate(jax.random.wrap_key_data(key), mesh)
     global_batch = parallel.host_local_to_global(batch, mesh)
     step = parallel.shard_train_step(ts.make_train_step, mesh, model, tx, {})
-    new_state, metrics = step(state, global_batch, step_key)
+    new_state, _ = step(state, global_batch, step_key)
+    new_state, metrics = step(new_state, global_batch, step_key)
     image = global_batch["image"]
     info = {"image_shards": len(image.addressable_shards),
             "image_shard_shape": list(image.addressable_shards[0].data.shape),
             "params_replicated": bool(jax.tree_util.tree_leaves(
                 new_state.params)[0].sharding.is_fully_replicated)}
+    info["memory"] = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+                      jax.tree_util.tree_leaves_with_path(new_state.memory)}
     return (jax.tree_util.tree_map(np.asarray, new_state.params),
             {k: float(v) for k, v in metrics.items()}, info)
 
   params8, metrics8, info8 = run(NUM_DEVICES)
   params1, metrics1, info1 = run(1)
+  mem8, mem1 = info8.pop("memory"), info1.pop("memory")
+  out["memory"] = {"keys": sorted(mem1), "valid": int(sum(v.sum() for k, v in mem1.items()
+                                                          if "valid" in k)),
+                   "max_diff": max(float(np.max(np.abs(mem8[k].astype(np.float64) - v)))
+                                   for k, v in mem1.items())}
   out.update(metrics8=metrics8, metrics1=metrics1, info8=info8, info1=info1)
   worst, moved = None, False
   flat8 = jax.tree_util.tree_leaves_with_path(params8)
@@ -164,8 +174,12 @@ def test_eight_devices_shard_the_pair_axis(eight_device_run):
   assert r["info8"]["params_replicated"] and r["info1"]["params_replicated"]
 
 
-def test_one_step_on_eight_devices_equals_one_device(eight_device_run):
+def test_two_steps_on_eight_devices_equal_one_device(eight_device_run):
+  """Two steps (the second with the first's items in the pair loss's memory): the same params,
+  metrics and memory on 8 devices as on one."""
   r = eight_device_run
+  assert len(r["memory"]["keys"]) == 5 and r["memory"]["valid"] > 0
+  assert r["memory"]["max_diff"] < 1e-5
   assert r["params_moved"]
   assert not r["params_mismatched"], (r["params_mismatched"][:10], r["worst_param"])
   m8, m1 = r["metrics8"], r["metrics1"]

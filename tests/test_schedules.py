@@ -78,3 +78,28 @@ def test_linear_scaling_rule():
   assert schedules.scaled_lr(4, base_lr=0.01, base_batch_images=8) == pytest.approx(0.005)
   with pytest.raises(TypeError):
     schedules.scaled_lr(0.02, 16, 16)  # pylint: disable=too-many-function-args
+
+
+def test_undecayed_modules_keep_the_base_learning_rate():
+  """SGD without momentum or decay: each update is -lr * grad; after the step decay the
+  modules named ``undecayed`` still move by the base rate, the others by a tenth."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from df2_jax import train_step  # pylint: disable=import-outside-toplevel
+  params = {"box_head": {"w": jnp.zeros(2)}, "matching_head": {"w": jnp.zeros(2)},
+            "scorer": {"kernel": jnp.zeros(2)}}
+  grads = {k: {n: jnp.ones(2) for n in v} for k, v in params.items()}
+  decayed = schedules.step_decay_schedule(1.0, 10, (1,), 0.1, 0, 1.0)
+  undecayed = schedules.step_decay_schedule(1.0, 10, (), 0.1, 0, 1.0)
+  tx = train_step.make_optimizer(decayed, params, momentum=0.0, weight_decay=0.0,
+                                 undecayed=("matching_head", "scorer"),
+                                 undecayed_learning_rate=undecayed)
+  state = tx.init(params)
+  moves = []
+  for _ in range(12):
+    updates, state = tx.update(grads, state, params)
+    moves.append({k: float(v[next(iter(v))][0]) for k, v in updates.items()})
+  np.testing.assert_allclose([m["box_head"] for m in moves], [-1.0] * 10 + [-0.1] * 2)
+  np.testing.assert_allclose([m["matching_head"] for m in moves], [-1.0] * 12)
+  np.testing.assert_allclose([m["scorer"] for m in moves], [-1.0] * 12)
+  with pytest.raises(ValueError, match="matching"):
+    train_step.make_optimizer(decayed, params, undecayed=("matching",))

@@ -30,7 +30,7 @@ from df2_jax.models.box_head import BoxHead
 from df2_jax.models.fpn import FPN
 from df2_jax.models.landmark_head import LandmarkHead, heatmaps_to_landmarks, upsample_heatmaps
 from df2_jax.models.mask_head import MaskHead
-from df2_jax.models.matching import MatchingHead, PairScorer
+from df2_jax.models.matching import MatchingHead, PairMemory, PairScorer
 from df2_jax.models.resnet import ResNet, normalize_image
 from df2_jax.models.rpn import RPNHead
 from df2_jax.ops import anchors as anchor_ops
@@ -93,6 +93,18 @@ class MatchRCNNConfig:
   match_balanced: bool = False
   # The similarity fc's initial weights (matching.PairScorer.weight_init): "normal" or "distance".
   match_scorer_init: str = "normal"
+  # The GT items of the last N training steps, kept as pooled 7x7 RoI features
+  # (matching.PairMemory), add a pair-loss term of their own, embedded again by the current
+  # matching head: the head trains on N + 1 steps' pairs per step for the cost of the head
+  # alone; the backbone learns from the current items only. 0: off.
+  match_memory_steps: int = 0
+  # Items kept per step in that memory (the valid GT items first; 0: every GT slot of a step,
+  # 2 * pairs * max_instances). Padded slots cost the head nothing once dropped.
+  match_memory_items: int = 0
+  # Stored steps whose items form that term each step, drawn at random (0: all of them): a
+  # memory of an epoch's steps then acts as a bank of the whole training set's items, refreshed
+  # once per epoch, of which each step trains the head on a random sample.
+  match_memory_draw: int = 0
   # Inference.
   score_threshold: float = 0.05
   detection_nms_threshold: float = 0.5
@@ -143,6 +155,8 @@ class MatchRCNN(nn.Module):
     self.matching_head = MatchingHead(embed_dim=c.embed_dim, conv_dim=c.match_conv_dim,
                                       proj_dim=c.match_proj_dim, dtype=dtype)
     self.scorer = PairScorer(embed_dim=c.embed_dim, weight_init=c.match_scorer_init)
+    if c.match_memory_steps > 0:
+      self.pair_memory = PairMemory(steps=c.match_memory_steps, items=c.match_memory_items)
 
   # ------------------------------------------------------------------------------------------
   # Shared pieces.
@@ -194,12 +208,13 @@ class MatchRCNN(nn.Module):
     feats = self._features(images)
     rpn_logits, rpn_deltas, proposals, proposal_valid = self._proposals(feats, image_hw, True)
 
-    # RPN.
+    # RPN (anchors centred in the canvas's padding are not sampled).
     anchors = jnp.asarray(np.concatenate(self._anchors()))
     rpn_t = jax.vmap(
-        lambda k, g, v: target_ops.rpn_targets(
-            k, anchors, g, v, c.rpn_batch_size_per_image, c.rpn_positive_fraction)
-    )(_split_keys(key_rpn, b), gt_boxes, gt_valid)
+        lambda k, g, v, hw: target_ops.rpn_targets(
+            k, anchors, g, v, c.rpn_batch_size_per_image, c.rpn_positive_fraction,
+            image_hw=hw)
+    )(_split_keys(key_rpn, b), gt_boxes, gt_valid, image_hw)
     rpn_cls, rpn_box = loss_lib.rpn_losses(rpn_logits, rpn_deltas, rpn_t["labels"],
                                            rpn_t["deltas"], c.rpn_batch_size_per_image)
 
@@ -248,20 +263,63 @@ class MatchRCNN(nn.Module):
                            _flatten_pairs(batch["style"]), gt_valid, fg_rois[:, :n_roi],
                            fg[:, :n_roi], matched[:, :n_roi])
     n = items["boxes"].shape[1]
-    emb = self._embed(feats, items["boxes"]).reshape(num_pairs, 2, n, -1)
-    split = lambda x: x.reshape(num_pairs, 2, n)
-    item_valid = split(items["valid"]) & batch["match_valid"][:, None, None]
-    labels, valid = pair_labels(split(items["pair_id"]), split(items["style"]), item_valid,
-                                c.match_negatives)
-    if c.match_negatives == "batch":  # every user item of the batch x every shop item
-      flat = lambda x: x.reshape(num_pairs * n, -1)
-      pair_logits = self.scorer(flat(emb[:, 0]), flat(emb[:, 1]))
-    else:
-      pair_logits = self.scorer(emb[:, 0], emb[:, 1])
-    pair = loss_lib.pair_loss(pair_logits, labels, valid, balanced=c.match_balanced)
+    pooled = self._pool(feats, items["boxes"], 7)  # [B * n, 7, 7, C]
+    split = lambda x: x.reshape((num_pairs, 2) + x.shape[1:])
+    ok = split(items["valid"]) & batch["match_valid"][:, None, None]
+    emb = self.matching_head(pooled)
+    pair = self._pair_loss(emb.reshape((num_pairs, 2, n, -1)), split(items["pair_id"]),
+                           split(items["style"]), ok)
+    if c.match_memory_steps > 0:
+      pair = pair + self._memory_pair_loss(
+          pooled.reshape((b, n) + pooled.shape[1:])[:, :gt_boxes.shape[1]],
+          {k: split(items[k])[..., :gt_boxes.shape[1]] for k in ("pair_id", "style")},
+          ok[..., :gt_boxes.shape[1]])
 
     return dict(rpn_cls=rpn_cls, rpn_box=rpn_box, cls=cls, box=box, mask=mask,
                 landmark=landmark, pair=pair)
+
+  def _pair_loss(self, emb: Array, pair_id: Array, style: Array, valid: Array) -> Array:
+    """The pair loss of items [P, 2, N, D] (user, shop) with labels and validity [P, 2, N]:
+    user x shop items within each image pair ("pair") or across all P ("batch")."""
+    c = self.config
+    labels, valid = pair_labels(pair_id, style, valid, c.match_negatives)
+    if c.match_negatives == "batch":  # every user item x every shop item
+      flat = lambda x: x.reshape(-1, x.shape[-1])
+      logits = self.scorer(flat(emb[:, 0]), flat(emb[:, 1]))
+    else:
+      logits = self.scorer(emb[:, 0], emb[:, 1])
+    return loss_lib.pair_loss(logits, labels, valid, balanced=c.match_balanced)
+
+  def _memory_pair_loss(self, pooled: Array, labels: dict[str, Array], valid: Array) -> Array:
+    """Stores this step's GT items (pooled [B, M, h, w, C], labels and valid [P, 2, M]) and
+    returns the pair loss of the items stored by the previous steps among themselves, embedded
+    by the current head: every stored user item x every stored shop item ("batch") or those of
+    the same image pair ("pair"). Their features are constants: the head learns from them,
+    the backbone does not."""
+    c = self.config
+    p = valid.shape[0]
+    flat = lambda x: x.reshape(-1)
+    side = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32)[None, :, None], valid.shape)
+    group = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[:, None, None], valid.shape)
+    stored = self.pair_memory(pooled.reshape((-1,) + pooled.shape[2:]), flat(labels["pair_id"]),
+                              flat(labels["style"]), flat(side), flat(group), flat(valid))
+    # Image pairs of different steps are different image pairs.
+    stored["group"] = stored["group"] + p * jnp.arange(c.match_memory_steps)[:, None]
+    if 0 < c.match_memory_draw < c.match_memory_steps:
+      # A random draw of the stored steps (filled ones first; Gumbel top-k), so that a long
+      # memory costs the head only the drawn steps' items.
+      filled = jnp.any(stored["valid"], axis=1)
+      noise = jax.random.gumbel(self.make_rng("sampling"), filled.shape)
+      _, drawn = jax.lax.top_k(jnp.where(filled, noise, noise - 1e9), c.match_memory_draw)
+      stored = {k: v[drawn] for k, v in stored.items()}
+    group = stored["group"].reshape(-1)
+    pid, sty, side, ok = (stored[k].reshape(-1) for k in ("pair_id", "style", "side", "valid"))
+    emb = self.matching_head(stored["features"].reshape((-1,) + pooled.shape[2:]))
+    labels, valid = target_ops.pair_targets(pid, sty, ok & (side == 0), pid, sty,
+                                            ok & (side == 1))
+    if c.match_negatives == "pair":
+      valid = valid & (group[:, None] == group[None, :])
+    return loss_lib.pair_loss(self.scorer(emb, emb), labels, valid, balanced=c.match_balanced)
 
   # ------------------------------------------------------------------------------------------
   # Inference.

@@ -222,3 +222,59 @@ class PairScorer(nn.Module):
     """Logits of aligned pairs: [..., D] x [..., D] -> [...] float32."""
     self._check(v1, v2)
     return paired_logits(self.kernel, self.bias, v1, v2)
+
+
+class PairMemory(nn.Module):
+  """The pooled RoI features and labels of the last `steps` training steps' items.
+
+  A ring buffer in the "memory" variable collection: each call returns what is stored (the
+  items of the `steps` previous calls; empty places invalid) and, when "memory" is mutable (the
+  train step), overwrites the oldest slot with this call's valid items, at most `items` of
+  them (valid ones first, in their order; the rest are dropped), so padded instance slots cost
+  nothing later. The pair loss embeds the stored features again with the current matching head,
+  so the head trains on `steps` + 1 steps' worth of user-shop pairs per step while the backbone
+  gets gradients from the current items only: a cross-batch memory as in Wang et al.,
+  "Cross-Batch Memory for Embedding Learning" (CVPR 2020), but of features rather than stale
+  embeddings, so that stored positives train the head too.
+
+  Attributes:
+    steps: S, how many calls' items are kept.
+    items: K, items kept per call; 0: as many as a call passes.
+  """
+  steps: int
+  items: int = 0
+
+  @nn.compact
+  def __call__(self, features: Array, pair_id: Array, style: Array, side: Array, group: Array,
+               valid: Array) -> dict[str, Array]:
+    """Reads, then writes, the memory.
+
+    Args:
+      features: [N, h, w, C] pooled features of N items; stored in their dtype.
+      pair_id, style: [N] int labels; side: [N] int, 0 user item, 1 shop item; group: [N]
+        int, the item's image pair; valid: [N] bool.
+
+    Returns:
+      {"features" [S, K, h, w, C], "pair_id", "style", "side", "group" [S, K] int32,
+      "valid" [S, K] bool} as stored before this call.
+    """
+    new = {"features": jax.lax.stop_gradient(features), "pair_id": pair_id, "style": style,
+           "side": side, "group": group, "valid": valid}
+    k_items = self.items or features.shape[0]
+    dtypes = {"features": features.dtype, "valid": jnp.bool_}
+    slots = {k: self.variable("memory", k, jnp.zeros, (self.steps, k_items) + v.shape[1:],
+                              dtypes.get(k, jnp.int32))
+             for k, v in new.items()}
+    cursor = self.variable("memory", "cursor", jnp.zeros, (), jnp.int32)
+    stored = {k: v.value for k, v in slots.items()}
+    if self.is_mutable_collection("memory") and not self.is_initializing():
+      n = features.shape[0]
+      if n < k_items:  # fewer items than places: pad with invalid ones
+        new = {k: jnp.pad(v, [(0, k_items - n)] + [(0, 0)] * (v.ndim - 1))
+               for k, v in new.items()}
+      keep = jnp.argsort(~jnp.asarray(new["valid"], bool), stable=True)[:k_items]
+      for name, slot in slots.items():
+        slot.value = jax.lax.dynamic_update_index_in_dim(
+            slot.value, new[name][keep].astype(slot.value.dtype), cursor.value, 0)
+      cursor.value = (cursor.value + 1) % self.steps
+    return stored
