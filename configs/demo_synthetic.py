@@ -8,16 +8,18 @@ head (4500 steps of 2 image pairs, AdamW), evaluates the validation split (COCO 
 masks and landmarks, retrieval top-k) and draws predictions and retrieval strips into
 runs/demo/eval_4500/.
 
-Expected (2026-11-30, the project's 2-core CPU machine, jax 0.10.2, the README command in a
-fresh clone, pip install and data generation included): 11 min 56 s wall (2.5 GB peak RSS,
-6.6-7.6 steps/s); AP_box 0.535, AP_mask 0.500, landmark AP 0.371 (visible + occluded),
-retrieval top-1 0.125 / top-20 0.893 (detected boxes; 0.161 / 0.946 with GT boxes).
+Expected (2026-12-01, the project's 2-core CPU machine, jax 0.10.2, the README command in a
+fresh clone, pip install and data generation included): 12 min 32 s wall (2.9 GB peak RSS,
+5.9-7.7 steps/s); AP_box 0.524, AP_mask 0.484, landmark AP 0.352 (visible + occluded),
+retrieval top-1 0.357 / top-20 0.893 (detected boxes; 0.339 / 0.964 with GT boxes).
 Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
 head, FPN) and narrow where it costs (mask, landmarks), with 1800 generated pairs against
 overfitting; the pair loss takes the 1x recipe's batch negatives, balanced terms and distance
-start with 4 foreground RoIs per image (top-1 0.089 -> 0.125, top-20 0.768 -> 0.893);
+start with 4 foreground RoIs per image (top-1 0.089 -> 0.125, top-20 0.768 -> 0.893), and a
+memory of one epoch's pooled item features trains the matching head on a random draw of 16
+stored steps every step (top-1 0.125 -> 0.357: five epochs show the head too few pairs);
 docs/EXPERIMENTS.md has every measurement behind it.
 """
 

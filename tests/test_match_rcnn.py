@@ -252,7 +252,7 @@ def test_overfits_two_synthetic_pairs():
   step = ts.make_train_step(model, tx, {})
   batch, key = _batch(), jax.random.key(3)
   history = []
-  for _ in range(120):
+  for _ in range(150):
     state, metrics = step(state, batch, key)
     history.append({k: float(v) for k, v in metrics.items()})
   first = history[0]

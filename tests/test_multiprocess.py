@@ -195,7 +195,12 @@ def test_two_processes_train_evaluate_and_resume_like_one(tmp_path, data_dir):
   _assert_same_params(_checkpoint_params(os.path.join(one_dir, "checkpoints"), STEPS),
                       _params(two0["out"]))
   # The same losses; only process 0 logs them (and its evaluation).
-  assert _losses(one["log"])[:2] == _losses(two0["log"]) and len(_losses(two0["log"])) == 2
+  one_losses, two_losses = _losses(one["log"])[:2], _losses(two0["log"])
+  assert [s for s, _ in one_losses] == [s for s, _ in two_losses] and len(two_losses) == 2
+  # The same losses to the logged digit (the sums cross the devices in another order, which can
+  # turn the third decimal: 13.374 against 13.373 was seen).
+  np.testing.assert_allclose([float(v) for _, v in one_losses],
+                             [float(v) for _, v in two_losses], rtol=0, atol=1.01e-3)
   (_, first), (_, last) = _losses(one["log"])[::2]
   assert first != last  # it trained
   text0, text1 = Path(two0["log"]).read_text(), Path(two1["log"]).read_text()

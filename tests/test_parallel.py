@@ -178,7 +178,7 @@ def test_two_steps_on_eight_devices_equal_one_device(eight_device_run):
   """Two steps (the second with the first's items in the pair loss's memory): the same params,
   metrics and memory on 8 devices as on one."""
   r = eight_device_run
-  assert len(r["memory"]["keys"]) == 5 and r["memory"]["valid"] > 0
+  assert len(r["memory"]["keys"]) == 7 and r["memory"]["valid"] > 0
   assert r["memory"]["max_diff"] < 1e-5
   assert r["params_moved"]
   assert not r["params_mismatched"], (r["params_mismatched"][:10], r["worst_param"])
