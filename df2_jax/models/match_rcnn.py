@@ -95,8 +95,8 @@ class MatchRCNNConfig:
   match_scorer_init: str = "normal"
   # The GT items of the last N training steps, kept as pooled 7x7 RoI features
   # (matching.PairMemory), add a pair-loss term of their own, embedded again by the current
-  # matching head: the head trains on N + 1 steps' pairs per step for the cost of the head
-  # alone; the backbone learns from the current items only. 0: off.
+  # matching head: the head trains on N + 1 (or match_memory_draw + 1) steps' pairs per step
+  # for the cost of the head alone; the backbone learns from the current items only. 0: off.
   match_memory_steps: int = 0
   # Items kept per step in that memory (the valid GT items first; 0: every GT slot of a step,
   # 2 * pairs * max_instances). Padded slots cost the head nothing once dropped.
