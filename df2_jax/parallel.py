@@ -291,10 +291,13 @@ def _replicate_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
     impl = jax.random.key_impl(x)
     data = _replicate_leaf(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=impl)
+  if jax.process_count() == 1:
+    # Always onto the mesh's own sharding, committed, even for an equivalent one (a one-device
+    # mesh and an uncommitted array): the train step's outputs carry this sharding, and an
+    # input that differs only there made jit trace and compile the step a second time.
+    return jax.device_put(x, sharding)
   if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
     return x  # already a copy on every device of the mesh
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return jax.jit(lambda y: y, out_shardings=sharding)(x)
   value = np.asarray(x)
