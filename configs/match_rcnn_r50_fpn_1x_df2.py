@@ -8,19 +8,21 @@ The backbone starts from torchvision's ImageNet ResNet-50 (IMAGENET1K_V1,
 https://download.pytorch.org/models/resnet50-0676ba61.pth, or a .safetensors copy; the run
 refuses to start without it). 16 images (8 image pairs) per step, SGD momentum 0.9, LR 0.02
 with a 1000-step linear warm-up, x0.1 after epochs 8 and 11 of 12; shorter side 800, longer
-<= 1333, on a 1344x1344 canvas. An epoch visits each of the release's 191,961 training images
-once (95,981 elements of two images: user/shop partners where the epoch's matching pairs them,
-others paired at random with the matching loss masked): 11,998 steps per epoch, 143,976 steps in
-all (2.3M image visits), decays at steps 95,984 and 131,978. Evaluates the 32,153 validation
-images every 24,000 steps and at the end (eval_<step>/, best box AP kept in best/).
+<= 1333, each step's images on an 800x1344 (landscape) or 1344x800 (portrait) canvas, or
+1344x1344 for the steps whose image pairs mix orientations (orientation buckets). An epoch
+visits each of the release's 191,961 training images once (95,981 elements of two images:
+user/shop partners where the epoch's matching pairs them, others paired at random with the
+matching loss masked): 11,998 steps per epoch, 143,976 steps in all (2.3M image visits),
+decays at steps 95,984 and 131,978. Evaluates the 32,153 validation images every 24,000 steps
+and at the end (eval_<step>/, best box AP kept in best/).
 
 Expected: the paper's validation numbers are box AP .667, landmark AP .641 (visible) / .563
 (visible + occluded), mask AP .674; the official baseline retrained on the release: box .638,
 landmarks .605 / .529, mask .640, retrieval top-1 .192 / top-20 .524. No run of this recipe has
 been made with this code yet. Runtime, an estimate from the train-step benchmark (126 img/s on
 one H100, bf16, 800x1344; docs/PERFORMANCE.md), not a measured run: about 5 hours of steps on
-one H100, under an hour on 8 if the step scales and the input keeps up; the square canvas is
-slower than the benchmark's, and each full evaluation adds its own time.
+one H100, under an hour on 8 if the step scales and the input keeps up; each full evaluation
+adds its own time.
 
 Why: the paper's setup (Detectron's 1x schedule, batch 16, ResNet-50-FPN from ImageNet), with
 epochs counted in images as a 1x schedule is.
@@ -47,8 +49,16 @@ def get_config() -> ml_collections.ConfigDict:
       synthetic_train_pairs=200, synthetic_val_pairs=50, synthetic_image_size=256,
       synthetic_seed=0,
       short_side=800, max_size=1333, canvas=(1344, 1344),
+      # Orientation buckets: a batch whose images all fit one of these smaller canvases is
+      # padded onto it instead of `canvas` (landscape and portrait images fill 81% of these,
+      # 48% of the square, on the real fixtures); the pipeline groups each step's image pairs
+      # by orientation. Each canvas is one compiled program. (): every batch on `canvas`.
+      bucket_canvases=((800, 1344), (1344, 800)),
       max_instances=8, mask_size=112, flip_prob=0.5,
       strict=False, check_images="decode", num_workers=0,
+      # Images decoded and encoded at once by the training input pipeline (0: one per core this
+      # process may use; the GPU machine's 16 cores: see docs/PERFORMANCE.md).
+      input_workers=0,
       # Each step's image pairs share the user image's category where possible (the pair loss
       # then ranks same-category shop items as negatives; see data_pipeline.pairs).
       category_batches=False,

@@ -18,7 +18,7 @@ def get_config():
   config.data.synthetic_val_pairs = 4
   config.data.synthetic_image_size = 128
   config.data.update(dict(short_side=96, max_size=128, canvas=(128, 128), max_instances=4,
-                          mask_size=28, num_workers=1))
+                          mask_size=28, num_workers=1, bucket_canvases=()))
   config.model.update(dict(
       stage_sizes=(1, 1, 1, 1), width=8, freeze_at=0, fpn_channels=32,
       rpn_pre_nms_topk_train=300, rpn_post_nms_topk_train=100, rpn_pre_nms_topk_test=300,

@@ -130,22 +130,35 @@ class PairIndex:
     rows = np.flatnonzero(match >= 0)
     return self.users[row_perm[rows]], self.shops[col_perm[match[rows]]]
 
-  def epoch_elements(self, epoch: int, seed: int, group_size: int = 1) -> EpochElements:
+  def epoch_elements(self, epoch: int, seed: int, group_size: int = 1, *,
+                     categories: bool = True, fit: np.ndarray | None = None,
+                     batch_offset: int = 0) -> EpochElements:
     """The ``epoch_size`` elements of one epoch, in their (shuffled) order.
 
     Every image appears exactly once, with one exception: when the images left over by the
     matching are odd in number, the last of them pairs with one more image drawn at random from
     all the others, which so appears twice in this epoch. Everything (the matching, the leftover
-    pairing, the order) depends only on (seed, epoch), so any step can be reached without
-    replaying the steps before it (for a given SciPy version: its matching may change between
-    versions).
+    pairing, the order) depends only on (seed, epoch) and the arguments, so any step can be
+    reached without replaying the steps before it (for a given SciPy version: its matching may
+    change between versions).
 
-    With ``group_size`` > 1 (the elements of one training step) and ``keys``, the order puts
-    matched elements of one key (the user image's category) together in runs of
+    With ``group_size`` > 1 (the elements of one training step), ``categories`` and ``keys``,
+    the order puts matched elements of one key (the user image's category) together in runs of
     ``group_size``, so that the matching loss of a step ranks each user item against shop items
     of its own category (hard negatives) besides its partner; the runs are in random order, the
     elements left over (unmatched, or fewer than ``group_size`` of a key) fill runs of mixed
     keys, and a short run comes last. The epoch holds the same elements as without grouping.
+
+    With ``fit`` ([num_images] ``ImageGeometry.fit_mask`` of each image: the canvases it fits)
+    the epoch is arranged for orientation buckets: the images left over by the matching pair up
+    with images of their own smallest canvas (landscape with landscape; the matched elements
+    are the same as without ``fit``), and the runs of ``group_size`` elements (each a training
+    step) hold elements of one canvas (within it, of one key as above). What is left of each
+    canvas (fewer than ``group_size`` elements each) fills the batches at the epoch's two ends
+    and at most one run per canvas besides, whose images take a canvas holding them all.
+    ``batch_offset`` is the position within its batch of the epoch's first element
+    ((epoch * epoch_size) % group_size in a stream of consecutive epochs): the runs are laid
+    on the stream's batches.
     """
     rng = np.random.default_rng([seed, epoch])
     users, shops = self._matching(rng)
@@ -153,6 +166,9 @@ class PairIndex:
     taken[users] = True
     taken[shops] = True
     rest = rng.permutation(np.flatnonzero(~taken))
+    if fit is not None:  # Leftover images pair up within their own smallest canvas.
+      fit = np.asarray(fit, np.int64)
+      rest = rest[np.argsort(_lowest_bit(fit[rest]), kind="stable")]
     if len(rest) % 2:
       if self.num_images > 1:
         extra = int(rng.integers(self.num_images - 1))
@@ -162,12 +178,23 @@ class PairIndex:
       rest = np.append(rest, extra)
     elements = np.concatenate([np.stack([users, shops], 1), rest.reshape(-1, 2)])
     match_valid = np.arange(len(elements)) < len(users)
-    if group_size > 1 and self.keys is not None:
-      keys = np.where(match_valid, np.asarray(self.keys)[elements[:, 0]], -1)
+    grouped = group_size > 1 and categories and self.keys is not None
+    keys = (np.where(match_valid, np.asarray(self.keys)[elements[:, 0]], -1) if grouped
+            else np.full(len(elements), -1, np.int64))
+    if fit is not None and group_size > 1:
+      canvas = _lowest_bit(fit[elements[:, 0]] & fit[elements[:, 1]])
+      order = _bucketed_order(rng, canvas, keys, group_size, batch_offset)
+    elif grouped:
       order = _grouped_order(rng, keys, group_size)
     else:
       order = rng.permutation(len(elements))
     return EpochElements(elements[order], match_valid[order])
+
+
+def _lowest_bit(masks: np.ndarray) -> np.ndarray:
+  """Index of the lowest set bit of each positive int64 (a fit mask's smallest canvas)."""
+  masks = np.asarray(masks, np.int64)
+  return np.log2(masks & -masks).astype(np.int64)
 
 
 def _grouped_order(rng: np.random.Generator, keys: np.ndarray, group_size: int) -> np.ndarray:
@@ -186,6 +213,41 @@ def _grouped_order(rng: np.random.Generator, keys: np.ndarray, group_size: int) 
   full_runs = [r for r in runs if len(r) == group_size]
   ordered = [full_runs[i] for i in rng.permutation(len(full_runs))] + short
   return np.concatenate(ordered) if ordered else np.zeros(0, np.int64)
+
+
+def _bucketed_order(rng: np.random.Generator, canvas: np.ndarray, keys: np.ndarray,
+                    group_size: int, batch_offset: int) -> np.ndarray:
+  """A random permutation of range(n) laid on batches of ``group_size``: ``head`` positions
+  that complete the batch the previous epoch started (``batch_offset`` > 0), then whole runs
+  in random order, then a short tail. The whole runs hold one canvas each (within a canvas,
+  one key where ``keys`` >= 0 allow); what is left of each canvas and key (fewer than
+  ``group_size``) fills the head, the tail and a few runs of mixed canvases."""
+  n = len(canvas)
+  head = min((group_size - batch_offset % group_size) % group_size, n)
+  tail = (n - head) % group_size
+  perm = rng.permutation(n)
+  runs, mixed = [], []
+  chunk = lambda x: [x[i:i + group_size] for i in range(0, len(x), group_size)]
+  for c in np.unique(canvas):
+    in_canvas = perm[canvas[perm] == c]  # in random order
+    left = []
+    for key in np.unique(keys[in_canvas]):
+      members = in_canvas[keys[in_canvas] == key]
+      full = 0 if key < 0 else len(members) // group_size * group_size
+      runs += chunk(members[:full])
+      left.append(members[full:])
+    left = np.concatenate(left)
+    full = len(left) // group_size * group_size
+    runs += chunk(left[:full])
+    mixed.append(left[full:])
+  mixed = np.concatenate(mixed)  # canvas by canvas, so that mixed runs mix few canvases
+  runs = [runs[i] for i in rng.permutation(len(runs))]
+  while len(mixed) < head + tail:  # Too few left over for the ends: break up whole runs.
+    mixed = np.concatenate([mixed, runs.pop()])
+  middle = mixed[head:len(mixed) - tail]
+  runs += chunk(middle)  # whole runs of what is left, after the pure ones
+  ordered = [mixed[:head]] + runs + [mixed[len(mixed) - tail:]]
+  return np.concatenate(ordered).astype(np.int64)
 
 
 def image_keys(records: list[ImageRecord]) -> np.ndarray:

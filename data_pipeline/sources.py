@@ -121,5 +121,7 @@ def source_from_config(data, split: str) -> DataSource:
 def geometry_from_config(data):
   """The ``transforms.ImageGeometry`` of ``config.data``."""
   from data_pipeline.transforms import ImageGeometry
+  buckets = tuple(tuple(int(v) for v in c) for c in data.get("bucket_canvases", ()))
   return ImageGeometry(tuple(int(v) for v in data.canvas), int(data.short_side),
-                       int(data.max_size), int(data.max_instances), int(data.mask_size))
+                       int(data.max_size), int(data.max_instances), int(data.mask_size),
+                       buckets)

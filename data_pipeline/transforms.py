@@ -26,22 +26,53 @@ class ImageGeometry:
   """How an input image maps onto the canvas.
 
   Attributes:
-    canvas_hw: (H, W) of the fixed canvas every image is padded onto.
+    canvas_hw: (H, W) of the canvas that holds any image (e.g. 1344x1344 for shorter side 800,
+      longer <= 1333); the resize never exceeds it.
     short_side: target length of the shorter side.
     max_size: cap on the longer side.
     max_instances: M, items per image after padding/truncation.
     mask_size: S, each instance mask is cropped to its box and resampled to S x S.
+    buckets: smaller canvases (H, W) (e.g. 800x1344 landscape and 1344x800 portrait): a batch
+      whose resized images all fit one of them is padded onto the smallest such (each canvas
+      shape is one compiled program); other batches onto ``canvas_hw``. The resize is the same
+      on every canvas, only the padding differs. Empty: every batch on ``canvas_hw``.
   """
   canvas_hw: tuple[int, int]
   short_side: int
   max_size: int
   max_instances: int
   mask_size: int
+  buckets: tuple[tuple[int, int], ...] = ()
+
+  @property
+  def canvases(self) -> tuple[tuple[int, int], ...]:
+    """The bucket canvases by increasing area (ties in the given order), then ``canvas_hw``:
+    a canvas index is a position here."""
+    ordered = sorted(dict.fromkeys(tuple(int(v) for v in c) for c in self.buckets),
+                     key=lambda c: c[0] * c[1])
+    return tuple(c for c in ordered if c != tuple(self.canvas_hw)) + (tuple(self.canvas_hw),)
+
+  def fit_mask(self, height: int, width: int) -> int:
+    """Bit k set where canvas k (``canvases``) holds an image of ``height`` x ``width`` once
+    resized; the last bit (``canvas_hw``) is always set."""
+    nh, nw = resized_hw(height, width, resize_scale(height, width, self), self.canvas_hw)
+    return sum(1 << k for k, (ch, cw) in enumerate(self.canvases)
+               if nh <= ch and nw <= cw) | (1 << (len(self.canvases) - 1))
 
 
-def image_spec(geometry: ImageGeometry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of one encoded image (the batch contract without batch axes)."""
-  h, w = geometry.canvas_hw
+def canvas_index(mask: int) -> int:
+  """The smallest canvas of a ``fit_mask`` (or the AND of several: a batch's canvas)."""
+  mask = int(mask)
+  if mask <= 0:
+    raise ValueError(f"no canvas in fit mask {mask}")
+  return (mask & -mask).bit_length() - 1
+
+
+def image_spec(geometry: ImageGeometry, canvas_hw: tuple[int, int] | None = None
+               ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of one encoded image (the batch contract without batch axes), on
+  ``canvas_hw`` (default ``geometry.canvas_hw``; only "image" depends on the canvas)."""
+  h, w = canvas_hw or geometry.canvas_hw
   m, s = geometry.max_instances, geometry.mask_size
   return {
       "image": ((h, w, 3), np.dtype(np.uint8)),
@@ -146,7 +177,7 @@ def rasterize_crop(polygons: list[np.ndarray], box: np.ndarray, size: int,
 
 
 def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry,
-                 flip: bool) -> dict[str, np.ndarray]:
+                 flip: bool, canvas_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """Resizes, optionally flips and pads one image and its items into ``image_spec`` arrays.
 
   Args:
@@ -154,6 +185,8 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
     image: [h, w, 3] uint8, the decoded image (h, w = record.height, record.width).
     geometry: canvas and instance sizes.
     flip: whether to flip horizontally.
+    canvas_hw: the canvas to pad onto (one of ``geometry.canvases`` that holds the resized
+      image); default ``geometry.canvas_hw``.
   """
   import cv2  # Here, not at the top: the batch contract must import without OpenCV.
   h, w = image.shape[:2]
@@ -167,7 +200,10 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
       image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
   if flip:
     resized = resized[:, ::-1]
-  ch, cw = geometry.canvas_hw
+  ch, cw = canvas_hw or geometry.canvas_hw
+  if nh > ch or nw > cw:
+    raise ValueError(f"{record.image_path}: resized to {nw}x{nh}, larger than the {cw}x{ch} "
+                     f"canvas it was assigned")
   canvas = np.zeros((ch, cw, 3), np.uint8)
   canvas[:nh, :nw] = resized
 
@@ -177,7 +213,7 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
     log.warning("%s: image %d has %d items, more than max_instances=%d; keeping the first %d",
                 record.anno_path or record.image_path, record.image_id, len(items), m, m)
     items = items[:m]
-  spec = image_spec(geometry)
+  spec = image_spec(geometry, (ch, cw))
   out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
   out["image"] = canvas
   out["image_hw"] = np.array([nh, nw], np.int32)

@@ -281,7 +281,11 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
                                      global_batch_pairs=tc.global_batch_pairs, seed=config.seed,
                                      start_step=start_step, flip_prob=config.data.flip_prob,
                                      category_batches=bool(
-                                         config.data.get("category_batches", False)))
+                                         config.data.get("category_batches", False)),
+                                     num_parallel_calls=int(config.data.get("input_workers", 0)))
+    log.info("Input pipeline: %d images decoded at once; canvases %s.",
+             int(config.data.get("input_workers", 0)) or pipeline.host_cores(),
+             ", ".join(f"{h}x{w}" for h, w in geometry.canvases))
     batches = dataset.as_numpy_iterator()
     step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
                                         dict(tc.loss_weights))
@@ -289,10 +293,14 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     guard = FiniteGuard()
     signals = stack.enter_context(StopSignals())
     started, last_log, last_step = time.time(), time.time(), start_step
+    canvases_seen = set()
     for step in range(start_step, total_steps):
       batch = parallel.host_local_to_global(next(batches), mesh)
-      if step == start_step:
-        state, metrics = _first_step(step_fn, state, batch, base_key, done=step + 1)
+      canvas = tuple(batch["image"].shape[2:4])
+      if canvas not in canvases_seen:  # a new program: its failure is reported as the step's
+        canvases_seen.add(canvas)
+        state, metrics = _first_step(step_fn, state, batch, base_key, done=step + 1,
+                                     first=step == start_step)
       else:
         state, metrics = step_fn(state, batch, base_key)
       done = step + 1
@@ -438,22 +446,28 @@ class FiniteGuard:
         f"raise config.train.warmup_steps.")
 
 
-def _first_step(step_fn, state, batch, base_key, done: int):
-  """The first step of a run, awaited: a failure (out of memory, most often) is reported as
-  the step's, before anything is saved, rather than surfacing in the checkpoint writer."""
+def _first_step(step_fn, state, batch, base_key, done: int, first: bool = True):
+  """The first step of a run (or the first on a new canvas: another program), awaited: a
+  failure (out of memory, most often) is reported as the step's, before anything is saved,
+  rather than surfacing in the checkpoint writer."""
   try:
     state, metrics = step_fn(state, batch, base_key)
     jax.block_until_ready((state, metrics))
+    if not first:
+      log.info("Step %d ran the first batch on a %dx%d canvas (a program of its own).", done,
+               *batch["image"].shape[2:4])
     return state, metrics
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
     text = str(e)
     memory = any(m in text for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
                                      "Allocator", "allocat"))
     hint = (" The step does not fit in memory: lower config.train.global_batch_pairs or the "
-            "canvas (config.data.canvas), or use accelerators with more memory (the 1x recipe "
-            "is sized for 8 GPUs or TPU chips; see the README)." if memory else "")
-    raise RuntimeError(f"The training step failed at step {done}, before any checkpoint of "
-                       f"this run was saved: {type(e).__name__}: "
+            "canvases (config.data.canvas, bucket_canvases), or use accelerators with more "
+            "memory (the 1x recipe is sized for 8 GPUs or TPU chips; see the README)."
+            if memory else "")
+    where = ("before any checkpoint of this run was saved" if first else
+             f"its first on a {batch['image'].shape[2]}x{batch['image'].shape[3]} canvas")
+    raise RuntimeError(f"The training step failed at step {done}, {where}: {type(e).__name__}: "
                        f"{text.strip().splitlines()[0][:500] if text.strip() else ''}.{hint}"
                        ) from e
 

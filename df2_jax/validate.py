@@ -123,12 +123,14 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.short_side": POSITIVE,
     "data.max_size": POSITIVE,
     "data.canvas": canvas,
+    "data.bucket_canvases": sequence(None, canvas),
     "data.max_instances": POSITIVE,
     "data.mask_size": POSITIVE,
     "data.flip_prob": FRACTION,
     "data.category_batches": boolean,
     "data.check_images": choice(CHECK_IMAGE_MODES),
     "data.num_workers": NON_NEGATIVE,
+    "data.input_workers": NON_NEGATIVE,
     "data.synthetic_train_pairs": POSITIVE,
     "data.synthetic_val_pairs": POSITIVE,
     "data.synthetic_image_size": integer(32),
@@ -228,6 +230,13 @@ def problems(config) -> list[str]:
     if data.short_side > data.max_size:
       found.append(f"config.data.short_side ({data.short_side}) must be <= config.data.max_size "
                    f"({data.max_size})")
+  if data is not None and ok("data.canvas", "data.bucket_canvases") and data.get(
+      "bucket_canvases"):
+    ch, cw = (int(v) for v in data.canvas)
+    for c in data.bucket_canvases:
+      if int(c[0]) > ch or int(c[1]) > cw:
+        found.append(f"config.data.bucket_canvases entry {tuple(c)} must fit within "
+                     f"config.data.canvas {tuple(data.canvas)} (the canvas that holds any image)")
   if data is not None:
     fmt = data.get("format")
     needs = {"raw": ["root"], "coco": ["coco_json_train", "coco_images_train",

@@ -1,7 +1,9 @@
 """The whole system on the tiny config: train, checkpoint, evaluate, resume."""
 
 import json
+import logging
 import os
+import re
 import shutil
 
 import cv2
@@ -22,9 +24,19 @@ def tensorboard_tags(workdir: str) -> set[str]:
   return set(tags["tensors"]) | set(tags["scalars"]) | set(tags["images"])
 
 
-def test_train_checkpoint_evaluate_and_resume(tmp_path):
+def _compiled_shapes(text: str, name: str) -> list[str]:
+  """The image shape of each compilation of the jitted ``name`` in a jax_log_compiles log."""
+  return re.findall(rf"Compiling jit\({name}\) with global shapes and types .*?uint8"
+                    rf"\[([\d,]+)\]", text)
+
+
+def test_train_checkpoint_evaluate_and_resume(tmp_path, caplog):
   config = tiny.get_config()
   config.data.synthetic_dir = str(tmp_path / "data")
+  # Orientation buckets: the tiny data's landscape images (96x128 once resized), portrait ones
+  # (128x96) and square ones (96x96, either) go onto those canvases, batches mixing
+  # orientations onto the 128x128 one.
+  config.data.bucket_canvases = ((96, 128), (128, 96))
   config.train.num_steps = 10
   config.train.checkpoint_every_steps = 5
   # Evaluation during training at steps 5 and 10 (the final one is not repeated), best/ by
@@ -33,7 +45,12 @@ def test_train_checkpoint_evaluate_and_resume(tmp_path):
   config.train.best_metric = "retrieval_gt_boxes/top20"
   workdir = str(tmp_path / "run")
 
-  metrics = train.train_and_evaluate(config, workdir)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    metrics = train.train_and_evaluate(config, workdir)
+  # One train-step program per canvas, each compiled once; the buckets were used.
+  shapes = _compiled_shapes(caplog.text, "train_step")
+  assert len(shapes) == len(set(shapes)) >= 2, shapes
+  assert set(shapes) <= {"2,2,96,128,3", "2,2,128,96,3", "2,2,128,128,3"}, shapes
   manager = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
   assert manager.all_steps() == [5, 10]
   manager.close()

@@ -208,3 +208,66 @@ def test_category_batches_group_matched_elements_by_category():
     np.testing.assert_array_equal(again.elements, grouped.elements)
   assert not np.array_equal(index.epoch_elements(0, 0, 3).elements,
                             index.epoch_elements(1, 0, 3).elements)
+
+
+L, P, S = 0b101, 0b110, 0b111  # fit masks: landscape canvas (bit 0), portrait (1), square (2)
+
+
+def _oriented_pairs():
+  """9 landscape partner pairs, 5 portrait ones, 2 with a landscape user and a portrait shop,
+  and 10 images without a partner (6 landscape, 4 portrait): 21 elements in every epoch, 12 on
+  the landscape canvas, 7 on the portrait one, 2 only on the square."""
+  records, fit = [], []
+  for p, (u, s) in enumerate([(L, L)] * 9 + [(P, P)] * 5 + [(L, P)] * 2):
+    records += [make_record(2 * p + 1, [make_item(style=1)], source="user", pair_id=p + 1),
+                make_record(2 * p + 2, [make_item(style=1)], source="shop", pair_id=p + 1)]
+    fit += [u, s]
+  for k, f in enumerate([L] * 6 + [P] * 4):
+    records.append(make_record(100 + k, [make_item(style=1)], source="user", pair_id=100 + k))
+    fit.append(f)
+  return pairs.build_pair_index(records), np.array(fit, np.int64)
+
+
+def _batch_canvases(epoch, fit, start, size):
+  """The canvas bit of each whole batch of ``size`` elements from ``start``."""
+  out = []
+  for i in range(start, len(epoch.elements) - size + 1, size):
+    mask = np.bitwise_and.reduce(fit[epoch.elements[i:i + size]].ravel())
+    out.append(int(mask & -mask).bit_length() - 1)
+  return out
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_orientation_buckets_lay_one_canvas_on_each_batch(offset):
+  index, fit = _oriented_pairs()
+  for epoch in range(3):
+    plain = index.epoch_elements(epoch, 0)
+    bucketed = index.epoch_elements(epoch, 0, 4, fit=fit, batch_offset=offset)
+    # The same matched elements (the matching is drawn first); every image once.
+    matched = lambda e: sorted(map(tuple, e.elements[e.match_valid].tolist()))
+    assert matched(bucketed) == matched(plain) and bucketed.match_valid.sum() == 16
+    assert sorted(bucketed.elements.ravel().tolist()) == list(range(index.num_images))
+    # The leftovers pair within an orientation: 3 landscape and 2 portrait elements.
+    rest = bucketed.elements[~bucketed.match_valid]
+    assert sorted(fit[rest[:, 0]] & fit[rest[:, 1]]) == [L, L, L, P, P]
+    # 12 landscape elements: 3 whole batches; 7 portrait: 1, and 3 left; 2 mixed: what is left
+    # (5 elements) fills one batch and the epoch's tail (offset 0: the 21st element) or head
+    # (offset 3: the first element completes the previous epoch's batch).
+    head = (4 - offset) % 4
+    assert sorted(_batch_canvases(bucketed, fit, head, 4)) == [0, 0, 0, 1, 2]
+    again = index.epoch_elements(epoch, 0, 4, fit=fit, batch_offset=offset)
+    np.testing.assert_array_equal(again.elements, bucketed.elements)
+
+
+def test_bucketed_order_is_a_permutation_for_any_offset():
+  rng = np.random.default_rng(0)
+  for n, size in [(8, 4), (21, 4), (3, 8), (50, 7)]:
+    canvas = rng.integers(0, 3, n)
+    for offset in range(size):
+      order = pairs._bucketed_order(np.random.default_rng(1), canvas, np.full(n, -1), size,
+                                    offset)
+      assert sorted(order.tolist()) == list(range(n)), (n, size, offset)
+  # All on one canvas, the ends need 4 elements: one whole run is broken up for them.
+  order = pairs._bucketed_order(np.random.default_rng(1), np.zeros(8, np.int64),
+                                np.full(8, -1), 4, 2)
+  assert sorted(order.tolist()) == list(range(8))

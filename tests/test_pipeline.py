@@ -203,8 +203,109 @@ def test_eval_is_file_order_padded_and_complete():
 
 
 def test_eval_indices_padding():
-  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 0, 2), [0, 1, 2, -1])
-  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 1, 2), [3, 4, -1, -1])
+  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 0, 2)[0], [0, 1, 2, -1])
+  np.testing.assert_array_equal(pipeline.eval_indices(5, 2, 1, 2)[0], [3, 4, -1, -1])
+  # By canvas: images 0-2 on process 0 (canvases 1, 0, 1), 3-5 on process 1 (0, 0, 0). Each
+  # process gets 2 batches of canvas 0 and 1 of canvas 1.
+  canvas = np.array([1, 0, 1, 0, 0, 0])
+  indices, canvases = pipeline.eval_indices(6, 2, 0, 2, canvas)
+  np.testing.assert_array_equal(indices, [1, -1, -1, -1, 0, 2])
+  np.testing.assert_array_equal(canvases, [0, 0, 0, 0, 1, 1])
+  indices, canvases = pipeline.eval_indices(6, 2, 1, 2, canvas)
+  np.testing.assert_array_equal(indices, [3, 4, 5, -1, -1, -1])
+  np.testing.assert_array_equal(canvases, [0, 0, 0, 0, 1, 1])
+
+
+# Landscape images (30x40, resized to 32x43) fit the 32x64 canvas, portrait ones the 64x32.
+BUCKETS = transforms.ImageGeometry(canvas_hw=(64, 64), short_side=32, max_size=48,
+                                   max_instances=3, mask_size=8, buckets=((32, 64), (64, 32)))
+
+
+def _oriented_source(orientations):
+  """One user-shop partner pair per entry ("LL", "PP", "LP": the user's and the shop's
+  orientation), pixels equal to the image id."""
+  records, pixels = [], []
+  for p, pair in enumerate(orientations):
+    for side, o in zip(("user", "shop"), pair):
+      image_id = len(records) + 1
+      h, w = (30, 40) if o == "L" else (40, 30)
+      records.append(make_record(image_id, [make_item(1 + p % 13, 1, (2, 3, 20, 25))],
+                                 width=w, height=h, source=side, pair_id=100 + p))
+      pixels.append(np.full((h, w, 3), image_id, np.uint8))
+  return DataSource(records, lambda i: pixels[i], "memory")
+
+
+def _smallest_canvas(image_hw):
+  """The smallest of BUCKETS.canvases holding every content size of a batch."""
+  for ch, cw in BUCKETS.canvases:
+    if (image_hw[..., 0] <= ch).all() and (image_hw[..., 1] <= cw).all():
+      return ch, cw
+
+
+def test_orientation_buckets_put_each_batch_on_one_canvas():
+  assert BUCKETS.canvases == ((32, 64), (64, 32), (64, 64))
+  # A square image fits both buckets; a single image always fits one (short side <= 32).
+  assert [BUCKETS.fit_mask(30, 40), BUCKETS.fit_mask(40, 30), BUCKETS.fit_mask(40, 40)] == [
+      0b101, 0b110, 0b111]
+  # 5 landscape pairs, 3 portrait, 1 mixed: 9 elements per epoch, 2 per step.
+  source = _oriented_source(["LL"] * 5 + ["PP"] * 3 + ["LP"])
+  index = pairs.build_pair_index(source.records)
+  kwargs = dict(global_batch_pairs=2, seed=3, process_index=0, process_count=1)
+  straight = _take(pipeline.train_dataset(source, index, BUCKETS, **kwargs), 9)  # two epochs
+  shapes = [b["image"].shape[2:4] for b in straight]
+  for b, shape in zip(straight, shapes):
+    # The batch's canvas is the smallest that holds its images; their pixels are intact.
+    assert shape == _smallest_canvas(b["image_hw"])
+    for p in range(2):
+      for j in range(2):
+        h, w = b["image_hw"][p, j]
+        assert (b["image"][p, j, :h, :w] == b["image_id"][p, j]).all()
+        assert not b["image"][p, j, h:].any() and not b["image"][p, j, :, w:].any()
+  # Per epoch: 2 landscape and 1 portrait batch, the rest (a landscape, a portrait and the
+  # mixed element, with the epochs' ends) on the square canvas.
+  assert shapes.count((32, 64)) >= 4 and shapes.count((64, 32)) >= 2
+  assert shapes.count((64, 64)) <= 3
+  ids = np.concatenate([b["image_id"] for b in straight])
+  for epoch in (ids[:9], ids[9:18]):  # every image once per epoch, matched as partners
+    assert sorted(epoch.ravel()) == list(range(1, 19))
+    assert (epoch[:, 1] == epoch[:, 0] + 1).all()
+  # Resumed at step 3 (in epoch 0) and at step 5 (the batch that straddles the epochs).
+  for start in (3, 4):
+    resumed = _take(pipeline.train_dataset(source, index, BUCKETS, start_step=start,
+                                           num_parallel_calls=1, **kwargs), 2)
+    for a, b in zip(straight[start:], resumed):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Two processes read halves of the same global batches, on the same canvases.
+  parts = [_take(pipeline.train_dataset(source, index, BUCKETS, global_batch_pairs=2, seed=3,
+                                        process_index=p, process_count=2), 9) for p in (0, 1)]
+  for step in range(9):
+    for k in straight[step]:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][k], parts[1][step][k]]), straight[step][k], err_msg=k)
+
+
+def test_evaluation_with_buckets_groups_images_by_canvas():
+  source = _oriented_source(["LL", "LP", "PL", "LL"])  # 5 landscape, 3 portrait images
+  for count in (1, 2):
+    batches = [list(pipeline.eval_dataset(source, BUCKETS, batch_size=2, process_index=p,
+                                          process_count=count).as_numpy_iterator())
+               for p in range(count)]
+    assert len({len(b) for b in batches}) == 1  # the same number of batches on each process
+    seen = []
+    for per_process in zip(*batches):
+      assert len({b["image"].shape for b in per_process}) == 1  # processes agree on the canvas
+      for b in per_process:
+        valid = b["valid"]
+        shape = b["image"].shape[1:3]
+        assert shape == _smallest_canvas(b["image_hw"][valid]) or not valid.any()
+        assert shape != (64, 64)  # every image fits a bucket
+        seen += b["image_id"][valid].tolist()
+    assert sorted(seen) == list(range(1, 9))
+  one = [b for b in pipeline.eval_dataset(source, BUCKETS, batch_size=2, process_index=0,
+                                          process_count=1).as_numpy_iterator()]
+  order = np.concatenate([b["image_id"][b["valid"]] for b in one])
+  np.testing.assert_array_equal(order, [1, 2, 3, 6, 7, 8, 4, 5])  # by canvas, file order within
 
 
 def test_real_fixture_trains_as_singles_and_evaluates_in_file_order(real_fixture, caplog):

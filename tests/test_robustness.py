@@ -193,3 +193,10 @@ def test_a_failing_first_step_is_reported_as_the_step_not_as_a_checkpoint_error(
                                          r"checkpoint of this run was saved: RuntimeError: "
                                          r"RESOURCE_EXHAUSTED.* does not fit in memory"):
     train._first_step(step_fn, None, None, None, done=1)  # pylint: disable=protected-access
+  # The first step on another canvas (orientation buckets: another program) is awaited too.
+  batch = {"image": np.zeros((2, 2, 1344, 1344, 3), np.uint8)}
+  with pytest.raises(RuntimeError, match=r"The training step failed at step 700, its first on "
+                                         r"a 1344x1344 canvas: RuntimeError: RESOURCE_EXHAUSTED"
+                                         r".* does not fit in memory"):
+    train._first_step(step_fn, None, batch, None, done=700,  # pylint: disable=protected-access
+                      first=False)

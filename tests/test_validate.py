@@ -45,6 +45,7 @@ def test_each_rule_rejects_a_bad_value_in_one_line_naming_the_field(path):
 def test_cross_field_rules_and_suggestions():
   config = tiny.get_config()
   config.data.short_side = 200  # > max_size 128
+  config.data.bucket_canvases = ((96, 128), (96, 160))  # wider than the canvas (128, 128)
   config.model.detection_candidates = 5  # < detections_per_image 10
   config.train.decay_epochs = (11, 8)
   config.train.best_metric = "bbox/ap"
@@ -55,6 +56,8 @@ def test_cross_field_rules_and_suggestions():
   found = validate.problems(config)
   expected = [
       "config.data.short_side (200) must be <= config.data.max_size (128)",
+      "config.data.bucket_canvases entry (96, 160) must fit within config.data.canvas "
+      "(128, 128) (the canvas that holds any image)",
       "config.data.root must be set for config.data.format='raw'",
       "config.model.widht is not a model field (did you mean 'width'?)",
       "config.model.detection_candidates (5) must be >= config.model.detections_per_image (10)",

@@ -130,8 +130,10 @@ def _split_keys(key: Array, n: int) -> Array:
 class MatchRCNN(nn.Module):
   """Attributes:
     config: the architecture and static sizes.
-    canvas_hw: (H, W) of the fixed input canvas (a multiple of 32); the anchors are
-      constants of the compiled program.
+    canvas_hw: (H, W) of the largest input canvas (multiples of 32), the one initialisation
+      uses. Any input canvas whose sides are multiples of 32 works (orientation buckets: each
+      canvas shape is its own compiled program); the anchors are constants of that program,
+      computed from the input's shape.
   """
   config: MatchRCNNConfig
   canvas_hw: tuple[int, int]
@@ -161,11 +163,13 @@ class MatchRCNN(nn.Module):
   # ------------------------------------------------------------------------------------------
   # Shared pieces.
 
-  def _anchors(self) -> list[np.ndarray]:
-    return anchor_ops.fpn_anchors(tuple(self.canvas_hw),
+  def _anchors(self, canvas_hw: tuple[int, int]) -> list[np.ndarray]:
+    return anchor_ops.fpn_anchors(tuple(canvas_hw),
                                   sizes=tuple(float(v) for v in self.config.anchor_sizes))
 
   def _features(self, images: Array) -> dict[str, Array]:
+    if images.shape[-3] % 32 or images.shape[-2] % 32:
+      raise ValueError(f"input canvas {images.shape[-3:-1]} must be multiples of 32")
     x = normalize_image(images, jnp.dtype(self.config.dtype))
     return self.fpn(self.backbone(x))
 
@@ -176,13 +180,13 @@ class MatchRCNN(nn.Module):
                                           method=self.config.roi_align_method)
     return pooled.reshape((-1,) + pooled.shape[2:])
 
-  def _proposals(self, feats, image_hw, train: bool):
+  def _proposals(self, feats, image_hw, train: bool, canvas_hw: tuple[int, int]):
     c = self.config
     logits, deltas = self.rpn(feats)
     pre = c.rpn_pre_nms_topk_train if train else c.rpn_pre_nms_topk_test
     post = c.rpn_post_nms_topk_train if train else c.rpn_post_nms_topk_test
     boxes, _, valid = proposal_ops.generate_proposals(
-        logits, deltas, self._anchors(), image_hw, pre, post, c.rpn_nms_threshold)
+        logits, deltas, self._anchors(canvas_hw), image_hw, pre, post, c.rpn_nms_threshold)
     return logits, deltas, boxes, valid
 
   def _embed(self, feats: dict[str, Array], boxes: Array) -> Array:
@@ -205,11 +209,13 @@ class MatchRCNN(nn.Module):
     gt_valid = _flatten_pairs(batch["instance_valid"])
     key_rpn, key_roi = jax.random.split(self.make_rng("sampling"))
 
+    canvas_hw = images.shape[1:3]
     feats = self._features(images)
-    rpn_logits, rpn_deltas, proposals, proposal_valid = self._proposals(feats, image_hw, True)
+    rpn_logits, rpn_deltas, proposals, proposal_valid = self._proposals(feats, image_hw, True,
+                                                                        canvas_hw)
 
     # RPN (anchors centred in the canvas's padding are not sampled).
-    anchors = jnp.asarray(np.concatenate(self._anchors()))
+    anchors = jnp.asarray(np.concatenate(self._anchors(canvas_hw)))
     rpn_t = jax.vmap(
         lambda k, g, v, hw: target_ops.rpn_targets(
             k, anchors, g, v, c.rpn_batch_size_per_image, c.rpn_positive_fraction,
@@ -339,8 +345,9 @@ class MatchRCNN(nn.Module):
     """
     c = self.config
     b = images.shape[0]
+    canvas_hw = images.shape[1:3]
     feats = self._features(images)
-    _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False)
+    _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False, canvas_hw)
     k = proposals.shape[1]
     class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7))
     probs = jax.nn.softmax(class_logits.reshape(b, k, -1), axis=-1)[..., 1:]  # [B, K, 13]
@@ -371,12 +378,13 @@ class MatchRCNN(nn.Module):
     masks = jax.nn.sigmoid(jnp.take_along_axis(
         mask_logits, channel[:, :, None, None, None], axis=-1)[..., 0])
 
-    landmarks = self._landmarks(feats, det_boxes, det_classes)
+    landmarks = self._landmarks(feats, det_boxes, det_classes, canvas_hw)
     embeddings = self._embed(feats, det_boxes)
     return dict(boxes=det_boxes, scores=det_scores, classes=det_classes, valid=keep_valid,
                 masks=masks, landmarks=landmarks, embeddings=embeddings)
 
-  def _landmarks(self, feats, boxes: Array, classes: Array) -> Array:
+  def _landmarks(self, feats, boxes: Array, classes: Array, canvas_hw: tuple[int, int]
+                 ) -> Array:
     """[B, D, 294, 3] landmarks of each box's category (others zero).
 
     Decoded as detectron2's heatmaps_to_keypoints (the argmax of each 56x56 heatmap resized
@@ -393,7 +401,7 @@ class MatchRCNN(nn.Module):
       logits = self.landmark_head(pooled)  # [B*D, 28, 28, 294]
       gathered = jnp.take_along_axis(logits, channels[:, None, None, :], axis=-1)
     points = heatmaps_to_landmarks(upsample_heatmaps(gathered), boxes.reshape(-1, 4),
-                                   self.canvas_hw)
+                                   tuple(canvas_hw))
     points = jnp.where(own[..., None], points, 0.0)  # [B*D, 39, 3]
     out = jnp.zeros((b * d, df2.NUM_LANDMARKS, 3), jnp.float32)
     rows = jnp.arange(b * d)[:, None]
