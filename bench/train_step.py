@@ -2,8 +2,11 @@ r"""Full Match R-CNN train-step throughput (forward + backward + SGD), images pe
 
   # The paper's resolution on a GPU, bf16, 4 image pairs = 8 images, plus the torchvision peer:
   python bench/train_step.py --canvas 800x1344 --pairs 4 --dtype bfloat16 --peer --infer 1,8
+  # The 1x recipe's orientation buckets (landscape and portrait canvases, one compiled program
+  # each), 8 pairs = 16 images per step, steps alternating between them as in a run:
+  python bench/train_step.py --canvas 800x1344,1344x800 --pairs 8 --dtype bfloat16
   # A tiny CPU run:
-  python bench/train_step.py --model tiny --canvas 128x128 --pairs 2 --steps 5
+  python bench/train_step.py --model tiny --canvas 96x128,128x96 --pairs 2 --steps 5
 
 Batches are random but valid (boxes inside the canvas, 3 items per image, masks and landmarks
 of each item's category) and built with numpy only: no TensorFlow, no OpenCV. The step is the
@@ -27,7 +30,8 @@ from df2_jax import train_step as ts
 from df2_jax.models.match_rcnn import MatchRCNN, MatchRCNNConfig, init_variables
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("canvas", "800x1344", "Canvas HxW (multiples of 32).")
+flags.DEFINE_list("canvas", ["800x1344"], "Canvases HxW (multiples of 32), comma-separated: "
+                  "each is compiled once and timed alone, then (several) all in turn.")
 flags.DEFINE_integer("pairs", 4, "Image pairs per step (2 images each).")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("model", "full", ["full", "tiny"], "Full ResNet-50 model or a tiny one.")
@@ -38,6 +42,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_boolean("peer", False, "Also time torchvision Mask R-CNN + 294-landmark head.")
 flags.DEFINE_boolean("peer_only", False, "Time only the torchvision peer.")
+flags.DEFINE_string("profile", None, "Also trace 5 steps of the first canvas with jax.profiler "
+                    "into this folder and print the 15 costliest device ops.")
 flags.DEFINE_list("infer", [], "Also time jitted inference (detect: boxes, masks, 294 "
                   "landmarks, embeddings) at these batch sizes, e.g. 1,8.")
 
@@ -84,41 +90,92 @@ def peak_memory_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def bench_jax(canvas, geometry) -> None:
+def bench_jax(canvases) -> None:
   fields = TINY if FLAGS.model == "tiny" else {}
   config = dataclasses.replace(MatchRCNNConfig(**fields), dtype=FLAGS.dtype)
-  model = MatchRCNN(config, canvas)
+  largest = (max(c[0] for c in canvases), max(c[1] for c in canvases))
+  model = MatchRCNN(config, largest)
   rng = np.random.default_rng(0)
-  batches = [random_batch(rng, FLAGS.pairs, geometry, FLAGS.items) for _ in range(2)]
-  batches = [jax.device_put(b) for b in batches]
-  variables = init_variables(model, jax.random.key(0), batches[0])
+  batches = {c: [jax.device_put(random_batch(rng, FLAGS.pairs, _geometry(c), FLAGS.items))
+                 for _ in range(2)] for c in canvases}
+  variables = init_variables(model, jax.random.key(0), batches[canvases[0]][0])
   for n in FLAGS.infer:
-    bench_inference(model, variables, canvas, int(n))
+    for canvas in canvases:
+      bench_inference(model, variables, canvas, int(n))
   # The first learning rate of the 1x recipe's linear warm-up (0.02 x 0.001): from random
   # init, the full 0.02 diverges within steps on random data, and a timing needs finite losses.
   tx = ts.make_optimizer(0.02 * 0.001, variables["params"], freeze_at=config.freeze_at)
   state = ts.create_train_state(variables, tx)
   step = ts.make_train_step(model, tx, {})
   key = jax.random.key(1)
-  start = time.perf_counter()
-  state, metrics = step(state, batches[0], key)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  for i in range(FLAGS.warmup):
-    state, metrics = step(state, batches[i % 2], key)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for i in range(FLAGS.steps):
-    state, metrics = step(state, batches[i % 2], key)
-  jax.block_until_ready(metrics)
-  elapsed = time.perf_counter() - start
   images = FLAGS.steps * FLAGS.pairs * 2
-  peak = peak_memory_gib()
-  print(f"df2-jax Match R-CNN ({FLAGS.model}, {FLAGS.dtype}) {canvas[0]}x{canvas[1]}, "
-        f"{2 * FLAGS.pairs} images/step: {images / elapsed:.1f} img/s "
-        f"({1000 * elapsed / FLAGS.steps:.1f} ms/step, compile+first step {compile_s:.1f} s"
-        + (f", peak {peak:.1f} GiB" if peak is not None else "") + f"); loss "
-        f"{float(metrics['loss']):.3f}; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  order = [c for c in canvases] if len(canvases) > 1 else []
+  for canvas in canvases + ([None] if order else []):
+    # One canvas alone, then (several) every canvas in turn, as a run's steps alternate.
+    pick = (lambda i: batches[canvas][i % 2]) if canvas else (
+        lambda i: batches[order[i % len(order)]][i // len(order) % 2])
+    compile_s = None
+    if canvas:
+      start = time.perf_counter()
+      state, metrics = step(state, pick(0), key)
+      jax.block_until_ready(metrics)
+      compile_s = time.perf_counter() - start
+    for i in range(FLAGS.warmup):
+      state, metrics = step(state, pick(i), key)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(FLAGS.steps):
+      state, metrics = step(state, pick(i), key)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    peak = peak_memory_gib()
+    name = f"{canvas[0]}x{canvas[1]}" if canvas else "all canvases in turn (" + ", ".join(
+        f"{c[0]}x{c[1]}" for c in order) + ")"
+    print(f"df2-jax Match R-CNN ({FLAGS.model}, {FLAGS.dtype}) {name}, "
+          f"{2 * FLAGS.pairs} images/step: {images / elapsed:.1f} img/s "
+          f"({1000 * elapsed / FLAGS.steps:.1f} ms/step"
+          + (f", compile+first step {compile_s:.1f} s" if compile_s is not None else "")
+          + (f", peak {peak:.1f} GiB" if peak is not None else "") + f"); loss "
+          f"{float(metrics['loss']):.3f}; {jax.devices()[0].device_kind}, jax {jax.__version__}",
+          flush=True)
+  print(f"train step programs compiled: {step._cache_size()} for {len(canvases)} canvases")
+  if FLAGS.profile:
+    jax.profiler.start_trace(FLAGS.profile)
+    for i in range(5):
+      state, metrics = step(state, batches[canvases[0]][i % 2], key)
+    jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    print_top_ops(FLAGS.profile, 5)
+
+
+def print_top_ops(trace_dir: str, steps: int, top: int = 15) -> None:
+  """The device ops (GPU kernels; XLA ops on a CPU) with the most time in a trace."""
+  import collections
+  import glob
+  import os
+  path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+             key=os.path.getmtime)
+  data = jax.profiler.ProfileData.from_file(path)
+  planes = [p for p in data.planes if p.name.startswith("/device:")] or [
+      p for p in data.planes if p.name.startswith("/host:")]
+  totals, lines = collections.Counter(), set()
+  for plane in planes:
+    for line in plane.lines:
+      lines.add(f"{plane.name}:{line.name}")
+      # GPU: kernels on the stream lines; CPU: XLA's thunks on its worker threads.
+      if "Stream" in line.name or line.name == "XLA Ops" or line.name.startswith("tf_XLA"):
+        for event in line.events:
+          if not event.name.startswith("ThunkExecutor"):
+            totals[event.name] += event.duration_ns
+  print(f"profile {path}; lines: {sorted(lines)[:12]}")
+  all_ns = sum(totals.values())
+  for name, ns in totals.most_common(top):
+    print(f"  {ns / steps / 1e6:8.2f} ms/step {100 * ns / max(all_ns, 1):5.1f}%  {name[:120]}")
+
+
+def _geometry(canvas) -> transforms.ImageGeometry:
+  return transforms.ImageGeometry(canvas, min(canvas), max(canvas), FLAGS.max_instances,
+                                  FLAGS.mask_size)
 
 
 def bench_inference(model, variables, canvas, n: int) -> None:
@@ -153,7 +210,7 @@ def bench_peer(canvas) -> None:
   from torchvision.ops import MultiScaleRoIAlign
   device = torch.device("cuda")
   backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
-  model = MaskRCNN(backbone, num_classes=14, min_size=canvas[0], max_size=canvas[1])
+  model = MaskRCNN(backbone, num_classes=14, min_size=min(canvas), max_size=max(canvas))
   model.roi_heads.keypoint_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
   model.roi_heads.keypoint_head = KeypointRCNNHeads(256, tuple([512] * 8))
   model.roi_heads.keypoint_predictor = KeypointRCNNPredictor(512, df2.NUM_LANDMARKS)
@@ -225,13 +282,12 @@ def bench_peer(canvas) -> None:
 
 def main(argv):
   del argv
-  canvas = tuple(int(v) for v in FLAGS.canvas.split("x"))
-  geometry = transforms.ImageGeometry(canvas, min(canvas), max(canvas), FLAGS.max_instances,
-                                      FLAGS.mask_size)
+  canvases = [tuple(int(v) for v in c.split("x")) for c in FLAGS.canvas]
   if not FLAGS.peer_only:
-    bench_jax(canvas, geometry)
+    bench_jax(canvases)
   if FLAGS.peer or FLAGS.peer_only:
-    bench_peer(canvas)
+    for canvas in canvases:
+      bench_peer(canvas)
 
 
 if __name__ == "__main__":
