@@ -68,6 +68,16 @@ def canvas_index(mask: int) -> int:
   return (mask & -mask).bit_length() - 1
 
 
+def batch_canvas(geometry: ImageGeometry, sizes) -> tuple[int, int]:
+  """The smallest of ``geometry.canvases`` that holds every (height, width) of ``sizes`` once
+  resized (``geometry.canvas_hw`` without buckets or sizes)."""
+  mask = -1
+  for h, w in sizes:
+    mask &= geometry.fit_mask(int(h), int(w))
+  return geometry.canvases[canvas_index(mask)] if sizes and geometry.buckets else tuple(
+      geometry.canvas_hw)
+
+
 def image_spec(geometry: ImageGeometry, canvas_hw: tuple[int, int] | None = None
                ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shapes and dtypes of one encoded image (the batch contract without batch axes), on

@@ -75,7 +75,6 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
   os.makedirs(output_dir, exist_ok=True)
   results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   skipped = predicted = 0
-  spec = transforms.image_spec(geometry)
 
   for b in range(num_batches):
     pending: list[tuple[int, tuple[str, str], np.ndarray, dict[str, np.ndarray]]] = []
@@ -88,10 +87,16 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
         skipped += 1
         log.warning("Skipping %s", e)
         continue
-      h, w = pixels.shape[:2]
-      record = ImageRecord(ids[i], path, w, h, "", -1, ())
-      pending.append((record.image_id, (name, drawn_names[i]), pixels,
-                      transforms.encode_image(record, pixels, geometry, False)))
+      pending.append((ids[i], (name, drawn_names[i]), pixels))
+    # The batch's canvas: the smallest that holds its images (orientation buckets). In a
+    # multi-process run every process must use the same one: the largest then.
+    canvas = (transforms.batch_canvas(geometry, [p[2].shape[:2] for p in pending])
+              if count == 1 else tuple(geometry.canvas_hw))
+    pending = [(image_id, names_, pixels, transforms.encode_image(
+        ImageRecord(image_id, os.path.join(input_dir, names_[0]), pixels.shape[1],
+                    pixels.shape[0], "", -1, ()), pixels, geometry, False, canvas))
+               for image_id, names_, pixels in pending]
+    spec = transforms.image_spec(geometry, canvas)
     stacked = {k: np.zeros((batch_size,) + spec[k][0], spec[k][1]) for k in ("image", "image_hw")}
     for j, p in enumerate(pending):  # the rest of the batch stays zero (no detections)
       for k in stacked:

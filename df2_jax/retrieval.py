@@ -149,7 +149,6 @@ class Detector:
     self.detect = evaluator.jitted_detect(model_from_config(config), self.mesh)[0]
     self.batch_size = int(config.eval.batch_size) * jax.local_device_count()
     self.min_score, self.nms = float(min_score), float(nms)
-    self._spec = transforms.image_spec(self.geometry)
 
   def garments(self, paths: Sequence[str], *, keep_pixels: bool = False,
                skipped: list[dict] | None = None, progress: str | None = None
@@ -188,13 +187,15 @@ class Detector:
                     ) -> Iterator[Garments]:
     if not loaded:
       return
-    stacked = {k: np.zeros((self.batch_size,) + self._spec[k][0], self._spec[k][1])
+    canvas = transforms.batch_canvas(self.geometry, [p.shape[:2] for _, p in loaded])
+    spec = transforms.image_spec(self.geometry, canvas)
+    stacked = {k: np.zeros((self.batch_size,) + spec[k][0], spec[k][1])
                for k in ("image", "image_hw")}
     encoded = []
     for j, (path, pixels) in enumerate(loaded):  # the rest of the batch stays zero
       h, w = pixels.shape[:2]
       enc = transforms.encode_image(ImageRecord(j + 1, path, w, h, "", -1, ()), pixels,
-                                    self.geometry, False)
+                                    self.geometry, False, canvas)
       encoded.append(enc)
       for k in stacked:
         stacked[k][j] = enc[k]
@@ -323,6 +324,8 @@ def _model_identity(config_json: dict) -> dict:
   model = {k: v for k, v in config_json["model"].items()
            if k not in ("backbone_weights", "init_from", "init_from_step")}
   data = {k: config_json["data"][k] for k in ("canvas", "short_side", "max_size")}
+  # The canvases an image may be padded onto (absent in indexes built before the buckets).
+  data["bucket_canvases"] = [list(c) for c in config_json["data"].get("bucket_canvases") or []]
   return {"model": model, "data": data}
 
 

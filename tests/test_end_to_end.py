@@ -129,7 +129,7 @@ def test_predict_on_a_folder_of_images(tmp_path):
   """--mode predict: drawn PNGs and a predictions JSON for each readable image of a folder
   (two real DeepFashion2 photos and one corrupt file, which is skipped)."""
   from conftest import fixtures_dir
-  from data_pipeline import sources
+  from data_pipeline import sources, transforms
   from df2_jax import predict
   config = tiny.get_config()
   photos = tmp_path / "photos"
@@ -147,6 +147,19 @@ def test_predict_on_a_folder_of_images(tmp_path):
   assert {r["image_id"] for r in out["bbox"]} <= {2092, 151674}
   assert [(i["id"], i["file_name"]) for i in out["images"]] == [(2092, "002092.jpg"),
                                                                 (151674, "151674.jpg")]
+  # With orientation buckets the batch (a portrait photo, 85x128 once resized, and a square
+  # one) goes onto the portrait canvas; the boxes stay in each photo's own pixels.
+  bucketed = tiny.get_config()
+  bucketed.data.bucket_canvases = ((96, 128), (128, 96))
+  assert transforms.batch_canvas(sources.geometry_from_config(bucketed.data),
+                                 [(702, 468), (468, 468)]) == (128, 96)
+  out_b = predict.predict(bucketed, variables, str(photos), str(tmp_path / "pred_buckets"))
+  assert out_b["images"] == out["images"] and set(out_b["embeddings"]) == {"2092", "151674"}
+  sizes = {i["id"]: (i["width"], i["height"]) for i in out_b["images"]}
+  for r in out_b["bbox"]:
+    x, y, w, h = r["bbox"]
+    assert 0 <= x and x + w <= sizes[r["image_id"]][0] + 1e-3
+    assert 0 <= y and y + h <= sizes[r["image_id"]][1] + 1e-3
   # Names that are not all distinct numbers: ids 1..N in name order, one per file, and the
   # drawings named after the whole file name when two files share a stem.
   mixed = tmp_path / "mixed"

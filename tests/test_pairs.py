@@ -261,12 +261,18 @@ def test_orientation_buckets_lay_one_canvas_on_each_batch(offset):
 
 def test_bucketed_order_is_a_permutation_for_any_offset():
   rng = np.random.default_rng(0)
-  for n, size in [(8, 4), (21, 4), (3, 8), (50, 7)]:
+  for n, size in [(8, 4), (21, 4), (3, 8), (50, 7), (200, 8)]:
     canvas = rng.integers(0, 3, n)
+    keys = rng.integers(-1, 4, n)  # with category keys too (category_batches)
     for offset in range(size):
-      order = pairs._bucketed_order(np.random.default_rng(1), canvas, np.full(n, -1), size,
-                                    offset)
-      assert sorted(order.tolist()) == list(range(n)), (n, size, offset)
+      for k in (np.full(n, -1), keys):
+        order = pairs._bucketed_order(np.random.default_rng(1), canvas, k, size, offset)
+        assert sorted(order.tolist()) == list(range(n)), (n, size, offset)
+        # Whole batches after the head are on one canvas, but for what is left of the three
+        # canvases (fewer than a batch of each) beyond the epoch's two ends: at most 2 batches.
+        head = (size - offset % size) % size
+        runs = [canvas[order[i:i + size]] for i in range(head, n - size + 1, size)]
+        assert sum(len(set(r.tolist())) > 1 for r in runs) <= 2, (n, size, offset)
   # All on one canvas, the ends need 4 elements: one whole run is broken up for them.
   order = pairs._bucketed_order(np.random.default_rng(1), np.zeros(8, np.int64),
                                 np.full(8, -1), 4, 2)

@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 
 import numpy as np
@@ -117,3 +118,20 @@ def test_paste_mask_inverts_the_crop():
   expected = np.zeros((32, 32), np.uint8)
   expected[4:12, 8:24] = 1
   np.testing.assert_array_equal(full, expected)
+
+
+def test_batch_canvas_is_the_smallest_holding_every_image():
+  geometry = ImageGeometry((64, 64), 32, 48, 3, 8, buckets=((64, 32), (32, 64)))
+  # Ties in area keep the given order; the full canvas comes last.
+  assert geometry.canvases == ((64, 32), (32, 64), (64, 64))
+  # (height, width): a portrait image resizes to 43x32, a landscape one to 32x43, a square one
+  # to 32x32 (either bucket).
+  assert transforms.batch_canvas(geometry, [(40, 30)]) == (64, 32)
+  assert transforms.batch_canvas(geometry, [(30, 40), (40, 40)]) == (32, 64)
+  assert transforms.batch_canvas(geometry, [(40, 40)]) == (64, 32)
+  assert transforms.batch_canvas(geometry, [(40, 30), (30, 40)]) == (64, 64)
+  assert transforms.batch_canvas(geometry, []) == (64, 64)
+  assert transforms.batch_canvas(dataclasses.replace(geometry, buckets=()), [(40, 30)]) == (
+      64, 64)
+  with pytest.raises(ValueError, match="no canvas"):
+    transforms.canvas_index(0)
