@@ -244,8 +244,8 @@ def _bucketed_order(rng: np.random.Generator, canvas: np.ndarray, keys: np.ndarr
   runs = [runs[i] for i in rng.permutation(len(runs))]
   while len(mixed) < head + tail:  # Too few left over for the ends: break up whole runs.
     mixed = np.concatenate([mixed, runs.pop()])
-  middle = mixed[head:len(mixed) - tail]
-  runs += chunk(middle)  # whole runs of what is left, after the pure ones
+  runs += chunk(mixed[head:len(mixed) - tail])  # whole runs of what is left
+  runs = [runs[i] for i in rng.permutation(len(runs))]  # anywhere in the epoch
   ordered = [mixed[:head]] + runs + [mixed[len(mixed) - tail:]]
   return np.concatenate(ordered).astype(np.int64)
 
