@@ -31,6 +31,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from data_pipeline import transforms
 from data_pipeline.records import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class PairIndex:
     rest = rng.permutation(np.flatnonzero(~taken))
     if fit is not None:  # Leftover images pair up within their own smallest canvas.
       fit = np.asarray(fit, np.int64)
-      rest = rest[np.argsort(_lowest_bit(fit[rest]), kind="stable")]
+      rest = rest[np.argsort(transforms.canvas_index(fit[rest]), kind="stable")]
     if len(rest) % 2:
       if self.num_images > 1:
         extra = int(rng.integers(self.num_images - 1))
@@ -182,19 +183,13 @@ class PairIndex:
     keys = (np.where(match_valid, np.asarray(self.keys)[elements[:, 0]], -1) if grouped
             else np.full(len(elements), -1, np.int64))
     if fit is not None and group_size > 1:
-      canvas = _lowest_bit(fit[elements[:, 0]] & fit[elements[:, 1]])
+      canvas = transforms.canvas_index(fit[elements[:, 0]] & fit[elements[:, 1]])
       order = _bucketed_order(rng, canvas, keys, group_size, batch_offset)
     elif grouped:
       order = _grouped_order(rng, keys, group_size)
     else:
       order = rng.permutation(len(elements))
     return EpochElements(elements[order], match_valid[order])
-
-
-def _lowest_bit(masks: np.ndarray) -> np.ndarray:
-  """Index of the lowest set bit of each positive int64 (a fit mask's smallest canvas)."""
-  masks = np.asarray(masks, np.int64)
-  return np.log2(masks & -masks).astype(np.int64)
 
 
 def _grouped_order(rng: np.random.Generator, keys: np.ndarray, group_size: int) -> np.ndarray:

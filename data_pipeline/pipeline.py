@@ -89,8 +89,8 @@ class TrainStream:
   """
 
   def __init__(self, source: DataSource, pair_index: PairIndex, geometry: ImageGeometry,
-               seed: int, flip_prob: float = 0.5, group_size: int = 1,
-               batch_pairs: int = 1, categories: bool = True):
+               seed: int, flip_prob: float = 0.5, batch_pairs: int = 1,
+               categories: bool = False):
     if pair_index.epoch_size == 0:
       raise ValueError("The training source has no images.")
     self.source = source
@@ -98,7 +98,6 @@ class TrainStream:
     self.geometry = geometry
     self.seed = seed
     self.flip_prob = flip_prob
-    self.group_size = group_size
     self.batch_pairs = batch_pairs
     self.categories = categories
     self.skips = _SkipCounter()
@@ -109,13 +108,11 @@ class TrainStream:
     self.keys = list(transforms.image_spec(geometry))
 
   def _epoch(self, epoch: int) -> EpochElements:
-    if self.fit is None:
-      return self.pair_index.epoch_elements(epoch, self.seed, self.group_size,
-                                            categories=self.categories)
-    offset = epoch * self.pair_index.epoch_size % self.batch_pairs
-    return self.pair_index.epoch_elements(epoch, self.seed, self.batch_pairs,
-                                          categories=self.categories, fit=self.fit,
-                                          batch_offset=offset)
+    # Runs of one batch: of one category (``categories``), of one canvas (buckets), laid on
+    # the stream's batches; otherwise a plain shuffle.
+    return self.pair_index.epoch_elements(
+        epoch, self.seed, self.batch_pairs, categories=self.categories, fit=self.fit,
+        batch_offset=epoch * self.pair_index.epoch_size % self.batch_pairs)
 
   def _records(self, g: int) -> np.ndarray:
     epoch, pos = divmod(int(g), self.pair_index.epoch_size)
@@ -227,7 +224,6 @@ def train_dataset(source: DataSource, pair_index: PairIndex, geometry: ImageGeom
                      f"{pc} processes.")
   local = global_batch_pairs // pc
   stream = TrainStream(source, pair_index, geometry, seed, flip_prob,
-                       group_size=global_batch_pairs if category_batches else 1,
                        batch_pairs=global_batch_pairs, categories=category_batches)
   signature = _output_signature(geometry, (2,))
   signature["match_valid"] = ((), np.dtype(np.bool_))
@@ -292,15 +288,12 @@ def eval_dataset(source: DataSource, geometry: ImageGeometry, *, batch_size: int
   """
   pi, pc = _process_info(process_index, process_count)
   canvases = geometry.canvases
-  canvas = (np.array([transforms.canvas_index(geometry.fit_mask(r.height, r.width))
-                      for r in source.records], np.int64) if geometry.buckets else None)
+  canvas = (transforms.canvas_index(np.array([geometry.fit_mask(r.height, r.width)
+                                              for r in source.records], np.int64))
+            if geometry.buckets else None)
+  # Without buckets every entry is on canvas 0, the only one.
   indices, entry_canvas = eval_indices(len(source.records), batch_size, pi, pc, canvas)
-  if canvas is None:
-    entry_canvas = np.full(len(indices), len(canvases) - 1, np.int64)
-  spec = transforms.image_spec(geometry)
-  signature = dict(spec)
-  if geometry.buckets:
-    signature["image"] = ((None, None, 3), spec["image"][1])
+  signature = _output_signature(geometry, ())
   signature["valid"] = ((), np.dtype(np.bool_))
   skips = _SkipCounter()
 

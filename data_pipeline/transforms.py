@@ -60,12 +60,14 @@ class ImageGeometry:
                if nh <= ch and nw <= cw) | (1 << (len(self.canvases) - 1))
 
 
-def canvas_index(mask: int) -> int:
-  """The smallest canvas of a ``fit_mask`` (or the AND of several: a batch's canvas)."""
-  mask = int(mask)
-  if mask <= 0:
+def canvas_index(mask):
+  """The smallest canvas of a ``fit_mask`` (or the AND of several: a batch's canvas): the index
+  of its lowest set bit; elementwise for an array of masks."""
+  masks = np.asarray(mask, np.int64)
+  if np.any(masks <= 0):
     raise ValueError(f"no canvas in fit mask {mask}")
-  return (mask & -mask).bit_length() - 1
+  index = np.log2(masks & -masks).astype(np.int64)
+  return int(index) if index.ndim == 0 else index
 
 
 def batch_canvas(geometry: ImageGeometry, sizes) -> tuple[int, int]:
