@@ -30,7 +30,9 @@ from data_pipeline import records
 
 CHECK_IMAGE_MODES = ("decode", "header")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# Box corners may lie this many pixels beyond the image border; they are clipped to the image.
+# Box corners, labelled landmarks and polygon points may lie this many pixels beyond the image
+# border. The record keeps them as annotated (``Item.raw_*``: the COCO conversion and the
+# evaluation ground truth) and clipped to the image (``Item.box`` etc.: the training targets).
 BOX_TOLERANCE = 1.0
 # The pool is only worth its start-up cost with at least this many images per worker.
 _MIN_TASKS_PER_WORKER = 32
@@ -114,7 +116,8 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
       category's slice used, zeros elsewhere required).
 
   Returns:
-    The validated item, box clipped to the image.
+    The validated item: box, labelled landmarks and polygons clipped to the image, and the
+    annotated values in ``unclipped`` where clipping changed any of them.
   """
   def field(key):
     return f"{prefix}.{key}"
@@ -141,6 +144,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, field(box_key),
           f"box (x1, y1, x2, y2) = {(x1, y1, x2, y2)} outside the {width}x{height} image "
           f"(tolerance {tol:g} px)")
+  raw_box = box.astype(np.float32)
   box = np.clip(box, 0.0, [width, height, width, height])
   if box[2] <= box[0] or box[3] <= box[1]:
     _fail(path, field(box_key), f"box {(x1, y1, x2, y2)} is empty after clipping to the image")
@@ -179,6 +183,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, field(landmark_key),
           f"landmark {k + 1} at ({marks[k, 0]:g}, {marks[k, 1]:g}) outside the {width}x{height} "
           f"image (tolerance {tol:g} px)")
+  raw_marks = marks.astype(np.float32)
   marks[labelled, :2] = np.clip(marks[labelled, :2], 0.0, [width, height])
 
   # Segmentation.
@@ -190,7 +195,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, seg_field, f"expected a list of polygons, got {type(seg).__name__}")
   if not seg:
     _fail(path, seg_field, "no polygons")
-  polygons = []
+  polygons, raw_polygons = [], []
   for i, poly in enumerate(seg):
     poly_field = f"{seg_field}[{i}]"
     coords = _check_numbers(poly, path, poly_field)
@@ -204,6 +209,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
       k = int(np.argmax(outside))
       _fail(path, poly_field, f"point {k + 1} at ({points[k, 0]:g}, {points[k, 1]:g}) outside "
                               f"the {width}x{height} image (tolerance {tol:g} px)")
+    raw_polygons.append(points.astype(np.float32))
     polygons.append(np.clip(points, 0.0, [width, height]).astype(np.float32))
 
   # Optional attributes.
@@ -213,9 +219,14 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     attributes[name] = 0 if value is _MISSING else _check_int(value, path, field(name),
                                                               lo=1, hi=3)
 
-  return records.Item(category_id=cat, style=style, box=box.astype(np.float32),
-                      landmarks=marks.astype(np.float32), polygons=tuple(polygons),
-                      **attributes)
+  box, marks = box.astype(np.float32), marks.astype(np.float32)
+  # The annotated values survive where clipping changed them (compared as stored, float32).
+  unclipped = None
+  if (not np.array_equal(box, raw_box) or not np.array_equal(marks, raw_marks)
+      or any(not np.array_equal(p, r) for p, r in zip(polygons, raw_polygons))):
+    unclipped = records.Geometry(raw_box, raw_marks, tuple(raw_polygons))
+  return records.Item(category_id=cat, style=style, box=box, landmarks=marks,
+                      polygons=tuple(polygons), unclipped=unclipped, **attributes)
 
 
 def _outside(points: np.ndarray, width: int, height: int, tol: float) -> np.ndarray:
@@ -273,7 +284,8 @@ def parse_raw_annotation(anno: Any, anno_path: str, image_id: int, image_path: s
     width, height: the image size in pixels.
 
   Returns:
-    The record; items in item-number order (item1, item2, ...), boxes clipped to the image.
+    The record; items in item-number order (item1, item2, ...), their geometry clipped to the
+    image (``Item.box`` etc.) and as annotated (``Item.raw_box`` etc.).
 
   Raises:
     records.DataError: naming ``anno_path`` and the bad field.

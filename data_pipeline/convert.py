@@ -3,7 +3,9 @@
   python -m data_pipeline.convert --root DIR/validation --out DIR/validation_coco.json \
       [--query-gt Q.json --gallery-gt G.json] [--strict] [--check-image header] [--num-workers N]
 
-COCO output (reference/deepfashion2.md, section 3): ``categories`` = the 13 DeepFashion2
+COCO output (reference/deepfashion2.md, section 3), built from the items' values as annotated
+(``Item.raw_box``, ``raw_landmarks``, ``raw_polygons``: not clipped to the image, as the official
+converter copies them): ``categories`` = the 13 DeepFashion2
 categories with 294 keypoint names; ``images`` ``{id, file_name, width, height}``; one annotation
 per item, ids from 1 in record then item order, ``bbox`` [x1, y1, w, h], ``area`` = w * h (box
 area), ``keypoints`` 882 numbers (the item's landmarks at its category's slice, zeros elsewhere),
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Sequence
-import json
 import os
 import sys
 
@@ -31,6 +32,7 @@ import numpy as np
 from data_pipeline import annotations
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import records
+from df2_jax import files
 
 
 def _num(value) -> int | float:
@@ -46,9 +48,11 @@ def _nums(values: Iterable) -> list[int | float]:
 
 
 def _xywh(box: np.ndarray) -> tuple[list[int | float], int | float]:
-  x1, y1, x2, y2 = (float(v) for v in np.asarray(box, np.float32))
-  w, h = _num(x2 - x1), _num(y2 - y1)
-  return [_num(x1), _num(y1), w, h], w * h
+  """[x1, y1, w, h] and w * h, computed like the official converter: from the annotated numbers
+  (recovered from float32 by ``_num``) in Python arithmetic."""
+  x1, y1, x2, y2 = _nums(box)
+  w, h = x2 - x1, y2 - y1
+  return [x1, y1, w, h], w * h
 
 
 def _file_name(record: records.ImageRecord) -> str:
@@ -66,10 +70,10 @@ def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
                        "width": int(record.width), "height": int(record.height)})
     for item in record.items:
       ann_id += 1
-      bbox, area = _xywh(item.box)
+      bbox, area = _xywh(item.raw_box)
       keypoints = [0] * (3 * df2.NUM_LANDMARKS)
       start = 3 * df2.LANDMARK_START[item.category_id]
-      local = _nums(item.landmarks)
+      local = _nums(item.raw_landmarks)
       keypoints[start:start + len(local)] = local
       ann = {
           "id": ann_id,
@@ -78,9 +82,9 @@ def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
           "bbox": bbox,
           "area": area,
           "iscrowd": 0,
-          "segmentation": [_nums(poly) for poly in item.polygons],
+          "segmentation": [_nums(poly) for poly in item.raw_polygons],
           "keypoints": keypoints,
-          "num_keypoints": int((np.asarray(item.landmarks)[:, 2] > 0).sum()),
+          "num_keypoints": int((np.asarray(item.raw_landmarks)[:, 2] > 0).sum()),
           "pair_id": int(record.pair_id),
           "style": int(item.style),
       }
@@ -107,7 +111,7 @@ def retrieval_gt(image_records: Sequence[records.ImageRecord]) -> tuple[list[dic
       unknown += 1
       continue
     for item in record.items:
-      bbox = _nums(item.box)
+      bbox = _nums(item.raw_box)
       if record.source == "user":
         queries.append({"query_image_id": int(record.image_id), "style": int(item.style),
                         "cls": int(item.category_id), "pair_id": int(record.pair_id),
@@ -121,13 +125,9 @@ def retrieval_gt(image_records: Sequence[records.ImageRecord]) -> tuple[list[dic
 
 
 def write_json(obj, path: str) -> None:
-  """Writes atomically (temporary file, then rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, separators=(",", ":"))
-  os.replace(tmp, path)
+  """Writes atomically (``df2_jax.files``: temporary file, fsync, rename), creating the folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.write_json(path, obj, separators=(",", ":"))
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

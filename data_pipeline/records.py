@@ -7,6 +7,7 @@ Coordinates are continuous pixel coordinates of the original image, as stored by
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,18 +25,36 @@ class DataError(ValueError):
     return DataError, (self.path, self.field, self.message)
 
 
+class Geometry(NamedTuple):
+  """An item's box, landmarks and polygons exactly as its annotation gives them (``Item``'s
+  layout and dtypes), kept where clipping to the image changed any of them."""
+  box: np.ndarray
+  landmarks: np.ndarray
+  polygons: tuple[np.ndarray, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One clothing item of one image.
 
+  Two views of the geometry: ``box``, ``landmarks``, ``polygons`` are clipped to the image
+  (points the annotation puts up to the readers' tolerance outside it are moved onto the
+  border); training targets are built from them. ``raw_box``, ``raw_landmarks``,
+  ``raw_polygons`` are the values as annotated, unclipped; the COCO conversion and the
+  evaluation ground truth (``convert``) are built from them, so that they equal the official
+  converter's output number for number.
+
   Attributes:
     category_id: 1..13.
     style: >= 0; positive pairs need equal pair_id and equal style > 0.
-    box: [4] float32 (x1, y1, x2, y2).
+    box: [4] float32 (x1, y1, x2, y2), clipped to the image.
     landmarks: [n, 3] float32 category-local (x, y, v), n = LANDMARK_COUNTS[category_id],
-      v in {0, 1, 2} (0: not labelled, x = y = 0).
-    polygons: tuple of [k, 2] float32 arrays (k >= 3), the item's segmentation.
+      v in {0, 1, 2} (0: not labelled, x = y = 0); labelled ones clipped to the image.
+    polygons: tuple of [k, 2] float32 arrays (k >= 3), the item's segmentation, clipped to
+      the image.
     scale, occlusion, zoom_in, viewpoint: 1..3, 0 where the source does not give them.
+    unclipped: the annotated geometry where clipping changed any of it; None where the clipped
+      values are the annotated ones (most items: this costs nothing for them).
   """
   category_id: int
   style: int
@@ -46,6 +65,22 @@ class Item:
   occlusion: int = 0
   zoom_in: int = 0
   viewpoint: int = 0
+  unclipped: Geometry | None = None
+
+  @property
+  def raw_box(self) -> np.ndarray:
+    """[4] float32 (x1, y1, x2, y2) as annotated (not clipped)."""
+    return self.box if self.unclipped is None else self.unclipped.box
+
+  @property
+  def raw_landmarks(self) -> np.ndarray:
+    """[n, 3] float32 landmarks as annotated (not clipped)."""
+    return self.landmarks if self.unclipped is None else self.unclipped.landmarks
+
+  @property
+  def raw_polygons(self) -> tuple[np.ndarray, ...]:
+    """The polygons as annotated (not clipped)."""
+    return self.polygons if self.unclipped is None else self.unclipped.polygons
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,7 +127,9 @@ def test_attributes_optional():
 def test_box_within_tolerance_is_clipped():
   anno = _issue4()
   anno["item1"]["bounding_box"] = [-1, 86, 601, 501]
-  np.testing.assert_array_equal(_parse(anno).items[0].box, [0, 86, 600, 500])
+  skirt = _parse(anno).items[0]
+  np.testing.assert_array_equal(skirt.box, [0, 86, 600, 500])
+  np.testing.assert_array_equal(skirt.raw_box, [-1, 86, 601, 501])  # as annotated
 
 
 def test_landmarks_and_polygons_within_tolerance_are_clipped():
@@ -135,9 +137,48 @@ def test_landmarks_and_polygons_within_tolerance_are_clipped():
   anno["item2"]["landmarks"][27:30] = [600.5, -0.5, 2]  # landmark 10, visible
   anno["item2"]["landmarks"][0:3] = [7000, 7000, 0]  # unlabelled: coordinates not checked
   anno["item2"]["segmentation"][1] = [-1, 2, 94, 58, 601, 501]
-  top = _parse(anno).items[1]
+  skirt, top = _parse(anno).items
   np.testing.assert_array_equal(top.landmarks[9], [600, 0, 2])
   np.testing.assert_array_equal(top.polygons[1], [[0, 2], [94, 58], [600, 500]])
+  # The annotated values survive beside the clipped ones; nothing else is copied.
+  np.testing.assert_array_equal(top.raw_landmarks[9], [600.5, -0.5, 2])
+  np.testing.assert_array_equal(top.raw_landmarks[0], [7000, 7000, 0])
+  np.testing.assert_array_equal(top.landmarks[0], [7000, 7000, 0])
+  np.testing.assert_array_equal(top.raw_polygons[1], [[-1, 2], [94, 58], [601, 501]])
+  np.testing.assert_array_equal(top.raw_polygons[0], top.polygons[0])
+  np.testing.assert_array_equal(top.raw_box, top.box)
+  assert top.unclipped is not None
+  assert skirt.unclipped is None and skirt.raw_box is skirt.box  # nothing clipped: no copy
+
+
+def test_training_targets_clipped_conversion_not(tmp_path):
+  """One record, two readers: the training targets (transforms.encode_image) see the point at
+  x = -0.2 on the border, the COCO conversion (the evaluation ground truth) sees -0.2."""
+  from data_pipeline import convert, transforms
+  anno = _issue4()
+  top = anno["item2"]  # box [0, 0, 495, 179], landmark 10 at (94, 58), visible
+  top["bounding_box"][0] = -0.2
+  top["landmarks"][27] = -0.2
+  top["segmentation"][1][0] = -0.2
+  record = _parse(anno)
+  item = record.items[1]
+  assert item.polygons[1][0, 0] == 0 and item.raw_polygons[1][0, 0] == np.float32(-0.2)
+
+  geometry = transforms.ImageGeometry((512, 640), 500, 600, 3, 8)  # scale 1: 600 x 500
+  out = transforms.encode_image(record, np.zeros((500, 600, 3), np.uint8), geometry, flip=False)
+  assert out["scale"] == 1
+  np.testing.assert_array_equal(out["boxes"][1], [0, 0, 495, 179])
+  np.testing.assert_array_equal(out["landmarks"][1][9], [0, 58, 2])
+  flipped = transforms.encode_image(record, np.zeros((500, 600, 3), np.uint8), geometry,
+                                    flip=True)
+  np.testing.assert_array_equal(flipped["boxes"][1], [105, 0, 600, 179])  # not beyond 600
+
+  ann = convert.to_coco([record])["annotations"][1]
+  assert ann["bbox"] == [-0.2, 0, 495.2, 179]  # w = 495 - (-0.2) as the official converter
+  assert ann["area"] == (495 - -0.2) * 179
+  assert ann["keypoints"][27:30] == [-0.2, 58, 2]
+  assert ann["segmentation"][1][:2] == [-0.2, 2]
+  assert ann["segmentation"] == top["segmentation"]  # the raw polygons, -0.2 included
 
 
 def test_item_order_is_numeric():

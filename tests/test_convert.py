@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -128,6 +129,103 @@ def test_issue4_by_hand(tmp_path):
       {"gallery_image_id": 1, "style": 1, "pair_id": 1811, "bbox": [227, 86, 543, 455]},
       {"gallery_image_id": 1, "style": 0, "pair_id": 1811, "bbox": [0, 0, 495, 179]},
   ]
+
+
+# --------------------------------------------------------------------------------------------
+# The official converter's output on real data: the fixture's coco.json is that output for its
+# images, so the fixture written back in the raw layout must convert to exactly it.
+
+# The official converter keys of an annotation (its running id aside, which counts over the
+# whole split there) and of an image; ours adds "source" (known in the raw layout) and nothing
+# else for the fixture (no scale/occlusion/zoom_in/viewpoint in it).
+_OFFICIAL_IMAGE_KEYS = ("id", "file_name", "width", "height")
+_EXTRA_ANN_KEYS = {"source"}
+# The item that gets a polygon point 0.2 px left of the image (within the readers' tolerance):
+# the converter must keep -0.2 (the official one copies the raw polygon), training clips it.
+_OUTSIDE_ANN, _OUTSIDE_POLY, _OUTSIDE_POINT = 288807, 0, 45  # image 177881, x = 0.39 there
+
+
+def _official_with_outside_point() -> dict:
+  official = json.loads((FIXTURE / "coco.json").read_text())
+  ann, = [a for a in official["annotations"] if a["id"] == _OUTSIDE_ANN]
+  assert ann["segmentation"][_OUTSIDE_POLY][2 * _OUTSIDE_POINT] == 0.39
+  ann["segmentation"][_OUTSIDE_POLY][2 * _OUTSIDE_POINT] = -0.2
+  return official
+
+
+def _fixture_as_raw(official: dict, root: Path) -> Path:
+  """The COCO fixture back in the raw layout (annos/NNNNNN.json, image/NNNNNN.jpg): the inverse
+  of the official conversion, items in annotation id order, source "user" (the fixture has
+  none; the official converter drops it)."""
+  (root / "annos").mkdir(parents=True)
+  (root / "image").mkdir()
+  by_image = {}
+  for ann in sorted(official["annotations"], key=lambda a: a["id"]):
+    by_image.setdefault(ann["image_id"], []).append(ann)
+  for image in official["images"]:
+    anns = by_image[image["id"]]
+    raw = {"source": "user", "pair_id": anns[0]["pair_id"]}
+    for k, ann in enumerate(anns, 1):
+      cat = ann["category_id"]
+      x, y, w, h = ann["bbox"]
+      start = 3 * df2.LANDMARK_START[cat]
+      raw[f"item{k}"] = {
+          "category_id": cat, "category_name": df2.RAW_NAMES[cat], "style": ann["style"],
+          "bounding_box": [x, y, x + w, y + h],
+          "landmarks": ann["keypoints"][start:start + 3 * df2.LANDMARK_COUNTS[cat]],
+          "segmentation": ann["segmentation"]}
+    stem = os.path.splitext(image["file_name"])[0]
+    (root / "annos" / f"{stem}.json").write_text(json.dumps(raw))
+    shutil.copy(FIXTURE / "image" / image["file_name"], root / "image" / image["file_name"])
+  return root
+
+
+def test_convert_equals_official_converter_on_real_items(tmp_path):
+  official = _official_with_outside_point()
+  root = _fixture_as_raw(official, tmp_path / "train")
+  out = tmp_path / "coco.json"
+  assert convert.main(["--root", str(root), "--out", str(out), "--check-image", "header",
+                       "--num-workers", "1"]) == 0
+  ours = json.loads(out.read_text())
+
+  assert ours["categories"] == official["categories"]
+  want_images = sorted(official["images"], key=lambda i: i["id"])
+  assert [{k: i[k] for k in _OFFICIAL_IMAGE_KEYS} for i in ours["images"]] == [
+      {k: i[k] for k in _OFFICIAL_IMAGE_KEYS} for i in want_images]
+  want = sorted(official["annotations"], key=lambda a: (a["image_id"], a["id"]))
+  assert len(ours["annotations"]) == len(want) == 29
+  assert [a["id"] for a in ours["annotations"]] == list(range(1, 30))
+  differ = []
+  for got, expected in zip(ours["annotations"], want):
+    assert set(got) - set(expected) <= _EXTRA_ANN_KEYS, sorted(got)
+    assert set(expected) - set(got) == set(), sorted(expected)
+    wrong = [key for key in expected if key != "id" and got[key] != expected[key]]
+    if wrong:
+      differ.append((expected["id"], wrong))
+  assert not differ, f"{len(want) - len(differ)}/{len(want)} items equal; differ: {differ}"
+
+  # The point outside the image is kept as annotated, and the item's box area is w * h.
+  got, = [a for a, e in zip(ours["annotations"], want) if e["id"] == _OUTSIDE_ANN]
+  assert got["segmentation"][_OUTSIDE_POLY][2 * _OUTSIDE_POINT] == -0.2
+  assert got["area"] == got["bbox"][2] * got["bbox"][3]
+  # Equal as numbers, not always as JSON text: an integral value is written as an integer
+  # (the official keypoints pass through a float64 array, 237.0 there; a raw 506.0 is 506 here).
+
+
+def test_training_records_clip_the_point_the_converter_keeps(tmp_path):
+  root = _fixture_as_raw(_official_with_outside_point(), tmp_path / "train")
+  scan = annotations.scan_raw_root(root, check_image="header", num_workers=1)
+  assert len(scan.records) == 16 and scan.num_skipped == 0
+  record, = [r for r in scan.records if r.image_id == 177881]
+  outside = [item for item in record.items if item.unclipped is not None]
+  assert len(outside) == 1  # the only item any clipping changes
+  item, = outside
+  assert item.raw_polygons[_OUTSIDE_POLY][_OUTSIDE_POINT, 0] == np.float32(-0.2)
+  assert item.polygons[_OUTSIDE_POLY][_OUTSIDE_POINT, 0] == 0  # what training reads
+  np.testing.assert_array_equal(np.delete(item.polygons[_OUTSIDE_POLY], _OUTSIDE_POINT, 0),
+                                np.delete(item.raw_polygons[_OUTSIDE_POLY], _OUTSIDE_POINT, 0))
+  np.testing.assert_array_equal(item.box, item.raw_box)
+  assert all(i.unclipped is None for r in scan.records for i in r.items if i is not item)
 
 
 # --------------------------------------------------------------------------------------------
