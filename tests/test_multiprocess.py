@@ -169,6 +169,7 @@ def _metrics(eval_dir):
   with open(os.path.join(eval_dir, "metrics.json")) as f:
     metrics = json.load(f)
   metrics.pop("timing")
+  metrics.pop("checkpoint", None)  # the checkpoint path differs between the two runs
   assert os.path.exists(metrics.pop("ground_truth")["coco"])  # each workdir has its own copy
   return metrics
 

@@ -185,3 +185,54 @@ def test_shard_writers_load_in_file_order(tmp_path):
   assert loaded.keypoint_rows.tolist() == list(range(8))
   results.ResultWriter(str(tmp_path)).close()
   assert len(results.load(str(tmp_path))) == 0 and len(results.chunk_paths(str(tmp_path))) == 1
+
+
+def _one_image(image_id: int, n: int = 2) -> results.ImageResults:
+  boxes = np.tile(np.float32([[1, 2, 30, 40]]), (n, 1))
+  return results.image_results(
+      image_id, boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.full(n, 3, np.int32),
+      np.ones(n, bool), np.float32([64, 64]), np.float32([64, 64]), None,
+      np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32))
+
+
+def _torn_savez(file, **arrays):
+  """Stands in for ``np.savez_compressed`` cut short (a kill or a full disk) after some bytes."""
+  file.write(b"PK\x03\x04 torn")
+  raise OSError(28, "No space left on device")
+
+
+def test_a_chunk_cut_short_leaves_no_file(tmp_path, monkeypatch):
+  """Chunks are written atomically: a write cut short leaves the chunks written before it,
+  whole, and neither a torn chunk nor a temporary file."""
+  writer = results.ResultWriter(str(tmp_path), images_per_chunk=1)
+  writer.add(_one_image(1))
+  before = (tmp_path / "detections-00000.npz").read_bytes()
+  monkeypatch.setattr(np, "savez_compressed", _torn_savez)
+  with pytest.raises(OSError, match="No space"):
+    writer.add(_one_image(2))
+  assert os.listdir(tmp_path) == ["detections-00000.npz"]
+  assert (tmp_path / "detections-00000.npz").read_bytes() == before
+  assert results.load(str(tmp_path)).image_id.tolist() == [1, 1]
+
+
+def test_official_json_cut_short_keeps_the_previous_file(tmp_path, monkeypatch):
+  """The DeepFashion2 result files are written atomically: a write cut short leaves the
+  previous file byte for byte (or none) and no temporary file."""
+  writer = results.ResultWriter(str(tmp_path))
+  writer.add(_one_image(1))
+  writer.close()
+  paths = results.write_official_json(str(tmp_path))
+  before = {p: open(p, "rb").read() for p in paths}
+  assert json.loads(before[paths[0]])  # two boxes
+
+  def torn(entries):
+    yield "["
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(results, "iter_json_array", torn)
+  with pytest.raises(OSError, match="No space"):
+    results.write_official_json(str(tmp_path))
+  assert {p: open(p, "rb").read() for p in paths} == before
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      ["detections-00000.npz", "bbox_results.json", "segm_results.json",
+       "keypoints_results.json"])

@@ -6,8 +6,10 @@ images on each device, every device of the run; with several processes each dete
 contiguous shard and process 0 scores them all) one batch ahead of the host, whose worker
 processes (``host.process_image``) map every detection back to its original image (boxes, the
 soft 28x28 masks pasted with detectron2's semantics and run-length encoded from the box region
-only, landmarks); the rows stream to compact result chunks (``results``). It writes into
-``outdir``:
+only, landmarks); the rows stream to compact result chunks (``results``). It builds, in a
+staging folder beside ``outdir`` that then replaces ``outdir`` whole (``files.swap_in``: a
+failed or killed evaluation leaves the previous ``outdir`` as it was, and a metrics.json there
+means a complete evaluation):
   detections-NNNNN.npz        the results (``python -m df2_jax.evaluation.results --eval_dir``
                               writes the DeepFashion2 JSON result files from them; several
                               processes write detections-SSSSS-NNNNN.npz, S the process)
@@ -29,12 +31,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import json
 import logging
 import multiprocessing
 import os
-import pickle
 import re
+import shutil
 import time
 from typing import Any
 
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import convert, draw
-from df2_jax import parallel
+from df2_jax import files, parallel
 from df2_jax.evaluation import coco, host, retrieval, visualize
 from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
@@ -240,8 +241,19 @@ def _query_gt_by_image(query_gt: list[dict]) -> dict[int, dict[str, np.ndarray]]
           for i, qs in by_image.items()}
 
 
+def staging_path(outdir: str) -> str:
+  """The folder an evaluation into ``outdir`` is built in: ``.<name>.partial.eval`` beside it.
+
+  The name is fixed, so every process of a run (they share the workdir) derives the same path
+  without talking, and it is one ``files.remove_stale_staging(outdir)`` removes: the staging
+  folder a killed evaluation left is deleted by the next evaluation into ``outdir``.
+  """
+  outdir = os.path.abspath(outdir)
+  return os.path.join(os.path.dirname(outdir), f".{os.path.basename(outdir)}.partial.eval")
+
+
 def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=None,
-             step: int | None = None) -> dict[str, Any]:
+             step: int | None = None, checkpoint: str | None = None) -> dict[str, Any]:
   """Evaluates ``variables`` ({"params", "constants"}) on ``config.data.eval_split`` (or
   ``eval_source``), or on its fixed subset of ``config.eval.max_images`` images (see
   ``subset_indices``).
@@ -250,11 +262,20 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   (``results.write_official_json`` or ``python -m df2_jax.evaluation.results --eval_dir
   OUTDIR`` turns them into the DeepFashion2 JSON files), ``retrieval_submission.json`` (the
   official format, for the queries the protocol scores), ``metrics.json`` (with the time of
-  each stage under "timing"), and two pictures: the first ``config.eval.num_drawn_images``
-  images with their detections (``detections.png``) and, for the first
-  ``config.eval.num_retrieval_strips`` consumer images, the top-5 shop items retrieved for their
-  best detection (``retrieval.png``). With a ``writer`` (train.MetricsWriter) the metrics and
-  both pictures also go to TensorBoard at ``step``.
+  each stage under "timing", and ``checkpoint``, the checkpoint evaluated, e.g.
+  "/abs/workdir/checkpoints/1200", under "checkpoint" when given), and two pictures: the first
+  ``config.eval.num_drawn_images`` images with their detections (``detections.png``) and, for
+  the first ``config.eval.num_retrieval_strips`` consumer images, the top-5 shop items
+  retrieved for their best detection (``retrieval.png``). With a ``writer``
+  (train.MetricsWriter) the metrics and both pictures also go to TensorBoard at ``step``.
+
+  The whole folder is built in a staging folder beside it (``staging_path``), metrics.json
+  last, and then replaces ``outdir`` whole (``files.swap_in``): an evaluation that fails or is
+  killed leaves the previous ``outdir`` as it was (or none), and an ``outdir`` with a
+  metrics.json is a complete evaluation, with no file of an earlier one (result JSON files
+  written later by ``results`` included). The next evaluation into ``outdir`` deletes the
+  staging folder a killed one left. With several processes, process 0 creates the staging
+  folder, every process writes its result chunks there, and process 0 scores and swaps.
   """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
   timing: dict[str, float] = {}
@@ -281,32 +302,60 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   query_gt, gallery_gt = convert.retrieval_gt(eval_source.records)
   timing["prepare"] = time.perf_counter() - started
 
-  os.makedirs(outdir, exist_ok=True)
-  if count > 1:  # process 0 clears an earlier evaluation's files before anyone writes
+  staging = staging_path(outdir)
+  if index == 0:  # a killed evaluation's staging folder goes before anyone writes
+    files.remove_stale_staging(outdir)
+    os.makedirs(staging)
+  parallel.barrier("evaluation_start")
+  try:
+    result_writer = results_lib.ResultWriter(staging, shard=index if count > 1 else None)
+    found = run_detection(model, variables, dataset, records, mesh=mesh, writer=result_writer,
+                          query_gt_by_image=_query_gt_by_image(query_gt),
+                          gallery_nms=float(config.eval.gallery_nms_threshold),
+                          gallery_min_score=float(config.eval.gallery_score_threshold),
+                          keep_outputs=frozenset(drawn_ids),
+                          keep_min_score=float(config.eval.draw_score_threshold),
+                          num_images=shard_size,
+                          workers=int(config.eval.host_workers),
+                          pool_kind=str(config.eval.host_pool))
+    result_writer.close()
+    found["bytes"] = result_writer.num_bytes
+    if count > 1:
+      found = _gather_found(found, staging)
+    if index == 0:  # process 0 scores and writes; the others wait and read its metrics
+      metrics, pictures = _score(config, variables, eval_source, found, staging, outdir,
+                                 drawn_ids, query_gt, gallery_gt, timing, started, checkpoint)
+      files.swap_in(staging, outdir)
+  except BaseException:
     if index == 0:
-      results_lib.remove_chunks(outdir)
-      for name in os.listdir(outdir):
-        if name.startswith(_SHARD_PREFIX):
-          os.remove(os.path.join(outdir, name))
-    parallel.barrier("evaluation_start")
-  result_writer = results_lib.ResultWriter(outdir, shard=index if count > 1 else None)
-  found = run_detection(model, variables, dataset, records, mesh=mesh, writer=result_writer,
-                        query_gt_by_image=_query_gt_by_image(query_gt),
-                        gallery_nms=float(config.eval.gallery_nms_threshold),
-                        gallery_min_score=float(config.eval.gallery_score_threshold),
-                        keep_outputs=frozenset(drawn_ids),
-                        keep_min_score=float(config.eval.draw_score_threshold),
-                        num_images=shard_size,
-                        workers=int(config.eval.host_workers),
-                        pool_kind=str(config.eval.host_pool))
-  result_writer.close()
-  found["bytes"] = result_writer.num_bytes
-  if count > 1:
-    found = _gather_found(found, outdir)
-    if index != 0:  # process 0 scores and writes; the others wait and read its metrics
-      parallel.barrier("evaluation_scored", timeout_s=_SCORING_TIMEOUT_S)
-      with open(os.path.join(outdir, "metrics.json")) as f:
-        return json.load(f)
+      shutil.rmtree(staging, ignore_errors=True)
+    raise
+  parallel.barrier("evaluation_scored", timeout_s=_SCORING_TIMEOUT_S)
+  if index != 0:
+    return files.read_json(os.path.join(outdir, "metrics.json"), "evaluation metrics")
+  if writer is not None and step is not None:
+    writer.scalars(step, summary_scalars(metrics))
+    for name, picture in pictures.items():
+      writer.image(step, f"eval/{name}", picture)
+  log.info("Evaluation (%d images%s) written to %s (metrics.json, result chunks, %s) in %.1f s "
+           "(%s):\n%s\nretrieval (detected boxes): %s\nretrieval (GT boxes): %s",
+           len(eval_source.records), f" of checkpoint {checkpoint}" if checkpoint else "",
+           outdir, ", ".join(f"{n}.png" for n in pictures),
+           timing["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()
+                                      if k != "total"),
+           coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
+           _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
+  return metrics
+
+
+def _score(config, variables: Any, eval_source, found: dict[str, Any], staging: str,
+           outdir: str, drawn_ids: list[int], query_gt: list, gallery_gt: list,
+           timing: dict[str, float], started: float, checkpoint: str | None
+           ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """``evaluate``'s scoring on process 0: the metrics of the result chunks in ``staging`` and
+  of ``found`` (every process's, joined), the retrieval submission, the pictures, and
+  metrics.json, written last, all into ``staging``. Returns (metrics, pictures)."""
+  count = jax.process_count()
   timing["detection"] = found["seconds"]
   log.info("Detection and host post-processing: %d images in %.1f s (%.2f images/s%s); result "
            "files %.1f MB (%.3f MB per image).", found["images"], found["seconds"],
@@ -316,7 +365,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
 
   stage = time.perf_counter()
   gt = convert.to_coco(eval_source.records)
-  metrics: dict[str, Any] = coco_metrics(outdir, gt)
+  metrics: dict[str, Any] = coco_metrics(staging, gt)
   timing["coco"] = time.perf_counter() - stage
   metrics["ground_truth"] = write_ground_truth(outdir, eval_source, gt, query_gt, gallery_gt)
 
@@ -330,8 +379,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                                              k=k)
   metrics["retrieval_gt_boxes"] = retrieval.evaluate_retrieval(gt_submission, query_gt,
                                                                gallery_gt)
-  with open(os.path.join(outdir, "retrieval_submission.json"), "w") as f:
-    json.dump(submission, f)
+  files.write_json(os.path.join(staging, "retrieval_submission.json"), submission)
   timing["retrieval"] = time.perf_counter() - stage
 
   stage = time.perf_counter()
@@ -339,27 +387,18 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
                            gallery_gt, int(config.eval.num_retrieval_strips),
                            float(config.eval.draw_score_threshold))
   for name, picture in pictures.items():
-    path = os.path.join(outdir, f"{name}.png")
-    if not cv2.imwrite(path, picture[:, :, ::-1]):
-      raise OSError(f"could not write {path}")
+    ok, png = cv2.imencode(".png", picture[:, :, ::-1])
+    if not ok:
+      raise OSError(f"could not encode {name}.png")
+    files.write_bytes(os.path.join(staging, f"{name}.png"), png.tobytes())
   timing["pictures"] = time.perf_counter() - stage
   timing["total"] = time.perf_counter() - started
   metrics["timing"] = timing
-  with open(os.path.join(outdir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=1, default=float)
-  parallel.barrier("evaluation_scored", timeout_s=_SCORING_TIMEOUT_S)
-  if writer is not None and step is not None:
-    writer.scalars(step, summary_scalars(metrics))
-    for name, picture in pictures.items():
-      writer.image(step, f"eval/{name}", picture)
-  log.info("Evaluation (%d images) written to %s (metrics.json, result chunks, %s) in %.1f s "
-           "(%s):\n%s\nretrieval (detected boxes): %s\nretrieval (GT boxes): %s",
-           len(eval_source.records), outdir, ", ".join(f"{n}.png" for n in pictures),
-           timing["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()
-                                      if k != "total"),
-           coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
-           _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
-  return metrics
+  if checkpoint is not None:
+    metrics["checkpoint"] = str(checkpoint)
+  # Last: a metrics.json in an evaluation folder means every other file is complete.
+  files.write_json(os.path.join(staging, "metrics.json"), metrics, indent=1, default=float)
+  return metrics, pictures
 
 
 def write_ground_truth(outdir: str, source, gt: dict, query_gt: list, gallery_gt: list
@@ -375,9 +414,10 @@ def write_ground_truth(outdir: str, source, gt: dict, query_gt: list, gallery_gt
   folder = os.path.join(os.path.dirname(os.path.abspath(outdir)), "ground_truth", name[-150:])
   paths = {kind: os.path.join(folder, f"{kind}.json")
            for kind in ("coco", "query_gt", "gallery_gt")}
+  os.makedirs(folder, exist_ok=True)
   for kind, obj in (("coco", gt), ("query_gt", query_gt), ("gallery_gt", gallery_gt)):
-    if not os.path.exists(paths[kind]):
-      convert.write_json(obj, paths[kind])
+    if not os.path.exists(paths[kind]):  # written whole or not at all: an existing one is whole
+      files.write_json(paths[kind], obj, separators=(",", ":"))
   return paths
 
 
@@ -387,32 +427,91 @@ _SHARD_PREFIX = "shard-"
 _SCORING_TIMEOUT_S = 4 * 3600
 
 
-def _gather_found(found: dict[str, Any], outdir: str) -> dict[str, Any]:
+def _gather_found(found: dict[str, Any], directory: str) -> dict[str, Any]:
   """Several processes: every process leaves what ``run_detection`` found on its shard in
-  ``outdir`` (the retrieval entries and drawn detections; its result chunks are already
+  ``directory`` (the evaluation's staging folder: the retrieval entries and drawn detections,
+  as plain arrays in ``shard-SSSSS.npz``, ``write_found``; its result chunks are already
   there), and process 0 returns them all joined in process order, which is file order, so
   every list is what one process would have built. The files are removed once read; other
-  processes get their own ``found`` back."""
+  processes get their own ``found`` back.
+
+  The files are read with ``read_found`` (numbers only, no pickle): whatever lies in the shared
+  folder, reading it cannot run code in process 0."""
   index, count = jax.process_index(), jax.process_count()
-  path = lambda i: os.path.join(outdir, f"{_SHARD_PREFIX}{i:05d}.pkl")
-  with open(path(index), "wb") as f:
-    pickle.dump(found, f, protocol=pickle.HIGHEST_PROTOCOL)
+  path = lambda i: os.path.join(directory, f"{_SHARD_PREFIX}{i:05d}.npz")
+  write_found(path(index), found)
   parallel.barrier("evaluation_detected", timeout_s=_SCORING_TIMEOUT_S)
   if index != 0:
     return found
   joined: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={},
                                 seconds=0.0, images=0, bytes=0)
   for i in range(count):
-    with open(path(i), "rb") as f:
-      part = pickle.load(f)
+    part = read_found(path(i))
     os.remove(path(i))
-    for key in ("query", "gallery", "gt_query", "gt_gallery"):
+    for key in _RETRIEVAL_KINDS:
       joined[key].extend(part[key])
     joined["outputs"].update(part["outputs"])
     joined["seconds"] = max(joined["seconds"], part["seconds"])
     joined["images"] += part["images"]
     joined["bytes"] += part["bytes"]
   return joined
+
+
+_RETRIEVAL_KINDS = ("query", "gallery", "gt_query", "gt_gallery")
+_ENTRY_KEYS = frozenset(("image_id", "bbox", "cls", "score", "embedding"))
+
+
+def write_found(path: str, found: dict[str, Any]) -> None:
+  """``found`` (``run_detection``'s: retrieval entries, drawn detections, counts) as numeric
+  arrays in the npz file ``path``, atomically; ``read_found`` gives it back."""
+  arrays: dict[str, np.ndarray] = dict(seconds=np.float64(found["seconds"]),
+                                       images=np.int64(found["images"]),
+                                       bytes=np.int64(found.get("bytes", 0)))
+  for kind in _RETRIEVAL_KINDS:
+    entries = found[kind]
+    for e in entries:
+      if set(e) != _ENTRY_KEYS:
+        raise ValueError(f"a {kind} entry has keys {sorted(e)}, expected "
+                         f"{sorted(_ENTRY_KEYS)}")
+    arrays[f"{kind}.image_id"] = np.array([e["image_id"] for e in entries], np.int64)
+    arrays[f"{kind}.bbox"] = np.array([e["bbox"] for e in entries], np.float64).reshape(-1, 4)
+    arrays[f"{kind}.cls"] = np.array([e["cls"] for e in entries], np.int64)
+    arrays[f"{kind}.score"] = np.array([e["score"] for e in entries], np.float64)
+    arrays[f"{kind}.embedding"] = (np.stack([np.asarray(e["embedding"]) for e in entries])
+                                   if entries else np.zeros((0, 0), np.float32))
+  ids = list(found["outputs"])
+  arrays["outputs.image_id"] = np.array(ids, np.int64)
+  for n, image_id in enumerate(ids):
+    for field, value in found["outputs"][image_id].items():
+      arrays[f"outputs.{n}.{field}"] = np.asarray(value)
+  for name, value in arrays.items():
+    if value.dtype.kind not in "biuf":
+      raise TypeError(f"found[{name!r}] has dtype {value.dtype}, expected numbers")
+  files.save_npz(path, compressed=False, **arrays)
+
+
+def read_found(path: str) -> dict[str, Any]:
+  """What ``write_found`` wrote to ``path``. Only numeric arrays are read (``np.load`` with
+  ``allow_pickle=False``): a file holding pickled objects raises ValueError, never runs."""
+  with np.load(path, allow_pickle=False) as z:
+    a = {k: z[k] for k in z.files}
+  for name, value in a.items():
+    if value.dtype.kind not in "biuf":
+      raise ValueError(f"{path}: {name!r} has dtype {value.dtype}, expected numbers")
+  found: dict[str, Any] = dict(seconds=float(a["seconds"]), images=int(a["images"]),
+                               bytes=int(a["bytes"]), outputs={})
+  for kind in _RETRIEVAL_KINDS:
+    ids, bbox, cls, score, emb = (a[f"{kind}.{k}"] for k in ("image_id", "bbox", "cls",
+                                                              "score", "embedding"))
+    if not len(ids) == len(bbox) == len(cls) == len(score) == len(emb):
+      raise ValueError(f"{path}: the {kind} arrays differ in length")
+    found[kind] = [dict(image_id=int(ids[i]), bbox=bbox[i].tolist(), cls=int(cls[i]),
+                        score=float(score[i]), embedding=emb[i]) for i in range(len(ids))]
+  for n, image_id in enumerate(a["outputs.image_id"].tolist()):
+    prefix = f"outputs.{n}."
+    found["outputs"][int(image_id)] = {k[len(prefix):]: v for k, v in a.items()
+                                       if k.startswith(prefix)}
+  return found
 
 
 def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND

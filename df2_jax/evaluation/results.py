@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_pipeline.deepfashion2 import LANDMARK_COUNTS, LANDMARK_START, NUM_LANDMARKS
+from df2_jax import files
 from df2_jax.evaluation import masks as mask_lib
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class ResultWriter:
   In an evaluation split over processes each process writes its own shard's chunks,
   ``detections-SSSSS-NNNNN.npz`` (``shard`` = the process index, shards in file order), so that
   ``load`` reads the whole split in file order; the caller clears old chunks
-  (``remove_chunks``) before any writer opens.
+  (``remove_chunks``) before any writer opens (``evaluator.evaluate`` writes into a fresh
+  staging folder). Each chunk is written atomically (``files.save_npz``).
   """
 
   def __init__(self, directory: str, images_per_chunk: int = 1000, shard: int | None = None):
@@ -177,7 +179,7 @@ class ResultWriter:
         keypoints=_cat([r.keypoints for r in pending], (0, MAX_CATEGORY_LANDMARKS, 2),
                        np.float32))
     path = os.path.join(self.directory, f"{self._prefix}{self.num_chunks:05d}.npz")
-    np.savez_compressed(path, **arrays)
+    files.save_npz(path, **arrays)  # whole or absent, never a torn chunk
     self.num_chunks += 1
     self.num_bytes += os.path.getsize(path)
 
@@ -285,12 +287,13 @@ def iter_json_array(entries: Iterator[dict]) -> Iterator[str]:
 
 def write_official_json(directory: str) -> list[str]:
   """Writes bbox_results.json, segm_results.json and keypoints_results.json (the DeepFashion2
-  result formats) into ``directory`` from its chunks; returns the paths."""
+  result formats) into ``directory`` from its chunks; returns the paths. Each file is written
+  atomically (``files.atomic_write``): an interrupted write leaves the previous file or none."""
   results = load(directory)
   paths = []
   for kind, name in (("bbox", "bbox"), ("segm", "segm"), ("keypoints", "keypoints")):
     path = os.path.join(directory, f"{name}_results.json")
-    with open(path, "w") as f:
+    with files.atomic_write(path, "w") as f:
       for piece in iter_json_array(iter(results.coco(kind))):
         f.write(piece)
     paths.append(path)
