@@ -162,8 +162,12 @@ def staging_folder(target: str) -> str:
   """A new empty folder beside ``target`` to build its replacement in (``swap_in``)."""
   target = os.path.abspath(target)
   os.makedirs(os.path.dirname(target), exist_ok=True)
-  return tempfile.mkdtemp(dir=os.path.dirname(target),
-                          prefix=f".{os.path.basename(target)}.partial.")
+  folder = tempfile.mkdtemp(dir=os.path.dirname(target),
+                            prefix=f".{os.path.basename(target)}.partial.")
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(folder, 0o777 & ~mask)  # a new folder's permissions (mkdtemp makes it 0700)
+  return folder
 
 
 def remove_stale_staging(target: str) -> None:

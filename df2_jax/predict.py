@@ -10,14 +10,23 @@ files' numeric stems when all are distinct numbers, else 1..N in file-name order
 ``image_ids``) and the detections in the DeepFashion2 result formats, plus the detections'
 embeddings for retrieval (``embeddings``: {image_id: [[D floats] per detection]}).
 No TensorFlow: images are decoded with Pillow and encoded in numpy.
+
+The output folder is replaced whole or not at all: the run builds it in a staging folder beside
+it (``.NAME.partial.*``) and swaps it in at the end (``files.swap_in``), so a kill or an error
+leaves the previous output as it was (the next run deletes the stale staging folder); every
+file is written by temp file, fsync and rename. One prediction at a time writes an output
+folder (an exclusive ``files.FolderLock`` on ``.NAME.lock`` beside it). Refused with a
+``PredictError`` before anything is written: an input that is not a folder or holds no
+images, an output folder that is the input folder, inside it or around it, and an existing
+output folder that holds anything but an earlier prediction's files (it would be replaced).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import cv2
 import jax
@@ -25,12 +34,74 @@ import numpy as np
 
 from data_pipeline import annotations, draw, images, transforms
 from data_pipeline.records import DataError, ImageRecord
-from df2_jax import parallel
+from df2_jax import files, parallel
 from df2_jax.evaluation import coco
 from df2_jax.evaluation import masks as mask_lib
 from df2_jax.models.match_rcnn import model_from_config
 
 log = logging.getLogger(__name__)
+
+RESULTS = "predictions.json"
+
+
+class PredictError(RuntimeError):
+  """A prediction that cannot run as asked: one line naming the folder and the reason."""
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether real path ``path`` is ``folder`` or inside it."""
+  return os.path.commonpath([path, folder]) == folder
+
+
+def _is_earlier_output(folder: str) -> bool:
+  """An empty folder, or one holding an earlier prediction's files only (predictions.json
+  and drawn PNGs): what a prediction may replace whole."""
+  entries = os.listdir(folder)
+  return not entries or (RESULTS in entries and all(
+      n == RESULTS or (n.lower().endswith(".png") and os.path.isfile(os.path.join(folder, n)))
+      for n in entries))
+
+
+def check_folders(input_dir: str, output_dir: str) -> list[str]:
+  """The image files of ``input_dir`` (sorted names), or PredictError, before anything is
+  written: ``input_dir`` missing, a file or without images; ``output_dir`` the same folder as
+  ``input_dir`` (through symlinks and relative paths too), inside it or around it, a file, or
+  a folder holding other files than an earlier prediction's."""
+  if not os.path.exists(input_dir):
+    raise PredictError(f"input_dir {input_dir}: no such folder")
+  if not os.path.isdir(input_dir):
+    raise PredictError(f"input_dir {input_dir} is a file, not a folder of images")
+  source, target = os.path.realpath(input_dir), os.path.realpath(output_dir)
+  if _inside(target, source):
+    where = "the same folder as" if target == source else "inside"
+    raise PredictError(f"output_dir {output_dir} is {where} input_dir {input_dir}: the "
+                       f"drawings would overwrite or mix with the input images; choose an "
+                       f"output_dir outside it (nothing written)")
+  if _inside(source, target):
+    raise PredictError(f"input_dir {input_dir} is inside output_dir {output_dir}, which a "
+                       f"prediction replaces whole: choose an output_dir outside it (nothing "
+                       f"written)")
+  if os.path.lexists(target) and not os.path.isdir(target):
+    raise PredictError(f"output_dir {output_dir} is a file, not a folder")
+  if os.path.isdir(target) and not _is_earlier_output(target):
+    raise PredictError(f"output_dir {output_dir} holds files that are not an earlier "
+                       f"prediction's ({RESULTS} and drawn PNGs), and a prediction replaces "
+                       f"the folder whole: choose a new or empty folder (nothing written)")
+  names = sorted(n for n in os.listdir(input_dir)
+                 if n.lower().endswith(annotations.IMAGE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(input_dir, n)))
+  if not names:
+    raise PredictError(f"input_dir {input_dir} holds no images "
+                       f"({', '.join(annotations.IMAGE_EXTENSIONS)}): nothing to predict, "
+                       f"output_dir {output_dir} left as it is")
+  return names
+
+
+def lock_folder(output_dir: str) -> str:
+  """The folder whose ``files.FolderLock`` a prediction into ``output_dir`` holds: beside it
+  (the output folder itself is replaced by the run)."""
+  target = os.path.realpath(output_dir)
+  return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")
 
 
 def image_ids(names: list[str]) -> list[int]:
@@ -43,16 +114,76 @@ def image_ids(names: list[str]) -> list[int]:
   return list(range(1, len(names) + 1))
 
 
-def predict(config, variables: Any, input_dir: str, output_dir: str, *,
+def predict(config, variables: Any | Callable[[], Any], input_dir: str, output_dir: str, *,
             score_threshold: float = 0.3) -> dict[str, Any]:
   """Predicts every image of ``input_dir``; draws detections scoring >= score_threshold.
 
+  ``variables``: the model's, or a function returning them (called once the folders are
+  checked and the output folder is locked, so a refused run loads nothing).
   ``config.eval.batch_size`` images per device, every device of the run at once
   (``evaluator.jitted_detect``). In a run of several processes each process predicts and
-  draws its contiguous share of the sorted file names, and process 0 joins the predictions
-  into ``predictions.json`` (every process must call this together; process 0 returns all
-  predictions, the others their share).
+  draws its contiguous share of the sorted file names into the common staging folder, and
+  process 0 joins the predictions into ``predictions.json`` and swaps the folder in (every
+  process must call this together; process 0 returns all predictions, the others their
+  share). ``PredictError`` (nothing replaced) for the folders ``check_folders`` refuses, an
+  output folder another prediction is writing, no readable image, or a full disk.
   """
+  names = check_folders(input_dir, output_dir)
+  target = os.path.realpath(output_dir)
+  index, count = jax.process_index(), jax.process_count()
+  lock = None
+  if index == 0:  # the processes of one run share the folder; process 0 holds its lock
+    lock = files.FolderLock(lock_folder(output_dir), f"prediction into {target}")
+    try:
+      lock.acquire()
+    except files.Locked as e:
+      raise PredictError(f"output_dir {output_dir} is being written by another prediction "
+                         f"(pid {e.holder}; lock file {os.path.join(e.folder, files.LOCK_NAME)})"
+                         f": wait for it to end or stop it, or use another output_dir"
+                         ) from None
+  staging = None
+  try:
+    if count == 1:
+      files.remove_stale_staging(target)  # a killed run's staging folder
+      staging = files.staging_folder(target)
+    else:  # one name every process knows; process 0 makes it fresh under the lock
+      staging = os.path.join(os.path.dirname(target),
+                             f".{os.path.basename(target)}.partial.processes")
+      if index == 0:
+        files.remove_stale_staging(target)
+        os.makedirs(staging)
+      parallel.barrier("predict_staging")
+    if callable(variables):
+      variables = variables()
+    results, predicted, skipped = _predict_into(config, variables, input_dir, names, staging,
+                                                score_threshold)
+    if count > 1:
+      results, predicted, skipped = _join_shards(staging, results, predicted, skipped)
+    if index == 0:
+      if not predicted:
+        raise PredictError(f"none of the {len(names)} image files of input_dir {input_dir} "
+                           f"could be read (see the warnings): output_dir {output_dir} left as "
+                           f"it is")
+      files.write_json(os.path.join(staging, RESULTS), results)
+      files.swap_in(staging, target)
+      staging = None
+  except OSError as e:
+    if files.is_disk_full(e):
+      raise PredictError(files.disk_full_message(os.path.dirname(target))) from e
+    raise
+  finally:
+    if index == 0 and staging is not None:  # an error: the old output stays as it was
+      shutil.rmtree(staging, ignore_errors=True)
+    if lock is not None:
+      lock.release()
+  log.info("Predicted %d images (%d skipped) into %s.", predicted, skipped, output_dir)
+  return results
+
+
+def _predict_into(config, variables: Any, input_dir: str, names: list[str], output_dir: str,
+                  score_threshold: float) -> tuple[dict[str, Any], int, int]:
+  """This process's share of ``names``: drawn into ``output_dir``, (results, predicted,
+  skipped) returned."""
   from data_pipeline.sources import geometry_from_config
   from df2_jax.evaluation import evaluator
   geometry = geometry_from_config(config.data)
@@ -62,8 +193,6 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
   evaluator.check_finite(variables)
   detect = evaluator.jitted_detect(model, mesh)[0]
   index, count = jax.process_index(), jax.process_count()
-  names = sorted(n for n in os.listdir(input_dir)
-                 if n.lower().endswith(annotations.IMAGE_EXTENSIONS))
   ids = image_ids(names)
   stems = [os.path.splitext(n)[0] for n in names]
   # <stem>.png, or <name>.png for every file when two files share a stem (a.jpg, a.png).
@@ -72,7 +201,6 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
   shards = np.array_split(np.arange(len(names)), count)
   batch_size = int(config.eval.batch_size) * jax.local_device_count()
   num_batches = -(-max(len(s) for s in shards) // batch_size)  # the same on every process
-  os.makedirs(output_dir, exist_ok=True)
   results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   skipped = predicted = 0
 
@@ -88,6 +216,8 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
         log.warning("Skipping %s", e)
         continue
       pending.append((ids[i], (name, drawn_names[i]), pixels))
+    if not pending and count == 1:  # no readable image in this batch
+      continue
     # The batch's canvas: the smallest that holds its images (orientation buckets). In a
     # multi-process run every process must use the same one: the largest then.
     canvas = (transforms.batch_canvas(geometry, [p[2].shape[:2] for p in pending])
@@ -108,13 +238,7 @@ def predict(config, variables: Any, input_dir: str, output_dir: str, *,
                  output_dir, score_threshold)
       predicted += 1
 
-  if count > 1:
-    results, predicted, skipped = _join_shards(output_dir, results, predicted, skipped)
-  if index == 0:
-    with open(os.path.join(output_dir, "predictions.json"), "w") as f:
-      json.dump(results, f)
-  log.info("Predicted %d images (%d skipped) into %s.", predicted, skipped, output_dir)
-  return results
+  return results, predicted, skipped
 
 
 def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
@@ -145,27 +269,38 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   picture = draw.draw_detections(pixels, boxes, out["scores"], out["classes"], keep, masks, lms,
                                  score_threshold)
   path = os.path.join(output_dir, drawn_name)
-  if not cv2.imwrite(path, picture[:, :, ::-1]):
-    raise OSError(f"could not write {path}")
+  ok, png = cv2.imencode(".png", np.ascontiguousarray(picture[:, :, ::-1]))
+  if not ok:
+    raise OSError(f"could not encode the drawing of {name} as PNG")
+  files.write_bytes(path, png.tobytes())
+
+
+def shard_path(folder: str, index: int) -> str:
+  return os.path.join(folder, f"shard-{index:05d}.json")
 
 
 def _join_shards(output_dir: str, results: dict[str, Any], predicted: int, skipped: int
                  ) -> tuple[dict[str, Any], int, int]:
-  """Several processes: each leaves its predictions in ``output_dir``; process 0 returns them
-  joined in process order (file order) and removes the files, the others their own."""
+  """Several processes: each leaves its predictions in ``output_dir`` (JSON, written
+  atomically); process 0 returns them joined in process order (file order) and removes the
+  files, the others their own."""
   index, count = jax.process_index(), jax.process_count()
-  path = lambda i: os.path.join(output_dir, f"shard-{i:05d}.json")
-  with open(path(index), "w") as f:
-    json.dump({"results": results, "predicted": predicted, "skipped": skipped}, f)
+  files.write_json(shard_path(output_dir, index),
+                   {"results": results, "predicted": predicted, "skipped": skipped})
   parallel.barrier("predictions_written")
   if index != 0:
     return results, predicted, skipped
+  return join_shard_files(output_dir, count)
+
+
+def join_shard_files(output_dir: str, count: int) -> tuple[dict[str, Any], int, int]:
+  """(results, predicted, skipped) of the shard files 0..count-1 of ``output_dir``, joined in
+  process order; the files are removed."""
   joined = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   predicted = skipped = 0
   for i in range(count):
-    with open(path(i)) as f:
-      part = json.load(f)
-    os.remove(path(i))
+    part = files.read_json(shard_path(output_dir, i), f"predictions of process {i}")
+    os.remove(shard_path(output_dir, i))
     for key in ("images", "bbox", "segm", "keypoints"):
       joined[key] += part["results"][key]
     joined["embeddings"].update(part["results"]["embeddings"])

@@ -16,7 +16,12 @@ DeepFashion2 annotation beside the folder calls shop images, e.g. a split's ``im
 Run it again on the same INDEX_DIR to append: the images already indexed (same absolute path)
 are skipped, earlier parts are never rewritten, and the model must be the index's own (its
 checkpoint and model config; the embeddings of two models cannot be compared). An image that
-cannot be decoded is skipped with a log line and listed in its part's ``images.json``.
+cannot be decoded is skipped with a log line and listed in its part's ``images.json``. One
+``index`` at a time per INDEX_DIR: the command holds an exclusive ``files.FolderLock`` on it
+(``INDEX_DIR/.lock``) from start to end, and a second one exits 1 naming the holder's pid. A
+part is built in a staging folder and renamed into place whole, then named in the manifest;
+every file is written by temp file, fsync and rename, so a killed run leaves the index as it
+was.
 
 Layout (every array memory-maps with ``np.load(mmap_mode="r")``)::
 
@@ -38,9 +43,11 @@ scores each against the whole gallery with the matching network, logit = fc((v_q
 (``GalleryScorer``: one matrix product per chunk of gallery rows on the default device, a
 running exact top-k; no approximate index), prints the ranked shop items (image, box, category,
 match probability = sigmoid(logit)) as text, optionally writes them as JSON (``--json``; the
-fields are those of ``query_result``), and draws one strip per garment: the garment's crop, then
-its top shop items' crops with their match probabilities (``--out``: a PNG for one photo, a
-folder of ``<stem>.png`` for several).
+fields are those of ``query_result``; written before any picture), and draws one strip per
+garment: the garment's crop, then its top shop items' crops with their match probabilities
+(``--out``: a PNG for one photo, a folder of ``<stem>.png`` for several). A crop of any shape
+(a 4000x1 photo's) is fitted into its tile; a picture that cannot be drawn is a warning (exit
+status 1), the JSON is written all the same.
 
 No TensorFlow (images are decoded with Pillow); one process (all of its local devices).
 """
@@ -66,7 +73,7 @@ import numpy as np
 from data_pipeline import annotations, images, transforms
 from data_pipeline.deepfashion2 import COCO_NAMES
 from data_pipeline.records import DataError, ImageRecord
-from df2_jax import parallel
+from df2_jax import files, parallel
 from df2_jax.evaluation import retrieval as retrieval_lib
 from df2_jax.evaluation import visualize
 from df2_jax.models import matching
@@ -264,7 +271,7 @@ class GalleryIndex:
     for name in self.parts:
       for key in ARRAYS:
         self._arrays[key].append(np.load(os.path.join(directory, name, f"{key}.npy"),
-                                         mmap_mode="r"))
+                                         mmap_mode="r", allow_pickle=False))
     sizes = [len(a) for a in self._arrays["embeddings"]]
     self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     if int(self.offsets[-1]) != int(self.manifest["items"]):
@@ -391,25 +398,29 @@ def build_index(config, variables: Any, image_dir: str, out_dir: str, *, checkpo
 
   name = f"part-{len(manifest['parts']):05d}"
   part_dir = os.path.join(out_dir, name)
-  if os.path.exists(part_dir):  # an earlier run stopped before its manifest: not in the index
-    shutil.rmtree(part_dir)
-  os.makedirs(part_dir)
-  dim = manifest["embed_dim"]
-  for key, dtype in ARRAYS.items():
-    empty = {"embeddings": (0, dim), "boxes": (0, 4)}.get(key, (0,))
-    arr = np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(empty, dtype)
-    np.save(os.path.join(part_dir, f"{key}.npy"), arr)
-  with open(os.path.join(part_dir, "images.json"), "w") as f:
-    json.dump({"images": part_images, "skipped": skipped}, f)
+  # A part folder is in the index once the manifest names it. The part is built in a staging
+  # folder and swapped in whole (a part folder of this name, or a staging one, that an earlier
+  # run killed before its manifest left is not in the index: replaced, deleted).
+  files.remove_stale_staging(part_dir)
+  staging = files.staging_folder(part_dir)
+  try:
+    dim = manifest["embed_dim"]
+    for key, dtype in ARRAYS.items():
+      empty = {"embeddings": (0, dim), "boxes": (0, 4)}.get(key, (0,))
+      arr = np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(empty, dtype)
+      files.save_npy(os.path.join(staging, f"{key}.npy"), arr)
+    files.write_json(os.path.join(staging, "images.json"),
+                     {"images": part_images, "skipped": skipped})
+    files.swap_in(staging, part_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   items = int(sum(len(c) for c in cols["scores"]))
   manifest = dict(manifest, parts=manifest["parts"] + [
       {"name": name, "images": len(part_images), "items": items, "skipped": len(skipped)}])
   manifest["items"] = int(manifest["items"]) + items
   manifest["images"] = int(manifest["images"]) + len(part_images)
-  tmp = manifest_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f)
-  os.replace(tmp, manifest_path)
+  files.write_json(manifest_path, manifest)
   log.info("Indexed %d images (%d garments, %d unreadable images skipped) into %s/%s; the "
            "index holds %d garments of %d images.", len(part_images), items, len(skipped),
            out_dir, name, manifest["items"], manifest["images"])
@@ -527,6 +538,32 @@ def query_result(g: Garments, index: GalleryIndex, logits: np.ndarray, rows: np.
   return {"image": g.path, "height": g.height, "width": g.width, "garments": garments}
 
 
+def fitted_thumbnail(pixels: np.ndarray, box: Sequence[float], height: int,
+                     max_aspect: float = 4.0) -> np.ndarray:
+  """The box's crop of an RGB image fitted into ``height`` rows and 8 to ``max_aspect *
+  height`` columns, aspect kept (a crop wider or taller than that is letterboxed on black):
+  a crop of any shape, a 4000x1 photo's or a box outside the image, makes a tile of the
+  same height."""
+  h, w = pixels.shape[:2]
+  coords = np.nan_to_num(np.asarray(box, np.float64).reshape(4), nan=0.0)
+  x1 = int(np.clip(np.floor(coords[0]), 0, w - 1))
+  y1 = int(np.clip(np.floor(coords[1]), 0, h - 1))
+  x2 = max(int(np.clip(np.ceil(coords[2]), 1, w)), x1 + 1)
+  y2 = max(int(np.clip(np.ceil(coords[3]), 1, h)), y1 + 1)
+  crop = np.ascontiguousarray(pixels[y1:y2, x1:x2])
+  ch, cw = crop.shape[:2]
+  max_width = max(8, int(max_aspect * height))
+  scale = min(height / ch, max_width / cw)
+  th, tw = max(1, min(height, int(round(ch * scale)))), max(1, min(max_width,
+                                                                  int(round(cw * scale))))
+  thumb = cv2.resize(crop, (tw, th), interpolation=cv2.INTER_AREA if scale < 1
+                     else cv2.INTER_LINEAR)
+  out = np.zeros((height, max(8, tw), 3), np.uint8)
+  top, left = (height - th) // 2, (out.shape[1] - tw) // 2
+  out[top:top + th, left:left + tw] = thumb.reshape(th, tw, 3)
+  return out
+
+
 def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, height: int = 112
                 ) -> np.ndarray:
   """[H, W, 3] uint8 RGB: one strip per garment of the photo, the garment's crop (grey frame)
@@ -534,7 +571,7 @@ def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, heig
   rows = []
   cache: dict[str, np.ndarray | None] = {}
   for n, garment in enumerate(result["garments"]):
-    tiles = [visualize.framed(visualize.crop_thumbnail(photo, garment["box"], height),
+    tiles = [visualize.framed(fitted_thumbnail(photo, garment["box"], height),
                               visualize.GREY,
                               f"garment {n + 1} {garment['category']} "
                               f"{garment['detection_score']:.2f}")]
@@ -546,7 +583,7 @@ def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, heig
           log.warning("Cannot draw %s", e)
           cache[item["image"]] = None
       pixels = cache[item["image"]]
-      thumb = (visualize.crop_thumbnail(pixels, item["box"], height) if pixels is not None
+      thumb = (fitted_thumbnail(pixels, item["box"], height) if pixels is not None
                else np.zeros((height, height // 2, 3), np.uint8))
       tiles.append(visualize.framed(thumb, visualize.BLUE,
                                     f"#{item['rank']} {item['match_score']:.2f}"))
@@ -590,15 +627,35 @@ def run_query(index: GalleryIndex, detector: Detector, photos: Sequence[str], *,
 # Command line.
 
 
-def _load_model(checkpoint_dir: str, step: int | None) -> tuple[dict[str, Any], int]:
-  """(variables, step) of a checkpoint directory (its latest step when ``step`` is None)."""
+def _load_model(checkpoint_dir: str, step: int | None, config=None
+                ) -> tuple[dict[str, Any], int]:
+  """(variables, step) of a checkpoint directory (its latest step when ``step`` is None);
+  with ``config``, a checkpoint of another config is refused in one line
+  (``run_config.RunMismatch``, a ValueError) before any array is read."""
   from df2_jax import train
-  return train.load_variables("", checkpoint_dir=checkpoint_dir, step=step)
+  return train.load_variables("", checkpoint_dir=checkpoint_dir, step=step, config=config)
 
 
 def index_main(config, workdir: str | None, checkpoint_dir: str | None, step: int | None,
                image_dir: str, out_dir: str, min_score: float | None,
                source: str | None = None) -> int:
+  """The ``index`` command: the images of folder ``image_dir`` into index ``out_dir``, which
+  this process holds locked (``files.FolderLock``) from start to end (``files.Locked`` when
+  another holds it)."""
+  if not os.path.exists(image_dir):
+    raise FileNotFoundError(f"--images {image_dir}: no such folder")
+  if not os.path.isdir(image_dir):
+    raise IndexFolderError(f"--images {image_dir} is a file, not a folder of images")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise IndexFolderError(f"--out {out_dir} is a file, not an index folder")
+  with files.FolderLock(out_dir, "retrieval index"):
+    return _index_locked(config, workdir, checkpoint_dir, step, image_dir, out_dir, min_score,
+                         source)
+
+
+def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step: int | None,
+                  image_dir: str, out_dir: str, min_score: float | None,
+                  source: str | None) -> int:
   existing = os.path.exists(os.path.join(out_dir, MANIFEST))
   if existing:
     m = GalleryIndex(out_dir).manifest
@@ -615,8 +672,7 @@ def index_main(config, workdir: str | None, checkpoint_dir: str | None, step: in
     checkpoint_dir = os.path.join(workdir, "checkpoints")
   from df2_jax import validate
   validate.validate(config)
-  variables, step = _load_model(checkpoint_dir, step)
-  os.makedirs(out_dir, exist_ok=True)
+  variables, step = _load_model(checkpoint_dir, step, config)
   build_index(config, variables, image_dir, out_dir, checkpoint_dir=checkpoint_dir, step=step,
               min_score=min_score, source=source)
   return 0
@@ -647,22 +703,45 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
   elif out and os.path.dirname(out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
   answers, skipped = [], []
+  one_photo: np.ndarray | None = None  # kept for the picture of a single photo
   for g, result in run_query(index, detector, photos, top=top, skipped=skipped):
     print(format_text(result), flush=True)
     answers.append(result)
-    if out:
-      path = (os.path.join(out, os.path.splitext(os.path.basename(g.path))[0] + ".png")
-              if many else out)
-      picture = draw_result(g.pixels, result)
-      if not cv2.imwrite(path, picture[:, :, ::-1]):
-        raise OSError(f"could not write {path}")
-  if json_path:
-    with open(json_path, "w") as f:
-      json.dump({"index": os.path.abspath(index_dir), "gallery_items": len(index),
-                 "queries": answers, "skipped": skipped}, f, indent=1)
+    one_photo = None if many else g.pixels
+  if json_path:  # first: the answers are kept whatever happens to the pictures
+    if os.path.dirname(json_path):
+      os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    files.write_json(json_path, {"index": os.path.abspath(index_dir),
+                                 "gallery_items": len(index), "queries": answers,
+                                 "skipped": skipped}, indent=1)
+  failed = 0
+  for result in answers if out else []:
+    path = (os.path.join(out, os.path.splitext(os.path.basename(result["image"]))[0] + ".png")
+            if many else out)
+    try:
+      photo = one_photo if one_photo is not None else images.load_image(result["image"])
+      write_picture(path, draw_result(photo, result))
+    except Exception as e:  # pylint: disable=broad-except  (the answers are written already)
+      if files.is_disk_full(e):
+        raise
+      failed += 1
+      log.warning("Cannot draw the picture %s of %s: %s", path, result["image"],
+                  " ".join(str(e).split()) or type(e).__name__)
   if skipped:
     log.warning("%d of %d photos could not be read", len(skipped), len(photos))
-  return 0 if answers or not photos else 1
+  if failed:
+    log.warning("%d of %d pictures could not be drawn%s", failed, len(answers),
+                f"; the answers are in {json_path}" if json_path else "")
+  return 0 if (answers or not photos) and not failed else 1
+
+
+def write_picture(path: str, picture: np.ndarray) -> None:
+  """An RGB picture to ``path`` (its extension picks the format; none: PNG), atomically."""
+  ext = os.path.splitext(path)[1] or ".png"
+  ok, data = cv2.imencode(ext, np.ascontiguousarray(picture[:, :, ::-1]))
+  if not ok:
+    raise OSError(f"could not encode {path} as {ext}")
+  files.write_bytes(path, data.tobytes())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -714,8 +793,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(f"--top must be >= 1, got {args.top}")
     return query_main(args.index, args.image, args.top, args.out, args.json,
                       args.checkpoint_dir, args.min_score, args.source)
-  except (FileNotFoundError, IndexFolderError, FloatingPointError) as e:
+  except (FileNotFoundError, IndexFolderError, FloatingPointError, files.Locked) as e:
     log.error("%s", e)
+    return 1
+  except OSError as e:
+    if not files.is_disk_full(e):
+      raise
+    folder = args.out if args.command == "index" else os.path.dirname(
+        os.path.abspath(args.json or args.out or "."))
+    log.error("%s", files.disk_full_message(os.path.abspath(folder)))
     return 1
   except ValueError as e:  # validate.ConfigError and bad override values
     for line in str(e).splitlines():

@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import jax
@@ -16,7 +19,7 @@ import pytest
 from configs import tiny
 from data_pipeline import memory, synthetic
 from data_pipeline.sources import geometry_from_config
-from df2_jax import checkpoint, retrieval
+from df2_jax import checkpoint, files, retrieval
 from df2_jax import train_step as ts
 from df2_jax.models import matching
 from df2_jax.models.match_rcnn import init_variables, model_from_config
@@ -175,3 +178,169 @@ def test_source_keeps_the_images_their_annotations_name(world):
   assert [os.path.basename(p) for p in user] == ["000002.jpg", "000004.jpg", "000006.jpg"]
   with pytest.raises(FileNotFoundError, match="annos/000001.json"):
     retrieval.image_files(str(world["shop"]), "shop")  # a copied folder: no annotations
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety: one index run per folder, files written whole, errors in one line, pictures of any
+# shape, the JSON answers written before the pictures.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  if jax.config.jax_compilation_cache_dir:  # the test session's cache (conftest)
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+  return env
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+  """``python -m df2_jax.retrieval ARGS`` as a user runs it."""
+  return subprocess.run([sys.executable, "-m", "df2_jax.retrieval", *args], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _tree_hashes(directory: Path) -> dict:
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_index(world):
+  """An index of the shop folder's two readable images, built in its own folder."""
+  out = world["root"] / "small_index"
+  assert retrieval.main(["index", "--config", tiny.__file__, "--workdir",
+                         str(world["root"] / "run"), "--images", str(world["shop"]), "--out",
+                         str(out), "--min_score", "0"]) == 0
+  return out
+
+
+def test_a_second_index_into_the_same_folder_exits_naming_the_first(world, small_index,
+                                                                     tmp_path):
+  more = tmp_path / "more"
+  more.mkdir()
+  shutil.copy(world["images"] / "000005.jpg", more)
+  manifest = json.loads((small_index / "manifest.json").read_text())
+  before = _tree_hashes(small_index)
+  assert ".lock" in before and not [p for p in before if ".partial." in p or ".tmp" in p]
+  with files.FolderLock(small_index, "retrieval index"):
+    proc = _tool("index", "--config", tiny.__file__, "--workdir", str(world["root"] / "run"),
+                 "--images", str(more), "--out", str(small_index), "--min_score", "0")
+  assert proc.returncode == 1, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR")]
+  assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+  assert f"{small_index} is in use by another retrieval index (pid {os.getpid()}" in errors[0]
+  assert _tree_hashes(small_index) == before
+  assert retrieval.GalleryIndex(str(small_index)).manifest == manifest
+
+
+def test_index_writes_every_file_atomically(world, small_index, tmp_path, monkeypatch):
+  """The part's arrays, its images.json and the manifest go through files' atomic writers; a
+  run that dies before its manifest leaves the index as it was and its part out of it."""
+  written = []
+  real_save, real_json = files.save_npy, files.write_json
+  monkeypatch.setattr(files, "save_npy", lambda p, a: (written.append(os.path.basename(p)),
+                                                       real_save(p, a)))
+
+  def dying_json(path, obj, **kw):
+    written.append(os.path.basename(path))
+    if os.path.basename(path) == retrieval.MANIFEST:
+      raise KeyboardInterrupt("simulated kill before the manifest")
+    return real_json(path, obj, **kw)
+
+  monkeypatch.setattr(files, "write_json", dying_json)
+  index_dir = tmp_path / "index"
+  shutil.copytree(small_index, index_dir)
+  manifest = (index_dir / "manifest.json").read_text()
+  more = tmp_path / "more"
+  more.mkdir()
+  shutil.copy(world["images"] / "000005.jpg", more)
+  args = ["index", "--images", str(more), "--out", str(index_dir)]
+  with pytest.raises(KeyboardInterrupt):
+    retrieval.main(args)
+  assert sorted(written) == sorted([f"{k}.npy" for k in retrieval.ARRAYS] +
+                                   ["images.json", "manifest.json"])
+  assert (index_dir / "manifest.json").read_text() == manifest
+  assert len(retrieval.GalleryIndex(str(index_dir)).parts) == 1
+  monkeypatch.undo()
+  # The next run replaces the part that no manifest names, and appends.
+  assert retrieval.main(args) == 0
+  again = retrieval.GalleryIndex(str(index_dir))
+  assert again.parts == ["part-00000", "part-00001"]
+  assert again.part_images(1)[0]["path"].endswith("000005.jpg")
+  assert not [n for n in os.listdir(index_dir) if n.startswith(".part")]
+  assert oct((index_dir / "part-00001").stat().st_mode & 0o777) == oct(
+      (index_dir / "part-00000").stat().st_mode & 0o777)
+
+
+def test_index_of_a_file_is_one_error_line(world, tmp_path):
+  image = world["shop"] / "000001.jpg"
+  proc = _tool("index", "--config", tiny.__file__, "--workdir", str(world["root"] / "run"),
+               "--images", str(image), "--out", str(tmp_path / "index"))
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith("ERROR")] == [
+      f"ERROR --images {image} is a file, not a folder of images"]
+  assert not (tmp_path / "index").exists()
+
+
+def test_query_pictures_of_extreme_aspect_ratios(small_index, tmp_path):
+  """A 4000x1 and a 1x4000 photo: the answers in the JSON, a valid picture for each, of a
+  sane size."""
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  rng = np.random.default_rng(0)
+  cv2.imwrite(str(photos / "wide.png"), rng.integers(0, 255, (1, 4000, 3), np.uint8))
+  cv2.imwrite(str(photos / "tall.png"), rng.integers(0, 255, (4000, 1, 3), np.uint8))
+  proc = _tool("query", "--index", str(small_index), "--image", str(photos), "--top", "3",
+               "--out", str(tmp_path / "strips"), "--json", str(tmp_path / "answers.json"))
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  answers = json.loads((tmp_path / "answers.json").read_text())
+  assert [os.path.basename(q["image"]) for q in answers["queries"]] == ["tall.png", "wide.png"]
+  assert [(q["width"], q["height"]) for q in answers["queries"]] == [(1, 4000), (4000, 1)]
+  for q in answers["queries"]:
+    assert q["garments"]  # crops of a 1-pixel row or column were drawn
+    picture = cv2.imread(str(tmp_path / "strips" / (os.path.basename(q["image"])[:-4] +
+                                                     ".png")))
+    assert picture is not None
+    rows = max(1, len(q["garments"]))
+    assert picture.shape[0] <= rows * (112 + 20 + 4) + 24
+    assert picture.shape[1] <= 9 * (4 * 112 + 12)  # tiles at most 4:1
+  assert sorted(os.listdir(tmp_path / "strips")) == ["tall.png", "wide.png"]
+
+
+def test_query_writes_the_json_when_a_picture_cannot_be_drawn(small_index, world, tmp_path,
+                                                              monkeypatch, caplog):
+  def broken(*args, **kwargs):
+    raise ValueError("the drawing broke\non two lines")
+
+  monkeypatch.setattr(retrieval, "draw_result", broken)
+  out_json = tmp_path / "answers.json"
+  with caplog.at_level(logging.WARNING):
+    assert retrieval.main(["query", "--index", str(small_index), "--image",
+                           str(world["shop"] / "000001.jpg"), "--top", "2", "--out",
+                           str(tmp_path / "strip.png"), "--json", str(out_json)]) == 1
+  answers = json.loads(out_json.read_text())
+  assert len(answers["queries"]) == 1 and answers["queries"][0]["garments"]
+  assert not (tmp_path / "strip.png").exists()
+  warnings = [r.getMessage() for r in caplog.records if "Cannot draw the picture" in
+              r.getMessage()]
+  assert len(warnings) == 1 and "the drawing broke on two lines" in warnings[0]
+  assert sorted(os.listdir(tmp_path)) == ["answers.json"]  # no temporary file left
+
+
+def test_fitted_thumbnail_takes_any_shape():
+  rng = np.random.default_rng(0)
+  for shape, box in [((1, 4000, 3), (0, 0, 4000, 1)), ((4000, 1, 3), (0, 0, 1, 4000)),
+                     ((50, 60, 3), (10, 10, 30, 40)), ((50, 60, 3), (70, 80, 90, 95)),
+                     ((50, 60, 3), (np.nan, 1, np.inf, -np.inf)), ((1, 1, 3), (0, 0, 0, 0))]:
+    pixels = rng.integers(0, 255, shape, np.uint8)
+    thumb = retrieval.fitted_thumbnail(pixels, box, 112)
+    assert thumb.dtype == np.uint8 and thumb.shape[0] == 112 and thumb.shape[2] == 3
+    assert 8 <= thumb.shape[1] <= 4 * 112, (shape, box, thumb.shape)
+  # An ordinary crop keeps its aspect.
+  thumb = retrieval.fitted_thumbnail(np.zeros((100, 100, 3), np.uint8), (0, 0, 50, 100), 112)
+  assert thumb.shape == (112, 56, 3)
