@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -72,10 +73,92 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def config_origin(argv) -> dict:
+  """The config file and the ``--config.a.b=v`` overrides of this command (kept in
+  WORKDIR/config.json and in every checkpoint)."""
+  return {"config_file": config_flags.get_config_filename(FLAGS["config"]),
+          "overrides": [a for a in argv[1:] if a.startswith("--config.")]}
+
+
+def fail(line: str, code: int) -> None:
+  """Logs one line (no traceback) and exits with ``code``."""
+  logging.error("%s", line)
+  sys.exit(code)
+
+
+class DiskFullQuiet(logging.Filter):
+  """Drops the log records of a full disk from the writers' threads (orbax logs each failed
+  array write with its traceback): the main thread reports it once, in one line."""
+
+  def __init__(self):
+    super().__init__()
+    self.dropped = 0
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from df2_jax import files
+    text = record.getMessage()
+    error = record.exc_info[1] if record.exc_info else None
+    if (files.is_disk_full(error) or "No space left on device" in text
+        or "os_error_code='28'" in text):
+      self.dropped += 1
+      return False
+    return True
+
+
+def quiet_disk_full() -> None:
+  """A full disk is reported once, by the main thread, in one line: the writers' threads'
+  records of it are dropped (orbax logs each failed array write with a traceback), and so are
+  the checkpoint writer's callbacks that then find orbax's event loop closed (tensorstore prints
+  each as an unraisable error)."""
+  from df2_jax import files
+  quiet = DiskFullQuiet()
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(quiet)
+
+  def writer_noise(value) -> bool:
+    return files.is_disk_full(value) or (
+        isinstance(value, RuntimeError) and "Event loop is closed" in str(value)
+        and (quiet.dropped > 0 or (files.free_bytes(FLAGS.workdir) or 0) < 64 << 20))
+
+  def hook(previous, value_of):
+    return lambda *args: None if writer_noise(value_of(*args)) else previous(*args)
+  threading.excepthook = hook(threading.excepthook, lambda a: a.exc_value)
+  sys.excepthook = hook(sys.excepthook, lambda kind, value, tb: value)
+  sys.unraisablehook = hook(sys.unraisablehook, lambda u: u.exc_value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  from df2_jax import files
+  quiet_disk_full()
+  try:
+    _main()
+  except Exception as e:  # pylint: disable=broad-except  (a full disk in any writer)
+    if not files.is_disk_full(e):
+      raise
+    logging.error("%s", files.disk_full_message(os.path.abspath(FLAGS.workdir),
+                                                _needed_bytes(FLAGS.workdir)))
+    for handler in logging.getLogger().handlers:
+      handler.flush()
+    sys.stderr.flush()
+    # At once: the interpreter's shutdown would print every unretrieved write future of the
+    # checkpoint writer (hundreds of lines). Files are closed; saved checkpoints are intact.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _needed_bytes(workdir: str) -> int | None:
+  """About what the next write needs: the size of the newest saved checkpoint step."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+  if not steps:
+    return None
+  newest = os.path.join(directory, max(steps, key=int))
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(newest) for f in fs)
+
+
+def _main():
   from df2_jax import validate
   try:  # every config rule and the workdir, before any data is read or anything is built
     validate.validate(FLAGS.config)
@@ -91,17 +174,20 @@ def main(argv):
   # Keep TensorFlow (input pipeline only) off the accelerators.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  from df2_jax import parallel, train
+  from df2_jax import files, parallel, run_config, train
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
   if FLAGS.mode == "train":
     try:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, origin=config_origin(sys.argv))
     except train.Interrupted as e:  # logged, checkpoint saved: the shell's code for the signal
       sys.exit(128 + e.signum)
     except FloatingPointError as e:  # the step, the losses and the last finite checkpoint
-      logging.error("%s", e)
-      sys.exit(1)
+      fail(str(e), 1)
+    except files.Locked as e:  # another training holds the workdir
+      fail(str(e), 1)
+    except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
+      fail(str(e), 2)
   else:
     try:
       if FLAGS.mode == "eval":
@@ -111,13 +197,18 @@ def main(argv):
         if not FLAGS.input_dir:
           raise app.UsageError("--mode predict needs --input_dir")
         from df2_jax import predict
-        variables, _ = train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
-                                            step=FLAGS.step)
-        predict.predict(FLAGS.config, variables, FLAGS.input_dir,
-                        FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
+        load = lambda: train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
+                                            step=FLAGS.step, config=FLAGS.config)[0]
+        try:  # the folders are checked and locked before the checkpoint is read
+          predict.predict(FLAGS.config, load, FLAGS.input_dir,
+                          FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
+        except predict.PredictError as e:  # one line; the output folder is left as it was
+          logging.error("%s", e)
+          sys.exit(1)
     except (FileNotFoundError, FloatingPointError) as e:  # no checkpoint; diverged params
-      logging.error("%s", e)
-      sys.exit(1)
+      fail(str(e), 1)
+    except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
+      fail(str(e), 2)
 
 
 if __name__ == "__main__":

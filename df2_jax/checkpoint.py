@@ -12,19 +12,30 @@ orbax writes each step into a temporary directory and renames it when complete, 
 asynchronously (training continues while the arrays are written), saves only every
 ``save_interval_steps`` and keeps the ``max_to_keep`` newest steps. Rerunning with the same
 directory resumes from ``latest_step()``.
+
+Once a step is on disk, ``<step>/checksums.json`` records the CRC-32 and size of each of its
+files (process 0 writes it, atomically); restoring verifies them, and a step whose bytes
+changed counts as damaged (``ChecksumError``) instead of loading silently. Steps without the
+file (an earlier version's, or a run killed between the save and the checksums) are restored
+unverified with a warning.
+
+A state whose shapes or structure differ from the target's (another config's run) is not
+damage: ``ConfigMismatch`` is raised before anything is restored or moved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import zlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from df2_jax import parallel
+from df2_jax import files, parallel
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,117 @@ _ITEMS = (STATE, EXTRA)
 # TrainState fields that checkpoints of earlier versions lack: restored as the target gives them
 # (a fresh value) instead of failing, so that a run resumes across the upgrade.
 FRESH_IF_ABSENT = ("memory",)
+CHECKSUMS = "checksums.json"
+# Files orbax may rewrite after a step is final (timestamps): not checksummed.
+_UNCHECKED = (CHECKSUMS, "_CHECKPOINT_METADATA")
+
+
+class ChecksumError(IOError):
+  """A checkpoint file's bytes differ from those recorded when it was saved."""
+
+
+class ConfigMismatch(ValueError):
+  """A checkpoint's arrays do not have the shapes or structure the config makes: a checkpoint
+  of another config, not a damaged one. ``differences`` lists them (``path: saved vs
+  expected``)."""
+
+  def __init__(self, directory: str, step: int, differences: list[str]):
+    self.directory, self.step, self.differences = directory, int(step), list(differences)
+    shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more"
+                                          if len(differences) > 3 else "")
+    super().__init__(f"checkpoint step {step} in {directory} does not fit this config "
+                     f"({len(differences)} differences: {shown})")
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _step_files(step_dir: str) -> list[str]:
+  """The files of a step directory, relative to it, sorted (checksums and orbax's
+  checkpoint metadata excepted)."""
+  out = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel not in _UNCHECKED and not name.endswith(".tmp"):
+        out.append(rel)
+  return sorted(out)
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records the CRC-32 and size of every file of a saved step (``checksums.json``)."""
+  sums = {rel: {"crc32": _crc32(os.path.join(step_dir, rel)),
+                "bytes": os.path.getsize(os.path.join(step_dir, rel))}
+          for rel in _step_files(step_dir)}
+  files.write_json(os.path.join(step_dir, CHECKSUMS), {"algorithm": "crc32", "files": sums},
+                   indent=0)
+
+
+def verify_checksums(step_dir: str) -> bool:
+  """Checks a step's files against its ``checksums.json``.
+
+  Returns False when the step has no checksums (nothing to verify).
+
+  Raises:
+    ChecksumError: a recorded file is missing, has another size or another CRC-32.
+  """
+  path = os.path.join(step_dir, CHECKSUMS)
+  if "://" in step_dir or not os.path.exists(path):
+    return False
+  try:
+    recorded = files.read_json(path, "checkpoint checksums")["files"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ChecksumError(f"{path} is unreadable: {e}") from None
+  for rel, want in sorted(recorded.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      raise ChecksumError(f"{full} is missing (recorded at save time)")
+    size = os.path.getsize(full)
+    if size != want["bytes"]:
+      raise ChecksumError(f"{full} has {size} bytes, {want['bytes']} when saved")
+    if _crc32(full) != want["crc32"]:
+      raise ChecksumError(f"{full} has changed since it was saved (CRC-32 mismatch)")
+  return True
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{orbax parameter name ("params.backbone.conv1.kernel"): shape}`` of a state's array
+  leaves (arrays, ShapeDtypeStructs or orbax ArrayMetadata)."""
+  is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+    if hasattr(leaf, "shape"):
+      out[".".join(_key_name(k) for k in path)] = tuple(int(d) for d in leaf.shape)
+  return out
+
+
+def shape_differences(saved: Mapping[str, tuple], expected: Mapping[str, tuple],
+                      ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
+  """What separates two ``{name: shape}`` maps, one line each."""
+  keep = lambda k: not any(k == p or k.startswith(p + ".") for p in ignore_prefixes)
+  out = []
+  for k in sorted(set(saved) | set(expected)):
+    if not keep(k):
+      continue
+    if k not in expected:
+      out.append(f"{k} {saved[k]} saved, not in this config's model")
+    elif k not in saved:
+      out.append(f"{k} {expected[k]} in this config's model, not saved")
+    elif saved[k] != expected[k]:
+      out.append(f"{k} saved {saved[k]}, this config makes {expected[k]}")
+  return out
 
 
 def _resolve(directory: str | os.PathLike) -> str:
@@ -81,6 +203,18 @@ class CheckpointManager:
                                            create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS,
                                           item_handlers=_handlers())
+    self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+
+  def _write_pending_checksums(self) -> None:
+    """Checksums of the steps saved since the last call (their writes have finished)."""
+    pending, self._unsummed = self._unsummed, []
+    if jax.process_index() != 0 or "://" in self.directory:
+      return
+    steps = set(self._manager.all_steps())
+    for step in pending:
+      step_dir = os.path.join(self.directory, str(step))
+      if step in steps and os.path.isdir(step_dir):
+        write_checksums(step_dir)
 
   def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
            force: bool = False) -> bool:
@@ -91,7 +225,13 @@ class CheckpointManager:
     """
     args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state),
                                  EXTRA: ocp.args.JsonSave(dict(extra or {}))})
-    return bool(self._manager.save(int(step), args=args, force=force))
+    if self._unsummed and (force or self._manager.should_save(int(step))):
+      self._manager.wait_until_finished()  # the previous save's files are final now
+      self._write_pending_checksums()
+    started = bool(self._manager.save(int(step), args=args, force=force))
+    if started:
+      self._unsummed.append(int(step))
+    return started
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when the directory holds no checkpoint."""
@@ -118,11 +258,13 @@ class CheckpointManager:
     """
     self.wait_until_finished()
     step = self._resolve_step(step)
+    self._verify(step)
     absent = []
     if target_state is None:
       state_args = ocp.args.PyTreeRestore()
     else:
       absent = self._absent_fields(step, target_state)
+      self.check_fits(step, target_state, absent)
       if absent:
         log.warning("Checkpoint step %d in %s has no %s (an earlier version's checkpoint); "
                     "they start as initialised.", step, self.directory, absent)
@@ -139,6 +281,33 @@ class CheckpointManager:
     if target_state is not None and absent:
       state = target_state.replace(**state)
     return state, dict(restored[EXTRA] or {})
+
+  def _verify(self, step: int) -> None:
+    step_dir = os.path.join(self.directory, str(step))
+    if not verify_checksums(step_dir) and "://" not in step_dir:
+      log.warning("Checkpoint step %d in %s has no checksums (saved by an earlier version, or "
+                  "the run stopped right after saving it): restored unverified.", step,
+                  self.directory)
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the arrays saved at ``step`` (from orbax's metadata)."""
+    metadata = self._manager.item_metadata(step)[STATE]
+    return _shapes(getattr(metadata, "tree", metadata))
+
+  def check_fits(self, step: int, target_state: Any, absent: list[str] = ()) -> None:
+    """Raises ``ConfigMismatch`` when step's arrays differ in name or shape from
+    ``target_state``'s (the ``absent`` fields, restored fresh, are left out).
+
+    Metadata that cannot be read is left for the restore to report as damage."""
+    try:
+      saved = self.saved_shapes(step)
+    except Exception:  # pylint: disable=broad-except  (unreadable metadata: damage, not config)
+      return
+    if not saved:
+      return
+    differences = shape_differences(saved, _shapes(target_state), tuple(absent))
+    if differences:
+      raise ConfigMismatch(self.directory, step, differences)
 
   def _absent_fields(self, step: int, target_state: Any) -> list[str]:
     """The ``FRESH_IF_ABSENT`` fields of ``target_state`` (a dataclass) that step lacks."""
@@ -169,6 +338,8 @@ class CheckpointManager:
       try:
         state, extra = self.restore(step, target_state)
         return state, extra, int(step)
+      except ConfigMismatch:
+        raise  # another config's checkpoint: refused, nothing moved
       except Exception as e:  # pylint: disable=broad-except  (any damage: tensorstore, JSON, IO)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         aside = self._move_aside(step)
@@ -218,13 +389,16 @@ class CheckpointManager:
     return int(step)
 
   def wait_until_finished(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
+    """Blocks until pending asynchronous saves are on disk (and their checksums)."""
     self._manager.wait_until_finished()
+    self._write_pending_checksums()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> "CheckpointManager":
     return self
@@ -248,8 +422,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     manager.close()
 
 
-def restore_params(directory: str | os.PathLike, step: int | None = None
-                   ) -> tuple[Any, Any]:
+def restore_params(directory: str | os.PathLike, step: int | None = None, *,
+                   expected: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
   """``(params, constants)`` of a saved TrainState as numpy arrays, nothing else.
 
   For evaluation or prediction anywhere (another machine, another device count): no target
@@ -259,9 +433,13 @@ def restore_params(directory: str | os.PathLike, step: int | None = None
   Args:
     directory: a ``CheckpointManager`` directory.
     step: which step; None for the latest.
+    expected: ``{"params": ..., "constants": ...}`` of the model to load into (arrays or
+      ShapeDtypeStructs): checked against the saved shapes before anything is read.
 
   Raises:
     FileNotFoundError: when there is no checkpoint (at ``step``).
+    ConfigMismatch: the saved params differ from ``expected``.
+    ChecksumError: a file of the step changed since it was saved.
   """
   directory = _resolve(directory)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -274,8 +452,17 @@ def restore_params(directory: str | os.PathLike, step: int | None = None
     if step is None or int(step) not in steps:
       raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
                               f"{directory} (saved steps: {sorted(steps)})")
+    step_dir = os.path.join(directory, str(int(step)))
+    if not verify_checksums(step_dir) and "://" not in directory:
+      log.warning("Checkpoint step %d in %s has no checksums: restored unverified.", step,
+                  directory)
     metadata = manager.item_metadata(int(step))[STATE]
     tree = getattr(metadata, "tree", metadata)
+    if expected is not None:
+      differences = shape_differences(_shapes({k: tree[k] for k in expected if k in tree}),
+                                      _shapes(expected))
+      if differences:
+        raise ConfigMismatch(directory, int(step), differences)
     wanted = {k: tree[k] for k in ("params", "constants") if k in tree}
     if "params" not in wanted:
       raise KeyError(f"checkpoint step {step} in {directory} has no 'params' "
@@ -289,3 +476,13 @@ def restore_params(directory: str | os.PathLike, step: int | None = None
     manager.close()
   state = restored[STATE]
   return state["params"], state.get("constants", {})
+
+
+def read_extra(directory: str | os.PathLike, step: int) -> dict[str, Any]:
+  """The ``extra`` JSON of a saved step, read-only ({} when absent or unreadable)."""
+  path = os.path.join(_resolve(directory), str(int(step)), EXTRA, "metadata")
+  try:
+    data = files.read_json(path, "checkpoint extra")
+  except (OSError, ValueError):
+    return {}
+  return data if isinstance(data, dict) else {}

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ import numpy as np
 
 from data_pipeline import transforms
 from df2_jax import checkpoint as ckpt_lib
-from df2_jax import initialization, parallel, schedules, validate
+from df2_jax import files, initialization, parallel, run_config, schedules, validate
 from df2_jax import train_step as ts
 from df2_jax.models.match_rcnn import LOSS_TERMS, init_variables, model_from_config
 
@@ -74,11 +75,22 @@ class MetricsWriter:
     self._jsonl.close()
     with open(path) as f:
       lines = f.readlines()
-    kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
-    if len(kept) != len(lines):
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
+    kept, torn = [], 0
+    for line in lines:
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a write cut by a kill or a full disk
+        torn += 1
+        continue
+      if isinstance(record, dict) and record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+      log.warning("%s: dropped %d torn line(s) (a write cut short by a kill or a full disk); "
+                  "the complete lines are kept.", path, torn)
+    if kept != lines:
+      files.write_text(path, "".join(kept))
     self._jsonl = open(path, "a")
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
@@ -111,7 +123,7 @@ class Evaluations:
   """
 
   def __init__(self, config, workdir: str, writer: MetricsWriter, *, eval_source=None,
-               track_best: bool = True):
+               track_best: bool = True, run_extra: dict[str, Any] | None = None):
     from data_pipeline import sources  # TensorFlow is loaded here only.
     from df2_jax.evaluation import evaluator
     self._evaluator = evaluator
@@ -119,6 +131,7 @@ class Evaluations:
     self.workdir = workdir
     self.writer = writer
     self.metric = str(config.train.best_metric)
+    self.run_extra = dict(run_extra or {})
     self.source = (eval_source if eval_source is not None
                    else sources.source_from_config(config.data, config.data.eval_split))
     self.best = (ckpt_lib.CheckpointManager(os.path.join(workdir, "best"), 1, max_to_keep=1)
@@ -145,7 +158,8 @@ class Evaluations:
     value = scalars[f"eval/{self.metric}"]
     if self.best is not None and math.isfinite(value) and value > self.best_value:
       self.best.save(step, variables, force=True, extra={
-          "step": step, "metric": self.metric, "value": value, "metrics": scalars})
+          "step": step, "metric": self.metric, "value": value, "metrics": scalars,
+          **self.run_extra})
       self.best.wait_until_finished()
       self.best_value, self.best_step = value, step
     best = (f"; best {self.best_value:.4f} at step {self.best_step} "
@@ -153,6 +167,18 @@ class Evaluations:
     log.info("%s\n%s %.4f at step %d%s; evaluation took %.0f s.", headline(metrics, step),
              self.metric, value, step, best, time.time() - started)
     return metrics
+
+  def completed(self, step: int) -> dict[str, Any] | None:
+    """The metrics of a finished evaluation of ``step`` (its ``metrics.json``, written last
+    and atomically), or None when it never finished."""
+    path = os.path.join(self.workdir, f"eval_{step}", "metrics.json")
+    if not os.path.exists(path):
+      return None
+    try:
+      return files.read_json(path, "metrics of an evaluation")
+    except (OSError, ValueError) as e:
+      log.warning("%s: the evaluation of step %d is redone.", e, step)
+      return None
 
   def close(self) -> None:
     if self.best is not None:
@@ -176,31 +202,34 @@ def prepare_data(config) -> None:
   parallel.barrier("synthetic_data", timeout_s=4 * 3600)
 
 
-def train(config, workdir: str, *, train_source=None, eval_source=None) -> ts.TrainState:
+def train(config, workdir: str, *, train_source=None, eval_source=None,
+          origin: dict[str, Any] | None = None) -> ts.TrainState:
   """Trains ``config`` in ``workdir``; resumes from the latest checkpoint there.
 
   A fresh run starts from ``initialization.initial_variables`` (random, then the ImageNet
   backbone and a warm start when the config names them). With ``config.train.eval_every_steps``
   > 0 the state is evaluated every that many steps (``Evaluations``, on ``eval_source`` or
-  the config's evaluation split).
+  the config's evaluation split). ``origin`` (``{"config_file", "overrides"}``) names the
+  config in ``workdir/config.json``.
   """
   return _train(config, workdir, train_source=train_source, eval_source=eval_source,
-                evaluate_at_end=False)[0]
+                evaluate_at_end=False, origin=origin)[0]
 
 
-def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=None,
+                       origin: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (resuming from ``workdir``, evaluating every ``config.train.eval_every_steps``),
   then evaluates the final state into eval_<step>/ unless that step was just evaluated.
   Returns the final metrics (on every process of a multi-process run)."""
   return _train(config, workdir, train_source=train_source, eval_source=eval_source,
-                evaluate_at_end=True)[1]
+                evaluate_at_end=True, origin=origin)[1]
 
 
-def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: bool
-           ) -> tuple[ts.TrainState, dict[str, Any]]:
-  """``train`` and ``train_and_evaluate``: everything is checked (config, weight files,
-  then the data) before the first compilation of a step."""
+def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: bool,
+           origin: dict[str, Any] | None = None) -> tuple[ts.TrainState, dict[str, Any]]:
+  """``train`` and ``train_and_evaluate``: everything is checked (config, the workdir's
+  lock and its checkpoints' fit, weight files, then the data) before the first compilation
+  of a step."""
   from data_pipeline import pairs, pipeline, sources  # TensorFlow is loaded here only.
 
   tc = config.train
@@ -210,11 +239,21 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
   geometry = sources.geometry_from_config(config.data)
   model = model_from_config(config)
   with contextlib.ExitStack() as stack:  # closes the files and managers on any exit
+    if jax.process_index() == 0:  # one training per workdir (the processes of one run share it)
+      stack.enter_context(files.FolderLock(workdir, "training"))
     manager = stack.enter_context(ckpt_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), tc.checkpoint_every_steps, tc.keep_checkpoints))
     resuming = manager.latest_step() is not None
     init = functools.partial(init_variables, model, jax.random.key(config.seed),
                              zero_train_batch(geometry, tc.global_batch_pairs))
+    stored = run_config.read(workdir)
+    if resuming:  # another config's checkpoints are refused before any data is touched
+      _check_fits(manager, manager.latest_step(), jax.eval_shape(init), config, workdir, stored)
+    run_extra = {run_config.CONFIG_KEY: run_config.as_dict(config),
+                 "config_file": (origin or {}).get("config_file"),
+                 "overrides": list((origin or {}).get("overrides", []))}
+    if jax.process_index() == 0 and not resuming:
+      run_config.write(workdir, config, origin)
     if not resuming:  # Weight files are read and checked before anything is compiled.
       initialization.check_config(config)
       loaded = initialization.initial_variables(config, jax.eval_shape(init))
@@ -226,24 +265,6 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     if train_source is None:
       train_source = sources.source_from_config(config.data, config.data.train_split)
-    # One writer for the losses and the evaluations (two TensorBoard writers on one folder
-    # would each write an event file, and TensorBoard may skip one of them).
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    stack.callback(writer.close)
-    evaluations = None
-    if int(tc.eval_every_steps) > 0 or evaluate_at_end:
-      evaluations = Evaluations(config, workdir, writer, eval_source=eval_source)
-      stack.callback(evaluations.close)
-
-    def finish(state):
-      if not evaluate_at_end:
-        return state, {}
-      step = int(state.step)
-      if evaluations.last_step == step:
-        with open(os.path.join(workdir, f"eval_{step}", "metrics.json")) as f:
-          return state, json.load(f)
-      return state, evaluations(step, state)
-
     pair_index = pairs.build_pair_index(train_source.records)
     steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch
@@ -269,10 +290,53 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     start_step = 0
     if resuming:
-      state, extra, start_step = manager.restore_latest_intact(state)
+      try:
+        state, extra, start_step = manager.restore_latest_intact(state)
+      except ckpt_lib.ConfigMismatch as e:  # e.g. another optimizer's state
+        raise run_config.RunMismatch(run_config.mismatch_line(
+            workdir, stored, config, e.differences)) from None
+      if jax.process_index() == 0:
+        run_config.write(workdir, config, origin)
       start_step = int(state.step)
       log.info("Resumed from %s at step %d.", manager.directory, start_step)
+    # Written only once the checkpoints are known to fit: a refused run leaves no trace.
+    # One writer for the losses and the evaluations (two TensorBoard writers on one folder
+    # would each write an event file, and TensorBoard may skip one of them).
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    stack.callback(writer.close)
+    evaluations = None
+    if int(tc.eval_every_steps) > 0 or evaluate_at_end:
+      evaluations = Evaluations(config, workdir, writer, eval_source=eval_source,
+                                run_extra=run_extra)
+      stack.callback(evaluations.close)
+    signals = stack.enter_context(StopSignals())
+
+    def evaluate(step, state):
+      """An evaluation that a signal stops: the step is saved already, and the next run
+      redoes the evaluation (it has no complete metrics.json)."""
+      with signals.interrupting(step, manager):
+        metrics = evaluations(step, state)
+      stop = signals.requested(agree=True)
+      if stop is not None:
+        raise signals.interrupted(stop, step, manager)
+      return metrics
+
+    def finish(state):
+      if not evaluate_at_end:
+        return state, {}
+      step = int(state.step)
+      done = evaluations.completed(step)
+      if done is not None:
+        return state, done
+      return state, evaluate(step, state)
+
     writer.truncate_after(start_step)  # a crashed run may have logged steps past it
+    if (resuming and evaluations is not None and int(tc.eval_every_steps) > 0
+        and start_step % int(tc.eval_every_steps) == 0 and start_step < total_steps
+        and evaluations.completed(start_step) is None):
+      log.info("The evaluation of step %d did not finish in the last run: evaluating it now.",
+               start_step)
+      evaluate(start_step, state)
     if start_step >= total_steps:
       log.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps)
       return finish(state)
@@ -291,7 +355,6 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
                                         dict(tc.loss_weights))
     base_key = jax.random.key(config.seed + 1)
     guard = FiniteGuard()
-    signals = stack.enter_context(StopSignals())
     started, last_log, last_step = time.time(), time.time(), start_step
     canvases_seen = set()
     for step in range(start_step, total_steps):
@@ -328,7 +391,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
       force = done == total_steps or eval_step or stop is not None
       if force or manager.will_save(done):
         guard.check(done, manager)
-        manager.save(done, state, extra={"step": done}, force=force)
+        manager.save(done, state, extra={"step": done, **run_extra}, force=force)
       if stop is not None:
         manager.wait_until_finished()
         log.warning("Stopped by %s after step %d of %d: checkpoint %d saved in %s; run the same "
@@ -336,7 +399,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
                     done, manager.directory)
         raise Interrupted(stop, done, manager.directory)
       if eval_step:
-        evaluations(done, state)
+        evaluate(done, state)
         last_log = time.time()  # steps/s counts training time only
     skipped = len(dataset.stream.skips.skipped)
     if skipped:
@@ -354,6 +417,15 @@ class Interrupted(Exception):
     self.signum, self.step, self.directory = int(signum), int(step), directory
 
 
+class _StopNow(BaseException):
+  """Raised by the signal handler inside an evaluation; a BaseException so that no
+  ``except Exception`` of the evaluation (an unreadable image is skipped, say) swallows it."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = int(signum)
+
+
 class StopSignals:
   """While entered, SIGTERM and SIGINT ask the training loop to stop after the current step
   (which is then saved); a second signal ends the process at once (the default action).
@@ -369,6 +441,7 @@ class StopSignals:
   def __init__(self):
     self._received: int | None = None
     self._previous: dict[int, Any] = {}
+    self._interrupt: tuple[int, str] | None = None
 
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():
@@ -388,8 +461,33 @@ class StopSignals:
       os.kill(os.getpid(), signum)
       return
     self._received = int(signum)
+    if self._interrupt is not None:  # inside an evaluation of a saved step: stop now
+      self._interrupt = None
+      raise _StopNow(signum)
     log.warning("%s received: saving a checkpoint after this step, then stopping (send it again "
                 "to stop at once).", signal.Signals(signum).name)
+
+  @contextlib.contextmanager
+  def interrupting(self, step: int, manager):
+    """While inside (an evaluation of saved step ``step``), a signal in a one-process run
+    stops at once by raising ``Interrupted`` (the evaluation is redone by the next run); with
+    several processes it is acted on when the block ends (they must stop together)."""
+    self._interrupt = (step, manager.directory) if jax.process_count() == 1 else None
+    try:
+      if self._interrupt is not None and self._received is not None:
+        raise _StopNow(self._received)
+      yield
+    except _StopNow as e:
+      raise self.interrupted(e.signum, step, manager) from None
+    finally:
+      self._interrupt = None
+
+  def interrupted(self, signum: int, step: int, manager) -> "Interrupted":
+    manager.wait_until_finished()
+    log.warning("Stopped by %s during the evaluation of step %d: checkpoint %d is saved in %s; "
+                "run the same command again to evaluate it and go on.",
+                signal.Signals(signum).name, step, step, manager.directory)
+    return Interrupted(signum, step, manager.directory)
 
   def requested(self, agree: bool = True) -> int | None:
     if jax.process_count() == 1:
@@ -483,27 +581,94 @@ def headline(metrics: dict[str, Any], step: int) -> str:
   return f"Results at step {step}:\n| {head} |\n| {row} |"
 
 
+def _check_fits(manager: ckpt_lib.CheckpointManager, step: int, expected: dict[str, Any],
+                config, workdir: str, stored: dict[str, Any] | None) -> None:
+  """Raises ``run_config.RunMismatch`` (one line naming the run's config) when the saved
+  arrays of ``expected``'s collections (params, constants, memory) differ from the config's."""
+  try:
+    saved = manager.saved_shapes(step)
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: the restore decides)
+    return
+  keys = tuple(expected)
+  saved = {k: v for k, v in saved.items() if k.split(".")[0] in keys}
+  absent = tuple(k for k in ckpt_lib.FRESH_IF_ABSENT
+                 if k in keys and not any(n.split(".")[0] == k for n in saved))
+  differences = ckpt_lib.shape_differences(saved, ckpt_lib._shapes(expected),  # pylint: disable=protected-access
+                                           absent)
+  if differences:
+    raise run_config.RunMismatch(run_config.mismatch_line(workdir, stored, config, differences))
+
+
+def expected_variables(config) -> dict[str, Any]:
+  """ShapeDtypeStructs of ``{"params", "constants"}`` that ``config``'s model has (traced,
+  nothing computed)."""
+  from data_pipeline import sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  model = model_from_config(config)
+  geometry = sources.geometry_from_config(config.data)
+  shapes = jax.eval_shape(functools.partial(init_variables, model, jax.random.key(0),
+                                            zero_train_batch(geometry, 1)))
+  return {k: shapes[k] for k in ("params", "constants") if k in shapes}
+
+
 def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
-                   step: int | None = None) -> tuple[dict[str, Any], int]:
+                   step: int | None = None, config=None) -> tuple[dict[str, Any], int]:
   """``({"params", "constants"}, step)`` of a checkpoint (the latest by default), params only:
-  no optimizer state is read, so a directory copied to another machine works."""
+  no optimizer state is read, so a directory copied to another machine works.
+
+  With ``config``, the saved shapes are compared with the config's model first: a checkpoint
+  of another config raises ``run_config.RunMismatch`` (one line naming the run's config)
+  before any array is read."""
   directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if step is None:  # read-only: a missing folder is not created
     step = ckpt_lib.latest_step(directory)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-  params, constants = ckpt_lib.restore_params(directory, step)
+  expected = expected_variables(config) if config is not None else None
+  try:
+    params, constants = ckpt_lib.restore_params(directory, step, expected=expected)
+  except ckpt_lib.ConfigMismatch as e:
+    own = not checkpoint_dir or os.path.abspath(checkpoint_dir) == os.path.abspath(
+        os.path.join(workdir, "checkpoints"))
+    stored = run_config.stored_for(directory, ckpt_lib.read_extra(directory, step),
+                                   workdir if own else None)
+    raise run_config.RunMismatch(run_config.mismatch_line(
+        workdir if own else directory, stored, config, e.differences)) from None
   return jax.device_put({"params": params, "constants": constants}), int(step)
+
+
+def eval_folder(workdir: str, step: int, checkpoint_dir: str | None = None) -> str:
+  """Where an evaluation of ``step`` goes: ``workdir/eval_<step>`` for the workdir's own
+  checkpoints, ``workdir/eval_<step>-<source>`` for any other folder (``best`` for
+  WORKDIR/best, the run's folder name for RUN/checkpoints, else the folder's name), so that
+  evaluating another checkpoint never replaces the workdir's own results."""
+  if not checkpoint_dir:
+    return os.path.join(workdir, f"eval_{step}")
+  source = os.path.abspath(checkpoint_dir).rstrip(os.sep)
+  root = os.path.abspath(workdir)
+  if source == os.path.join(root, "checkpoints"):
+    return os.path.join(workdir, f"eval_{step}")
+  if source.startswith(root + os.sep):
+    name = os.path.relpath(source, root)
+  elif os.path.basename(source) == "checkpoints":
+    name = os.path.basename(os.path.dirname(source))
+  else:
+    name = os.path.basename(source)
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "other"
+  return os.path.join(workdir, f"eval_{step}-{name}")
 
 
 def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
                         step: int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint's params into workdir/eval_<step>/ (on every process of a
-  multi-process run together; see ``evaluator.evaluate``)."""
+  """Evaluates a checkpoint's params into ``eval_folder(workdir, step, checkpoint_dir)``
+  (on every process of a multi-process run together; see ``evaluator.evaluate``); its
+  metrics.json records the checkpoint evaluated."""
   from df2_jax.evaluation import evaluator
   check_config(config)
-  variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step)
+  variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step,
+                                   config=config)
   prepare_data(config)
-  metrics = evaluator.evaluate(config, variables, os.path.join(workdir, f"eval_{step}"))
+  directory = os.path.abspath(checkpoint_dir or os.path.join(workdir, "checkpoints"))
+  metrics = evaluator.evaluate(config, variables, eval_folder(workdir, step, checkpoint_dir),
+                               checkpoint=os.path.join(directory, str(step)))
   log.info("%s", headline(metrics, step))
   return metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import numbers
 import os
 import tempfile
@@ -65,6 +66,8 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
   def check(v):
     if not _is_number(v):
       return f"must be a number, got {v!r}"
+    if not math.isfinite(v):
+      return f"must be a finite number, got {v!r}"
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (
         hi is not None and (v >= hi if hi_open else v > hi)):
       left = "(" if lo_open else "["
@@ -270,9 +273,29 @@ def problems(config) -> list[str]:
         found.append(f"config.train.loss_weights.{term} is not a loss term"
                      f"{_suggest(term, match_rcnn.LOSS_TERMS)}")
       for term, w in weights.items():
-        if term in match_rcnn.LOSS_TERMS and (not _is_number(w) or w < 0):
-          found.append(f"config.train.loss_weights.{term} must be a number >= 0, got {w!r}")
+        if term in match_rcnn.LOSS_TERMS and (not _is_number(w) or not math.isfinite(w)
+                                              or w < 0):
+          found.append(f"config.train.loss_weights.{term} must be a finite number >= 0, "
+                       f"got {w!r}")
+  reported = {line.split()[0] for line in found}
+  for path, value in _leaves(config):  # NaN/inf anywhere else (fields without a rule)
+    field = "config." + path.split("[")[0]  # a sequence's entry: its field's rule
+    if (_is_number(value) and not math.isfinite(value)
+        and not any(r == field or r.startswith(field + ".") for r in reported)):
+      found.append(f"config.{path} must be a finite number, got {value!r}")
   return found
+
+
+def _leaves(node, prefix: str = ""):
+  """``(dotted path, value)`` of every leaf of a config (lists and tuples entered)."""
+  if hasattr(node, "items") and callable(node.items):
+    for key, value in node.items():
+      yield from _leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+  elif isinstance(node, (list, tuple)):
+    for i, value in enumerate(node):
+      yield from _leaves(value, f"{prefix}[{i}]")
+  else:
+    yield prefix, node
 
 
 def _suggest(word: str, options) -> str:

@@ -12,7 +12,7 @@ from df2_jax import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 # Values no rule accepts: a wrong type, below any minimum, outside [0, 1], an unknown name.
-BAD_VALUES = ("nope", -7, 2.5, (1,), None)
+BAD_VALUES = ("nope", -7, 2.5, (1,), None, float("nan"), float("inf"))
 
 
 @pytest.mark.parametrize("module", [tiny, demo_synthetic, match_rcnn_r50_fpn_1x_df2])
@@ -40,6 +40,30 @@ def test_each_rule_rejects_a_bad_value_in_one_line_naming_the_field(path):
       rejected += 1
       assert len(mine) == 1 and "\n" not in mine[0], mine
   assert rejected >= 2, path
+
+
+def test_nan_and_inf_fail_in_every_number_field():
+  config = tiny.get_config()
+  config.train.base_lr = float("nan")
+  config.train.momentum = float("inf")
+  config.train.weight_decay = float("-inf")
+  config.train.loss_weights.box = float("nan")
+  config.eval.gallery_score_threshold = float("nan")
+  config.model.anchor_sizes = (32.0, 64.0, float("inf"), 256.0, 512.0)
+  found = validate.problems(config)
+  assert sorted(found) == sorted([
+      "config.train.base_lr must be a finite number, got nan",
+      "config.train.momentum must be a finite number, got inf",
+      "config.train.weight_decay must be a finite number, got -inf",
+      "config.train.loss_weights.box must be a finite number >= 0, got nan",
+      "config.eval.gallery_score_threshold must be a finite number, got nan",
+      "config.model.anchor_sizes entry inf must be a finite number",
+  ]), found
+  # A number field without a rule of its own is caught too.
+  config = tiny.get_config()
+  with config.ignore_type():
+    config.eval.some_float = float("nan")
+  assert validate.problems(config) == ["config.eval.some_float must be a finite number, got nan"]
 
 
 def test_cross_field_rules_and_suggestions():
@@ -97,6 +121,8 @@ def test_workdir_checks(tmp_path):
      "Config error: config.train.log_every_steps must be >= 1, got 0"),
     (["--config.data.max_instances=0"],
      "Config error: config.data.max_instances must be >= 1, got 0"),
+    (["--config.train.base_lr=nan"],
+     "Config error: config.train.base_lr must be a finite number, got nan"),
     (["--config.train.nums_steps=3"],
      "FATAL Flags parsing error: --config.train.nums_steps: no such config field (did you "
      "mean 'num_steps'?)"),
