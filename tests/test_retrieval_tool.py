@@ -156,8 +156,10 @@ def test_index_query_append(world, caplog, capsys):
   assert both.item(n_first)["image"].endswith("000005.jpg")
   assert len(both) == manifest["items"] > n_first
 
-  # Another checkpoint cannot append: its embeddings are not comparable.
-  assert _index(world, world["shop"], "--config.model.embed_dim=8") == 1
+  # Another model config cannot append (its embeddings are not comparable): the checkpoint
+  # does not fit it, refused in one line before anything is read (a config error, status 2).
+  assert _index(world, world["shop"], "--config.model.embed_dim=8") == 2
+  assert _hashes(index_dir / "part-00000") == before
 
 
 def test_query_errors_name_the_problem(world, tmp_path, caplog):
