@@ -130,7 +130,7 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{orbax parameter name ("params.backbone.conv1.kernel"): shape}`` of a state's array
   leaves (arrays, ShapeDtypeStructs or orbax ArrayMetadata)."""
   is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
@@ -292,7 +292,7 @@ class CheckpointManager:
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of the arrays saved at ``step`` (from orbax's metadata)."""
     metadata = self._manager.item_metadata(step)[STATE]
-    return _shapes(getattr(metadata, "tree", metadata))
+    return array_shapes(getattr(metadata, "tree", metadata))
 
   def check_fits(self, step: int, target_state: Any, absent: list[str] = ()) -> None:
     """Raises ``ConfigMismatch`` when step's arrays differ in name or shape from
@@ -305,7 +305,7 @@ class CheckpointManager:
       return
     if not saved:
       return
-    differences = shape_differences(saved, _shapes(target_state), tuple(absent))
+    differences = shape_differences(saved, array_shapes(target_state), tuple(absent))
     if differences:
       raise ConfigMismatch(self.directory, step, differences)
 
@@ -459,8 +459,8 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
     metadata = manager.item_metadata(int(step))[STATE]
     tree = getattr(metadata, "tree", metadata)
     if expected is not None:
-      differences = shape_differences(_shapes({k: tree[k] for k in expected if k in tree}),
-                                      _shapes(expected))
+      differences = shape_differences(array_shapes({k: tree[k] for k in expected if k in tree}),
+                                      array_shapes(expected))
       if differences:
         raise ConfigMismatch(directory, int(step), differences)
     wanted = {k: tree[k] for k in ("params", "constants") if k in tree}

@@ -593,7 +593,7 @@ def _check_fits(manager: ckpt_lib.CheckpointManager, step: int, expected: dict[s
   saved = {k: v for k, v in saved.items() if k.split(".")[0] in keys}
   absent = tuple(k for k in ckpt_lib.FRESH_IF_ABSENT
                  if k in keys and not any(n.split(".")[0] == k for n in saved))
-  differences = ckpt_lib.shape_differences(saved, ckpt_lib._shapes(expected),  # pylint: disable=protected-access
+  differences = ckpt_lib.shape_differences(saved, ckpt_lib.array_shapes(expected),
                                            absent)
   if differences:
     raise run_config.RunMismatch(run_config.mismatch_line(workdir, stored, config, differences))

@@ -40,6 +40,17 @@ def pytest_unconfigure(config):
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
+def subprocess_env() -> dict[str, str]:
+  """The environment for a command a test runs: CPU only, and the test session's compilation
+  cache (so that a subprocess does not compile again what the session already has)."""
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+  return env
+
+
 def fixtures_dir() -> Path:
   """The real DeepFashion2 fixtures (../shared beside the checkout; DF2_FIXTURES overrides)."""
   env = os.environ.get("DF2_FIXTURES")

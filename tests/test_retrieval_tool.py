@@ -189,13 +189,9 @@ def test_source_keeps_the_images_their_annotations_name(world):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  if jax.config.jax_compilation_cache_dir:  # the test session's cache (conftest)
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-  return env
+def _env() -> dict[str, str]:
+  from conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  return subprocess_env()
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess:

@@ -59,12 +59,8 @@ def _command(world, *args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  if jax.config.jax_compilation_cache_dir:  # the test session's cache (conftest)
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-  return env
+  from conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  return subprocess_env()
 
 
 def _run_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
