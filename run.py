@@ -175,6 +175,7 @@ def _main():
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   from df2_jax import files, parallel, run_config, train
+  from df2_jax.evaluation import evaluator
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
   if FLAGS.mode == "train":
@@ -187,6 +188,8 @@ def _main():
     except files.Locked as e:  # another training holds the workdir
       fail(str(e), 1)
     except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
+      fail(str(e), 2)
+    except evaluator.SkippedGroundTruth as e:  # invalid validation data dropped: one line
       fail(str(e), 2)
   else:
     try:
@@ -208,6 +211,8 @@ def _main():
     except (FileNotFoundError, FloatingPointError) as e:  # no checkpoint; diverged params
       fail(str(e), 1)
     except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
+      fail(str(e), 2)
+    except evaluator.SkippedGroundTruth as e:  # invalid validation data dropped: one line
       fail(str(e), 2)
 
 

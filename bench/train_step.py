@@ -7,6 +7,9 @@ r"""Full Match R-CNN train-step throughput (forward + backward + SGD), images pe
   python bench/train_step.py --canvas 800x1344,1344x800 --pairs 8 --dtype bfloat16
   # A tiny CPU run:
   python bench/train_step.py --model tiny --canvas 96x128,128x96 --pairs 2 --steps 5
+  # What a setting costs, e.g. the 1x recipe's 128 landmark RoIs per image against 32:
+  python bench/train_step.py --model tiny --canvas 320x320 --pairs 2 --steps 5 \
+      --set landmark_rois_per_image=128,roi_batch_size_per_image=512
 
 Batches are random but valid (boxes inside the canvas, 3 items per image, masks and landmarks
 of each item's category) and built with numpy only: no TensorFlow, no OpenCV. The step is the
@@ -44,6 +47,8 @@ flags.DEFINE_boolean("peer", False, "Also time torchvision Mask R-CNN + 294-land
 flags.DEFINE_boolean("peer_only", False, "Time only the torchvision peer.")
 flags.DEFINE_string("profile", None, "Also trace 5 steps of the first canvas with jax.profiler "
                     "into this folder and print the 15 costliest device ops.")
+flags.DEFINE_list("set", [], "MatchRCNNConfig fields to override, name=value (Python "
+                  "literals), e.g. landmark_rois_per_image=128,box_loss_beta=1.0.")
 flags.DEFINE_list("infer", [], "Also time jitted inference (detect: boxes, masks, 294 "
                   "landmarks, embeddings) at these batch sizes, e.g. 1,8.")
 
@@ -84,6 +89,22 @@ def random_batch(rng: np.random.Generator, pairs: int, geometry: transforms.Imag
   return b
 
 
+def overrides(items: list[str]) -> dict[str, object]:
+  """``--set name=value`` entries as MatchRCNNConfig fields (values as Python literals)."""
+  import ast
+  known = {f.name for f in dataclasses.fields(MatchRCNNConfig)}
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or name not in known:
+      raise app.UsageError(f"--set {item!r}: expected name=value with a MatchRCNNConfig field")
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value  # a bare string, e.g. roi_align_method=matmul
+  return out
+
+
 def peak_memory_gib() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
@@ -91,7 +112,8 @@ def peak_memory_gib() -> float | None:
 
 
 def bench_jax(canvases) -> None:
-  fields = TINY if FLAGS.model == "tiny" else {}
+  fields = dict(TINY) if FLAGS.model == "tiny" else {}
+  fields.update(overrides(FLAGS.set))
   config = dataclasses.replace(MatchRCNNConfig(**fields), dtype=FLAGS.dtype)
   largest = (max(c[0] for c in canvases), max(c[1] for c in canvases))
   model = MatchRCNN(config, largest)
@@ -131,7 +153,8 @@ def bench_jax(canvases) -> None:
     peak = peak_memory_gib()
     name = f"{canvas[0]}x{canvas[1]}" if canvas else "all canvases in turn (" + ", ".join(
         f"{c[0]}x{c[1]}" for c in order) + ")"
-    print(f"df2-jax Match R-CNN ({FLAGS.model}, {FLAGS.dtype}) {name}, "
+    settings = "".join(f", {item}" for item in FLAGS.set)
+    print(f"df2-jax Match R-CNN ({FLAGS.model}, {FLAGS.dtype}{settings}) {name}, "
           f"{2 * FLAGS.pairs} images/step: {images / elapsed:.1f} img/s "
           f"({1000 * elapsed / FLAGS.steps:.1f} ms/step"
           + (f", compile+first step {compile_s:.1f} s" if compile_s is not None else "")

@@ -46,6 +46,8 @@ def get_config():
       # which 16 random steps' items train the matching head each step (a bank of the training
       # set, refreshed once per epoch): top-1 0.125 -> 0.357.
       match_memory_steps=900, match_memory_items=10, match_memory_draw=16,
+      # L1 box regression and soft mask targets, as measured (docs/EXPERIMENTS.md, issue 26).
+      box_loss_beta=0.0, rpn_box_loss_beta=0.0, mask_binary_targets=False,
       detections_per_image=20,
       detection_candidates=500, dtype="float32"))
   # 5 epochs of 900 steps (3600 images in 1800 pairs, 2 per step); x0.1 at epoch 4 (step 3600).

@@ -16,6 +16,25 @@ matching loss masked): 11,998 steps per epoch, 143,976 steps in all (2.3M image 
 decays at steps 95,984 and 131,978. Evaluates the 32,153 validation images every 24,000 steps
 and at the end (eval_<step>/, best box AP kept in best/).
 
+The losses are Detectron's (the paper's code): smooth-L1 box regression (beta 1 in the box
+head, 1/9 in the RPN), binary mask targets (the GT mask's RoIAlign thresholded at 0.5), and
+every foreground RoI of the box head's 512-RoI sample (up to 128 per image) trains the landmark
+head. Landmarks are continuous coordinates in training (annotated pixel index + 0.5, so a flip
+maps index x to W - 1 - x) and pixel indices again in the results (-0.5), as in detectron2.
+Validation images or items that fail validation refuse the evaluation (eval.allow_skipped);
+training drops only the bad landmark, polygon or item.
+
+Pair sampling (data.pair_sampling): the default "matching" keeps a 1x schedule's epochs in
+images, as Detectron counts them: each epoch one maximum matching of the user-shop partner
+graph trains the matching loss (every image once per epoch; 12 times the matching's size,
+which is at most 95,980, pair visits in all). The paper's text implies "all_pairs": it builds every user/shop
+image combination sharing a style > 0 item as an image pair (337,293 in the train split) and
+fills each batch with 8 of them, though it never says what an epoch counts. With "all_pairs"
+an epoch is every pair once, plus the Z images without a partner paired at random with the
+matching loss masked: ceil((337,293 + ceil(Z / 2)) / 8) >= 42,162 steps per epoch, >= 505,944
+steps in 12 epochs (decays at >= 337,296 and 463,782), 4.05M pair visits: 3.5x the steps,
+about 18 hours on one H100 at the benchmark's rate (an estimate, not a measured run).
+
 Expected: the paper's validation numbers are box AP .667, landmark AP .641 (visible) / .563
 (visible + occluded), mask AP .674; the official baseline retrained on the release: box .638,
 landmarks .605 / .529, mask .640, retrieval top-1 .192 / top-20 .524. No run of this recipe has
@@ -62,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Each step's image pairs share the user image's category where possible (the pair loss
       # then ranks same-category shop items as negatives; see data_pipeline.pairs).
       category_batches=False,
+      # Which user-shop image pairs an epoch trains the matching loss on: "matching" (one
+      # maximum matching of the partner graph per epoch, every image once) or "all_pairs"
+      # (every partner pair once, images may repeat). See data_pipeline.pairs.
+      pair_sampling="matching",
   ))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -74,8 +97,13 @@ def get_config() -> ml_collections.ConfigDict:
       roi_batch_size_per_image=512, roi_positive_fraction=0.25,
       box_fc_dim=1024, cls_agnostic_bbox_reg=False, mask_conv_dim=256, landmark_conv_dim=512,
       landmark_num_convs=8,
-      landmark_rois_per_image=32, landmark_visible_only=False,
+      # Every foreground RoI of the box head's sample (<= 512 x 0.25 = 128; Detectron: up to
+      # 128, detectron2: every foreground proposal) trains the landmark head.
+      landmark_rois_per_image=128, landmark_visible_only=False,
       landmark_select_channels=False,  # True: only each RoI's category channels (narrow heads)
+      # Detectron's smooth-L1 (beta 1 in the box head, 1/9 in the RPN; 0 would be L1) and
+      # binary mask targets (the RoIAlign of the GT mask thresholded at 0.5, as detectron2).
+      box_loss_beta=1.0, rpn_box_loss_beta=1.0 / 9.0, mask_binary_targets=True,
       match_conv_dim=256, match_proj_dim=1024, embed_dim=256,
       # The pair loss: every user item of the batch against every shop item ("batch"; "pair":
       # within each image pair only), 8 foreground RoIs per image embedded besides the GT boxes
@@ -140,5 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
       num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn
       host_workers=0,            # processes pasting masks, encoding results; 0: cores - 1
       host_pool="process",       # or "thread" (the GIL serialises them: evaluation.host)
+      # Evaluate even when validation images or items were dropped as unreadable or invalid
+      # (their ground truth then missing from every metric); False refuses in one line.
+      allow_skipped=False,
   ))
   return config

@@ -1,13 +1,27 @@
 """Reading and validating DeepFashion2 annotations: the raw per-image JSON and the COCO conversion.
 
-Both formats go through the same validation code (``_parse_item`` and ``_make_record``); the
-format-specific readers only locate the values and name the fields. Every problem raises
-``records.DataError`` naming the file and the field, e.g. ``annos/000001.json: field
-'item2.landmarks': ...`` or ``coco.json: field 'annotations[id=7].bbox': ...``.
+Both formats go through the same validation code (``_parse_item``, ``_item_or_drop`` and
+``_make_record``); the format-specific readers only locate the values and name the fields. Every
+problem is a ``records.DataError`` naming the file and the field, e.g. ``annos/000001.json:
+field 'item2.landmarks': ...`` or ``coco.json: field 'annotations[id=7].bbox': ...``.
 
-The scanners (``scan_raw_root``, ``read_coco``) skip bad images with one warning line each and
-a summary line, or raise the first error with ``strict=True``. Image checks (decoding 200k JPEGs
-is slow) run in a spawn-based multiprocessing pool, in order, so results are deterministic.
+A problem drops only the part it spoils, as detectron2 drops an instance rather than its image
+(``records.DROP_KINDS``): a bad landmark (a non-finite value, a visibility not 0/1/2, or
+labelled beyond the tolerance outside the image) is made unlabelled (0, 0, 0); a bad polygon
+(not a flat list of finite numbers, an odd count, fewer than 3 points, a point beyond the
+tolerance) is removed from its item; an item with a bad category, style, box, landmark array,
+attribute or segmentation list, or with no polygon left, is removed from its image; only
+image-level problems (unreadable or invalid JSON, a bad image-level field such as source or
+pair_id, a bad or missing size, a missing or undecodable image file, an image without any item)
+drop the image. An image whose items were all dropped stays, with no items: its pixels
+still show clothing, and an evaluation without it would quietly drop it from every metric. The
+parts of an image or item that is dropped as a whole are not counted again.
+
+The parsers collect what they drop in a ``Drops``; without one they raise the first problem.
+The scanners (``scan_raw_root``, ``read_coco``) log one warning line per dropped thing and one
+summary line with the counts (``records.DropCounts``, also in the returned ``ScanResult``), or
+raise the first problem with ``strict=True``. Image checks (decoding 200k JPEGs is slow) run in a
+spawn-based multiprocessing pool, in order, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -46,6 +60,29 @@ def _fail(path: str, field: str, message: str):
   raise records.DataError(path, field, message)
 
 
+class Drops:
+  """What the validation of one image dropped (``records.Drop``, in the order met).
+
+  With ``strict`` the first problem raises its DataError instead: the scanners' strict mode,
+  and every direct call of a parser without a ``Drops``, where nothing may be lost silently.
+  """
+
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.entries: list[records.Drop] = []
+
+  def add(self, kind: str, error: records.DataError) -> None:
+    if kind not in records.DROP_KINDS:
+      raise ValueError(f"kind must be one of {records.DROP_KINDS}, got {kind!r}")
+    if self.strict:
+      raise error
+    self.entries.append(records.Drop(kind, error.path, error.field, error.message))
+
+  @property
+  def counts(self) -> records.DropCounts:
+    return records.DropCounts.of(self.entries)
+
+
 # --------------------------------------------------------------------------------------------
 # Scalar and array checks.
 
@@ -74,8 +111,9 @@ def _check_int(value: Any, path: str, field: str, *, lo: int | None = None,
   return value
 
 
-def _check_numbers(value: Any, path: str, field: str) -> np.ndarray:
-  """A flat list of finite numbers -> [n] float64."""
+def _check_numbers(value: Any, path: str, field: str, *, finite: bool = True) -> np.ndarray:
+  """A flat list of numbers -> [n] float64; all finite unless ``finite`` is False (the
+  landmarks: one bad landmark drops only itself, ``_parse_item``)."""
   if value is _MISSING:
     _fail(path, field, "missing")
   if not isinstance(value, (list, tuple)):
@@ -90,7 +128,7 @@ def _check_numbers(value: Any, path: str, field: str) -> np.ndarray:
     _fail(path, field, "expected a flat list of numbers")
   array = array.astype(np.float64)
   bad = ~np.isfinite(array)
-  if bad.any():
+  if finite and bad.any():
     _fail(path, field, f"non-finite value {array[bad][0]!r} at index {int(np.argmax(bad))}")
   return array
 
@@ -99,16 +137,21 @@ def _check_numbers(value: Any, path: str, field: str) -> np.ndarray:
 # The shared validation: one item, one image record.
 
 
-def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, height: int, *,
-                box_key: str, box_format: str, landmark_key: str,
+def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, height: int,
+                drops: Drops, *, box_key: str, box_format: str, landmark_key: str,
                 landmark_layout: str) -> records.Item:
   """Validates one item of either format.
+
+  A problem with the item's own fields raises (the item is dropped, by ``_item_or_drop``); a
+  bad landmark or polygon goes to ``drops`` and only it is lost, but an item with no polygon
+  left raises. The checks run in one fixed order, so strict mode raises the first problem.
 
   Args:
     src: the item's dict (raw ``itemN`` value or COCO annotation).
     path: the annotation file, for errors.
     prefix: the item's name in errors, e.g. "item2" or "annotations[id=7]".
     width, height: the image size.
+    drops: where dropped landmarks and polygons go (or, strict, the first raises).
     box_key: "bounding_box" (raw) or "bbox" (COCO).
     box_format: "xyxy" (raw corners) or "xywh" (COCO).
     landmark_key: "landmarks" (raw) or "keypoints" (COCO).
@@ -117,7 +160,11 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
 
   Returns:
     The validated item: box, labelled landmarks and polygons clipped to the image, and the
-    annotated values in ``unclipped`` where clipping changed any of them.
+    annotated values in ``unclipped`` where clipping changed any of them; dropped landmarks are
+    (0, 0, 0) in both views, dropped polygons are in neither.
+
+  Raises:
+    records.DataError: the item is bad as a whole.
   """
   def field(key):
     return f"{prefix}.{key}"
@@ -149,44 +196,48 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
   if box[2] <= box[0] or box[3] <= box[1]:
     _fail(path, field(box_key), f"box {(x1, y1, x2, y2)} is empty after clipping to the image")
 
-  # Landmarks.
+  # The landmark array as a whole (its values are checked one landmark at a time below).
   count = df2.LANDMARK_COUNTS[cat]
-  marks = _check_numbers(_get(src, landmark_key), path, field(landmark_key))
+  marks_field = field(landmark_key)
+  marks = _check_numbers(_get(src, landmark_key), path, marks_field, finite=False)
   if landmark_layout == "global":
     if marks.size != 3 * df2.NUM_LANDMARKS:
-      _fail(path, field(landmark_key),
-            f"expected {3 * df2.NUM_LANDMARKS} numbers, got {marks.size}")
+      _fail(path, marks_field, f"expected {3 * df2.NUM_LANDMARKS} numbers, got {marks.size}")
     sl = df2.landmark_slice(cat)
     inside = np.zeros(3 * df2.NUM_LANDMARKS, bool)
     inside[3 * sl.start:3 * sl.stop] = True
     stray = np.flatnonzero((marks != 0) & ~inside)
     if stray.size:
-      _fail(path, field(landmark_key),
+      _fail(path, marks_field,
             f"non-zero value at index {int(stray[0])}, outside category {cat}'s slice "
             f"[{3 * sl.start}, {3 * sl.stop})")
     marks = marks[3 * sl.start:3 * sl.stop]
   elif marks.size != 3 * count:
-    _fail(path, field(landmark_key),
+    _fail(path, marks_field,
           f"expected {3 * count} numbers (3 x {count} landmarks of category {cat}), "
           f"got {marks.size}")
   marks = marks.reshape(count, 3)
-  bad_v = ~np.isin(marks[:, 2], (0.0, 1.0, 2.0))
-  if bad_v.any():
-    k = int(np.argmax(bad_v))
-    _fail(path, field(landmark_key),
-          f"visibility {marks[k, 2]:g} of landmark {k + 1} not in {{0, 1, 2}}")
-  # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
+
+  # Each landmark: a bad one is made unlabelled (0, 0, 0), in both views.
+  for k in range(count):
+    x, y, v = marks[k]
+    if not np.isfinite(marks[k]).all():
+      why = f"non-finite value in landmark {k + 1} ({x:g}, {y:g}, {v:g})"
+    elif v not in (0.0, 1.0, 2.0):
+      why = f"visibility {v:g} of landmark {k + 1} not in {{0, 1, 2}}"
+    elif v > 0 and _outside(marks[k:k + 1, :2], width, height, tol)[0]:
+      # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
+      why = (f"landmark {k + 1} at ({x:g}, {y:g}) outside the {width}x{height} image "
+             f"(tolerance {tol:g} px)")
+    else:
+      continue
+    drops.add("landmark", records.DataError(path, marks_field, why))
+    marks[k] = 0.0
   labelled = marks[:, 2] > 0
-  outside = labelled & _outside(marks[:, :2], width, height, tol)
-  if outside.any():
-    k = int(np.argmax(outside))
-    _fail(path, field(landmark_key),
-          f"landmark {k + 1} at ({marks[k, 0]:g}, {marks[k, 1]:g}) outside the {width}x{height} "
-          f"image (tolerance {tol:g} px)")
   raw_marks = marks.astype(np.float32)
   marks[labelled, :2] = np.clip(marks[labelled, :2], 0.0, [width, height])
 
-  # Segmentation.
+  # The segmentation list as a whole.
   seg_field = field("segmentation")
   seg = _get(src, "segmentation")
   if seg is _MISSING:
@@ -195,22 +246,21 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, seg_field, f"expected a list of polygons, got {type(seg).__name__}")
   if not seg:
     _fail(path, seg_field, "no polygons")
-  polygons, raw_polygons = [], []
+
+  # Each polygon: a bad one is dropped; an item with none left is dropped.
+  polygons, raw_polygons, first_bad = [], [], None
   for i, poly in enumerate(seg):
-    poly_field = f"{seg_field}[{i}]"
-    coords = _check_numbers(poly, path, poly_field)
-    if coords.size % 2:
-      _fail(path, poly_field, f"odd number of coordinates ({coords.size})")
-    if coords.size < 6:
-      _fail(path, poly_field, f"a polygon needs at least 3 points, got {coords.size // 2}")
-    points = coords.reshape(-1, 2)
-    outside = _outside(points, width, height, tol)
-    if outside.any():
-      k = int(np.argmax(outside))
-      _fail(path, poly_field, f"point {k + 1} at ({points[k, 0]:g}, {points[k, 1]:g}) outside "
-                              f"the {width}x{height} image (tolerance {tol:g} px)")
+    try:
+      points = _check_polygon(poly, path, f"{seg_field}[{i}]", width, height, tol)
+    except records.DataError as e:
+      first_bad = first_bad or e
+      drops.add("polygon", e)
+      continue
     raw_polygons.append(points.astype(np.float32))
     polygons.append(np.clip(points, 0.0, [width, height]).astype(np.float32))
+  if not polygons:
+    _fail(path, seg_field, f"no valid polygon: all {len(seg)} are bad (first: "
+                           f"{first_bad.field}: {first_bad.message})")
 
   # Optional attributes.
   attributes = {}
@@ -227,6 +277,38 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     unclipped = records.Geometry(raw_box, raw_marks, tuple(raw_polygons))
   return records.Item(category_id=cat, style=style, box=box, landmarks=marks,
                       polygons=tuple(polygons), unclipped=unclipped, **attributes)
+
+
+def _check_polygon(poly: Any, path: str, field: str, width: int, height: int,
+                   tol: float) -> np.ndarray:
+  """One polygon -> its [k, 2] float64 points (k >= 3, each within the tolerance)."""
+  coords = _check_numbers(poly, path, field)
+  if coords.size % 2:
+    _fail(path, field, f"odd number of coordinates ({coords.size})")
+  if coords.size < 6:
+    _fail(path, field, f"a polygon needs at least 3 points, got {coords.size // 2}")
+  points = coords.reshape(-1, 2)
+  outside = _outside(points, width, height, tol)
+  if outside.any():
+    k = int(np.argmax(outside))
+    _fail(path, field, f"point {k + 1} at ({points[k, 0]:g}, {points[k, 1]:g}) outside "
+                       f"the {width}x{height} image (tolerance {tol:g} px)")
+  return points
+
+
+def _item_or_drop(drops: Drops, path: str, prefix: str, src: Any, width: int, height: int,
+                  **layout) -> records.Item | None:
+  """``_parse_item``, or None with the item in ``drops`` (its landmarks and polygons dropped
+  before are not counted again: the item is gone whole)."""
+  mark = len(drops.entries)
+  try:
+    if not isinstance(src, dict):
+      _fail(path, prefix, f"expected a JSON object, got {type(src).__name__}")
+    return _parse_item(src, path, prefix, width, height, drops, **layout)
+  except records.DataError as e:
+    del drops.entries[mark:]
+    drops.add("item", e)
+    return None
 
 
 def _outside(points: np.ndarray, width: int, height: int, tol: float) -> np.ndarray:
@@ -247,15 +329,20 @@ def _check_source(value: Any, path: str, field: str, *, required: bool) -> str:
 
 
 def _make_record(path: str, image_id: int, image_path: str, width: int, height: int,
-                 source: str, pair_id: int, items: Sequence[records.Item]) -> records.ImageRecord:
-  """Record-level checks shared by both formats."""
-  if not items:
-    _fail(path, "items", "the image has no items")
-  if width <= 0 or height <= 0:
-    _fail(path, "size", f"image size {width}x{height}")
+                 source: str, pair_id: int, items: Sequence[records.Item | None]
+                 ) -> records.ImageRecord:
+  """The record of both formats: the items that were not dropped (possibly none)."""
   return records.ImageRecord(image_id=int(image_id), image_path=str(image_path),
                              width=int(width), height=int(height), source=source,
-                             pair_id=int(pair_id), items=tuple(items), anno_path=str(path))
+                             pair_id=int(pair_id),
+                             items=tuple(item for item in items if item is not None),
+                             anno_path=str(path))
+
+
+def _check_size(path: str, field: str, width: Any, height: Any) -> None:
+  """An image-level check: the image size every coordinate is checked against."""
+  if not all(isinstance(v, (int, np.integer)) and v > 0 for v in (width, height)):
+    _fail(path, field, f"image size {width}x{height}")
 
 
 def _measure_image(image_path: str, check_image: str) -> tuple[int, int]:
@@ -273,7 +360,8 @@ def _measure_image(image_path: str, check_image: str) -> tuple[int, int]:
 
 
 def parse_raw_annotation(anno: Any, anno_path: str, image_id: int, image_path: str,
-                         width: int, height: int) -> records.ImageRecord:
+                         width: int, height: int, *,
+                         drops: Drops | None = None) -> records.ImageRecord:
   """Validates one raw DeepFashion2 annotation (the parsed ``annos/NNNNNN.json``).
 
   Args:
@@ -282,28 +370,31 @@ def parse_raw_annotation(anno: Any, anno_path: str, image_id: int, image_path: s
     image_id: int(stem).
     image_path: the image file.
     width, height: the image size in pixels.
+    drops: where dropped items, polygons and landmarks go (see the module docstring); None:
+      the first problem raises.
 
   Returns:
     The record; items in item-number order (item1, item2, ...), their geometry clipped to the
     image (``Item.box`` etc.) and as annotated (``Item.raw_box`` etc.).
 
   Raises:
-    records.DataError: naming ``anno_path`` and the bad field.
+    records.DataError: naming ``anno_path`` and the bad field: an image-level problem, or
+      (``drops`` None) any.
   """
+  drops = drops if drops is not None else Drops(strict=True)
   path = str(anno_path)
+  # Image-level checks first: an image dropped whole never has its parts counted as well.
+  _check_size(path, "size", width, height)
   if not isinstance(anno, dict):
     _fail(path, "json", f"expected a JSON object, got {type(anno).__name__}")
   source = _check_source(_get(anno, "source"), path, "source", required=True)
   pair_id = _check_int(_get(anno, "pair_id"), path, "pair_id", lo=0)
   keys = sorted((int(m.group(1)), key) for key in anno if (m := _ITEM_KEY.match(key)))
-  items = []
-  for _, key in keys:
-    value = anno[key]
-    if not isinstance(value, dict):
-      _fail(path, key, f"expected a JSON object, got {type(value).__name__}")
-    items.append(_parse_item(value, path, key, width, height, box_key="bounding_box",
-                             box_format="xyxy", landmark_key="landmarks",
-                             landmark_layout="local"))
+  if not keys:
+    _fail(path, "items", "the image has no items")
+  items = [_item_or_drop(drops, path, key, anno[key], width, height, box_key="bounding_box",
+                         box_format="xyxy", landmark_key="landmarks", landmark_layout="local")
+           for _, key in keys]
   return _make_record(path, image_id, image_path, width, height, source, pair_id, items)
 
 
@@ -329,13 +420,15 @@ def _stem_id(path: str, field: str) -> int:
 
 
 def read_raw_record(anno_path: str | os.PathLike, image_path: str | os.PathLike,
-                    check_image: str = "decode") -> records.ImageRecord:
+                    check_image: str = "decode", *,
+                    drops: Drops | None = None) -> records.ImageRecord:
   """Reads and validates one raw annotation file and checks its image.
 
   Args:
     anno_path: ``annos/NNNNNN.json``; image_id = int(NNNNNN).
     image_path: ``image/NNNNNN.jpg``.
     check_image: "decode" (full decode, catches truncated files) or "header" (size only).
+    drops: as in ``parse_raw_annotation``; None: the first problem raises.
 
   Raises:
     records.DataError: naming the file and the field.
@@ -346,28 +439,39 @@ def read_raw_record(anno_path: str | os.PathLike, image_path: str | os.PathLike,
   image_id = _stem_id(anno_path, "file_name")
   anno = _read_json(anno_path)
   width, height = _measure_image(image_path, check_image)
-  return parse_raw_annotation(anno, anno_path, image_id, image_path, width, height)
+  return parse_raw_annotation(anno, anno_path, image_id, image_path, width, height,
+                              drops=drops)
 
 
 # --------------------------------------------------------------------------------------------
-# Running per-image work in order, skipping or raising.
+# Running per-image work in order, dropping or raising.
 
-# A task's outcome: a record, or the (path, field, message) of its DataError (DataError itself
-# does not survive pickling between processes).
-_Outcome = tuple[records.ImageRecord | None, tuple[str, str, str] | None]
+# A task's outcome, sent back from the worker processes: its record (None: the image is
+# dropped) and what was dropped, the image included.
+_Outcome = tuple[records.ImageRecord | None, list[records.Drop]]
+
+# The warning line of each kind of drop.
+_DROPPING = {"image": "Dropping the image", "item": "Dropping an item",
+             "polygon": "Dropping a polygon", "landmark": "Dropping a landmark (made unlabelled)"}
 
 
 def _capture(fn: Callable[..., records.ImageRecord], *args) -> _Outcome:
+  """``fn(*args, drops=...)``'s record and drops; an image-level DataError drops the image."""
+  drops = Drops()
   try:
-    return fn(*args), None
+    record = fn(*args, drops=drops)
   except records.DataError as e:
-    return None, (e.path, e.field, e.message)
+    return None, [records.Drop("image", e.path, e.field, e.message)]
+  return record, drops.entries
+
+
+def _dropped(kind: str, path: str, field: str, message: str) -> _Outcome:
+  return None, [records.Drop(kind, path, field, message)]
 
 
 def _raw_task(task: tuple[Any, ...]) -> _Outcome:
-  kind = task[0]
-  if kind == "error":
-    return None, task[1]
+  if task[0] == "error":
+    return _dropped(*task[1:])
   _, anno_path, image_path, check_image = task
   return _capture(read_raw_record, anno_path, image_path, check_image)
 
@@ -380,18 +484,18 @@ def _num_workers(num_workers: int | None, num_tasks: int) -> int:
 
 def _run_tasks(fn: Callable[[Any], _Outcome], tasks: Sequence[Any], *, strict: bool,
                num_workers: int | None, what: str) -> records.ScanResult:
-  """Runs ``fn`` over ``tasks`` in order (in a pool when worth it) and collects the outcomes."""
-  result = records.ScanResult(records=[], skipped=[])
+  """Runs ``fn`` over ``tasks`` in order (in a pool when worth it) and collects the outcomes:
+  one warning line per dropped thing and a summary line, or (strict) the first one raised."""
+  result = records.ScanResult(records=[], drops=[])
 
   def collect(outcome: _Outcome) -> None:
-    record, error = outcome
-    if error is not None:
-      e = records.DataError(*error)
-      if strict:
-        raise e
-      logging.warning("Skipping %s", e)
-      result.skipped.append((e.path, str(e)))
-    else:
+    record, drops = outcome
+    if drops and strict:
+      raise drops[0].error()
+    for drop in drops:
+      logging.warning("%s: %s", _DROPPING[drop.kind], drop)
+    result.drops.extend(drops)
+    if record is not None:
       result.records.append(record)
 
   workers = _num_workers(num_workers, len(tasks))
@@ -405,7 +509,14 @@ def _run_tasks(fn: Callable[[Any], _Outcome], tasks: Sequence[Any], *, strict: b
       for outcome in pool.imap(fn, tasks, chunksize=chunksize):
         collect(outcome)
   result.records.sort(key=lambda r: r.image_id)
-  logging.info("%s: %d records, %d skipped", what, len(result.records), result.num_skipped)
+  counts = result.counts
+  if counts:
+    emptied = sum(1 for r in result.records if not r.items)
+    logging.warning("%s: %d records; dropped %s (see the warnings above)%s", what,
+                    len(result.records), counts,
+                    f"; {emptied} images kept with no item left" if emptied else "")
+  else:
+    logging.info("%s: %d records, nothing dropped", what, len(result.records))
   return result
 
 
@@ -419,18 +530,20 @@ def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image:
                   num_workers: int | None = None) -> records.ScanResult:
   """Reads and validates a raw split directory (``root/image/*.jpg``, ``root/annos/*.json``).
 
-  Files are paired by stem (image_id = int(stem)). Unpaired files and files that fail
-  validation are skipped, each with one warning line naming the file and the field, and a
-  summary line is logged.
+  Files are paired by stem (image_id = int(stem)). Unpaired or unreadable files and images
+  with a bad image-level field are dropped, and so are bad items, polygons and landmarks of
+  the other images (see the module docstring), each with one warning line naming the file and
+  the field; a summary line gives the counts.
 
   Args:
     root: the split directory, e.g. ``DeepFashion2/validation``.
-    strict: raise the first DataError (in image_id order) instead of skipping.
+    strict: raise the first DataError (in image_id order) instead of dropping anything.
     check_image: "decode" (full decode of every image) or "header" (size only; fast).
     num_workers: processes for the checks; None = os.cpu_count(); 1 = in this process.
 
   Returns:
-    ScanResult with records sorted by image_id and (path, reason) of every skipped file.
+    ScanResult with records sorted by image_id and what was dropped (``drops``, ``counts``;
+    ``skipped``: (path, reason) of every dropped image).
 
   Raises:
     records.DataError: when ``root/annos`` or ``root/image`` is not a directory, or (strict)
@@ -459,16 +572,17 @@ def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image:
     anno_paths, image_paths = annos.get(stem, []), pictures.get(stem, [])
     if not stem.isdigit():
       path = (anno_paths or image_paths)[0]
-      tasks.append(("error", (path, "file_name", f"file name stem {stem!r} is not a number")))
+      tasks.append(("error", "image", path, "file_name",
+                    f"file name stem {stem!r} is not a number"))
     elif not image_paths:
-      tasks.append(("error", (anno_paths[0], "image",
-                              f"no image file {stem}.jpg for this annotation")))
+      tasks.append(("error", "image", anno_paths[0], "image",
+                    f"no image file {stem}.jpg for this annotation"))
     elif not anno_paths:
-      tasks.append(("error", (image_paths[0], "annotation",
-                              f"no annotation file annos/{stem}.json for this image")))
+      tasks.append(("error", "image", image_paths[0], "annotation",
+                    f"no annotation file annos/{stem}.json for this image"))
     elif len(image_paths) > 1:
-      tasks.append(("error", (image_paths[0], "image",
-                              f"several images for one annotation: {image_paths}")))
+      tasks.append(("error", "image", image_paths[0], "image",
+                    f"several images for one annotation: {image_paths}"))
     else:
       tasks.append(("read", anno_paths[0], image_paths[0], check_image))
   return _run_tasks(_raw_task, tasks, strict=strict, num_workers=num_workers, what=root)
@@ -479,8 +593,16 @@ def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image:
 
 
 def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]],
-                      json_path: str, image_dir: str, check_image: str) -> records.ImageRecord:
-  """One COCO image entry and its annotations -> a validated record."""
+                      json_path: str, image_dir: str, check_image: str, *,
+                      drops: Drops | None = None) -> records.ImageRecord:
+  """One COCO image entry and its annotations -> a validated record.
+
+  The image-level checks come first (its entry; the pair_id and source, which the conversion
+  copies into every annotation, so that they must agree; the image file and its size), then
+  each annotation as an item (a bad one is dropped, into ``drops``; None: the first problem
+  raises).
+  """
+  drops = drops if drops is not None else Drops(strict=True)
   image_id = image["id"]  # Checked by read_coco.
   prefix = f"images[id={image_id}]"
   file_name = _get(image, "file_name")
@@ -492,23 +614,19 @@ def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]
   if not anns:
     _fail(json_path, prefix, "the image has no annotations")
 
-  sources = [("source", f"{prefix}.source", _get(image, "source"))]
-  items, pair_ids = [], []
-  for ann in anns:
-    ann_prefix = f"annotations[id={ann.get('id', '?')}]"
-    items.append(_parse_item(ann, json_path, ann_prefix, width, height, box_key="bbox",
-                             box_format="xywh", landmark_key="keypoints",
-                             landmark_layout="global"))
-    pair_ids.append((_check_int(_get(ann, "pair_id"), json_path, f"{ann_prefix}.pair_id",
-                                lo=-1), f"{ann_prefix}.pair_id"))
-    sources.append(("source", f"{ann_prefix}.source", _get(ann, "source")))
-  pair_id = pair_ids[0][0]
-  for value, field in pair_ids[1:]:
-    if value != pair_id:
-      _fail(json_path, field, f"pair_id {value} differs from pair_id {pair_id} of the first "
-            f"item of image {image_id}")
+  prefixes = [f"annotations[id={ann.get('id', '?')}]" for ann in anns]
+  pair_id = None
+  for ann, ann_prefix in zip(anns, prefixes):
+    value = _check_int(_get(ann, "pair_id"), json_path, f"{ann_prefix}.pair_id", lo=-1)
+    if pair_id is None:
+      pair_id = value
+    elif value != pair_id:
+      _fail(json_path, f"{ann_prefix}.pair_id", f"pair_id {value} differs from pair_id "
+            f"{pair_id} of the first item of image {image_id}")
   source = ""
-  for _, field, value in sources:
+  sources = [(f"{prefix}.source", _get(image, "source"))] + [
+      (f"{ann_prefix}.source", _get(ann, "source")) for ann, ann_prefix in zip(anns, prefixes)]
+  for field, value in sources:
     value = _check_source(value, json_path, field, required=False)
     if value and source and value != source:
       _fail(json_path, field, f"source {value!r} differs from {source!r} of image {image_id}")
@@ -519,13 +637,16 @@ def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]
   if actual != (width, height):
     _fail(json_path, f"{prefix}.width", f"declared size {width}x{height} but {image_path} is "
           f"{actual[0]}x{actual[1]}")
+
+  items = [_item_or_drop(drops, json_path, ann_prefix, ann, width, height, box_key="bbox",
+                         box_format="xywh", landmark_key="keypoints", landmark_layout="global")
+           for ann, ann_prefix in zip(anns, prefixes)]
   return _make_record(json_path, image_id, image_path, width, height, source, pair_id, items)
 
 
 def _coco_task(task: tuple[Any, ...]) -> _Outcome:
-  kind = task[0]
-  if kind == "error":
-    return None, task[1]
+  if task[0] == "error":
+    return _dropped(*task[1:])
   _, image, anns, json_path, image_dir, check_image = task
   return _capture(_parse_coco_image, image, anns, json_path, image_dir, check_image)
 
@@ -536,13 +657,14 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
 
   bbox xywh -> box x1y1x2y2; the 882 keypoints -> the category's slice (values elsewhere must
   be zero); the image's pair_id from its annotations (which must agree); source '' unless the
-  image or its annotations have a ``source`` key. Images without annotations, and images or
-  annotations that fail validation, are skipped with a warning line each.
+  image or its annotations have a ``source`` key. Images without annotations and bad images
+  are dropped, and so are annotations of no image and bad items, polygons and landmarks (see
+  the module docstring), each with a warning line, and a summary line gives the counts.
 
   Args:
     json_path: the COCO JSON file.
     image_dir: the directory holding the ``file_name`` images.
-    strict: raise the first DataError instead of skipping.
+    strict: raise the first DataError instead of dropping anything.
     check_image: "decode" or "header".
     num_workers: processes for the checks; None = os.cpu_count(); 1 = in this process.
 
@@ -551,7 +673,7 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
 
   Raises:
     records.DataError: when the file is not valid COCO JSON as a whole (unreadable, no
-      ``images``/``annotations`` lists, wrong ``categories``), or (strict) the first bad image.
+      ``images``/``annotations`` lists, wrong ``categories``), or (strict) the first problem.
   """
   if check_image not in CHECK_IMAGE_MODES:
     raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
@@ -574,39 +696,44 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
         _fail(json_path, f"categories[{i}]",
               f"category (id={cid!r}, name={name!r}) is not a DeepFashion2 category")
 
-  errors: list[tuple[int, tuple[str, str, str]]] = []  # (sort key, error)
+  # (sort key, ("error", kind, path, field, message)): image entries that are no image, and
+  # annotations that belong to none.
+  errors: list[tuple[int, tuple[str, str, str, str, str]]] = []
   entries: dict[int, Mapping[str, Any]] = {}
   for i, image in enumerate(data["images"]):
     if not isinstance(image, dict):
-      errors.append((-1, (json_path, f"images[{i}]", "expected a JSON object")))
+      errors.append((-1, ("error", "image", json_path, f"images[{i}]", "expected a JSON object")))
       continue
     try:
       image_id = _check_int(_get(image, "id"), json_path, f"images[{i}].id")
     except records.DataError as e:
-      errors.append((-1, (e.path, e.field, e.message)))
+      errors.append((-1, ("error", "image", e.path, e.field, e.message)))
       continue
     if image_id in entries:
-      errors.append((image_id, (json_path, f"images[{i}].id", f"duplicate image id {image_id}")))
+      errors.append((image_id, ("error", "image", json_path, f"images[{i}].id",
+                                f"duplicate image id {image_id}")))
       continue
     entries[image_id] = image
 
   anns_by_image: dict[int, list[Mapping[str, Any]]] = collections.defaultdict(list)
   for i, ann in enumerate(data["annotations"]):
     if not isinstance(ann, dict):
-      errors.append((-1, (json_path, f"annotations[{i}]", "expected a JSON object")))
+      errors.append((-1, ("error", "item", json_path, f"annotations[{i}]",
+                          "expected a JSON object")))
       continue
     field = f"annotations[id={ann.get('id', '?')}].image_id"
     try:
       image_id = _check_int(_get(ann, "image_id"), json_path, field)
     except records.DataError as e:
-      errors.append((-1, (e.path, e.field, e.message)))
+      errors.append((-1, ("error", "item", e.path, e.field, e.message)))
       continue
     if image_id not in entries:
-      errors.append((image_id, (json_path, field, f"no image with id {image_id}")))
+      errors.append((image_id, ("error", "item", json_path, field,
+                                f"no image with id {image_id}")))
       continue
     anns_by_image[image_id].append(ann)
 
-  tasks = [(key, ("error", error)) for key, error in errors]
+  tasks = list(errors)
   for image_id, image in entries.items():
     tasks.append((image_id, ("read", image, anns_by_image.get(image_id, []), json_path,
                              image_dir, check_image)))

@@ -140,7 +140,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--query-gt", help="output retrieval query GT JSON file")
   parser.add_argument("--gallery-gt", help="output retrieval gallery GT JSON file")
   parser.add_argument("--strict", action="store_true",
-                      help="fail on the first bad file instead of skipping it")
+                      help="fail on the first problem instead of dropping the bad image, item, "
+                           "polygon or landmark")
   parser.add_argument("--check-image", choices=annotations.CHECK_IMAGE_MODES, default="decode",
                       help="decode every image fully, or read only its header")
   parser.add_argument("--num-workers", type=int, default=None,
@@ -166,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   coco = to_coco(scan.records)
   write_json(coco, args.out)
-  logging.info("Wrote %s: %d images, %d annotations (%d files skipped)", args.out,
-               len(coco["images"]), len(coco["annotations"]), scan.num_skipped)
+  logging.info("Wrote %s: %d images, %d annotations (dropped as invalid: %s)", args.out,
+               len(coco["images"]), len(coco["annotations"]), scan.counts)
   if args.query_gt:
     queries, gallery = retrieval_gt(scan.records)
     write_json(queries, args.query_gt)

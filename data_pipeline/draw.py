@@ -24,8 +24,11 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
     boxes: [N, 4] (x1, y1, x2, y2) in the image's pixels.
     classes: [N] category ids 1..13 (colours).
     masks: optional [N, H, W] bool, blended in.
-    landmarks: optional [N, 294, 3] (x, y, v); v > 0 is drawn, filled for v >= 2 (visible, or
-      a predicted point), hollow for v = 1 (occluded).
+    landmarks: optional [N, 294, 3] (x, y, v) in continuous coordinates like the boxes (the
+      training arrays' and the model's, ``transforms.landmarks_to_continuous``); each is drawn
+      on the pixel that holds it, floor(x), floor(y) (an annotated pixel index x sits at
+      x + 0.5); v > 0 is drawn, filled for v >= 2 (visible, or a predicted point), hollow for
+      v = 1 (occluded).
     labels: optional text per instance (default: the category name).
   """
   img = image.copy()
@@ -44,7 +47,7 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
     if landmarks is not None:
       for x, y, v in landmarks[k]:
         if v > 0:
-          cv2.circle(img, (int(round(x)), int(round(y))), 3, c, -1 if v >= 2 else 1,
+          cv2.circle(img, (int(np.floor(x)), int(np.floor(y))), 3, c, -1 if v >= 2 else 1,
                      cv2.LINE_AA)
   return img
 
@@ -108,8 +111,8 @@ def draw_detections(pixels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     pixels: [H, W, 3] uint8.
     boxes: [D, 4] in the image's pixels; scores [D]; classes [D]; valid [D] bool.
     masks: [D, H, W] bool, pasted into the image.
-    landmarks: [D, 294, 3] (x, y, score); points with a nonzero entry (the category's slice)
-      are drawn filled.
+    landmarks: [D, 294, 3] (x, y, score), continuous coordinates (not the exported pixel
+      indices); points with a nonzero entry (the category's slice) are drawn filled.
   """
   shown = np.nonzero(valid & (scores >= score_threshold))[0]
   points = landmarks[shown].copy()

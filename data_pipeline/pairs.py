@@ -5,7 +5,10 @@ partners when one is a user image and the other a shop image with the same pair_
 share at least one item style > 0 (spec section 1). Inside a partner pair, items with equal
 style > 0 are positive instance pairs.
 
-An epoch visits every training image once, in elements of two images. An epoch over the partner
+An epoch is a list of elements of two images, in one of two ways (``PAIR_SAMPLINGS``, the
+config's ``data.pair_sampling``):
+
+"matching" (the default): an epoch visits every training image once. An epoch over the partner
 pairs would not: in the DeepFashion2 train split 337k pairs cover 191,961 images, one image in
 many pairs and many images in none, so images would train unevenly and the images without a
 partner never. Instead each epoch draws a maximum matching of the bipartite user-shop partner
@@ -14,10 +17,30 @@ train the matching loss. Every other image (no partner, or its partners matched 
 epoch) is paired at random with another such image, with the matching targets masked
 (``match_valid`` False), so it still trains detection, masks and landmarks. The matching being
 maximum, its size is the same every epoch, and no two of the leftover images are partners.
+An epoch holds ceil(images / 2) elements; the matching loss sees at most one pair per image
+per epoch.
+
+"all_pairs": an epoch visits every partner pair once, (user, shop) with ``match_valid`` True,
+and the images without any partner, paired at random among themselves with the matching
+targets masked (the detection, mask and landmark losses still train on them); an image in k
+pairs appears k times. An epoch holds pairs + ceil(partnerless images / 2) elements.
+
+Which the paper implies: "all_pairs". Its text (spec section 1) makes the image pair the unit
+of training data: every user/shop combination sharing a style > 0 item is an image pair,
+337,293 of them in the train split, and a batch holds 8 image pairs (16 images); the first
+author adds that every batch is 8 such image-level pairs (switchablenorms/DeepFashion2 issue
+12). Neither says what an epoch counts, so 12 epochs over pairs is a reading, not a quote. It
+costs at least 3.5x the steps of 12 epochs over images (8 pairs per step:
+ceil((337,293 + ceil(Z / 2)) / 8) >= 42,162 steps per epoch, Z the partnerless images, against
+11,998) and visits 12 x 337,293 = 4.05M pairs, against 12 x the matching's size (at most
+95,980 pairs, so under 1.16M) with "matching". The default stays "matching": a 1x schedule
+counts its epochs in images (Detectron's 90k steps of 16 images are 12 COCO epochs), as the 1x
+config does. The paper never mentions images without a partner; here they train everything but
+the matching loss under both options.
 
 A dataset without partners (no ``source`` field, e.g. the COCO conversion; or a detection-only
 subset) is the case of an empty matching: every element is two images with the matching targets
-masked.
+masked, the same epoch under both options.
 """
 
 from __future__ import annotations
@@ -36,6 +59,9 @@ from data_pipeline.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
+# How an epoch chooses the partner pairs that train the matching loss (module docstring).
+PAIR_SAMPLINGS = ("matching", "all_pairs")
+
 
 class EpochElements(NamedTuple):
   """One epoch, in its order.
@@ -53,8 +79,8 @@ class EpochElements(NamedTuple):
 class PairIndex:
   """The partner graph of a training set and its epochs.
 
-  Constructed from ``pairs``, ``num_images`` and optionally ``keys``; the other attributes are
-  derived.
+  Constructed from ``pairs``, ``num_images`` and optionally ``keys`` and ``sampling``; the
+  other attributes are derived.
 
   Attributes:
     pairs: [N, 2] int64 record indices (user, shop) of all partner pairs (the graph's edges),
@@ -64,13 +90,17 @@ class PairIndex:
     keys: [num_images] int64 or None: a grouping key of each image (``build_pair_index``: the
       category of its first item with style > 0, -1 without one), for ``epoch_elements``'s
       ``group_size``.
+    sampling: one of ``PAIR_SAMPLINGS``: an epoch of one maximum matching ("matching") or of
+      every pair ("all_pairs"); it sets ``epoch_size`` and ``epoch_elements``.
     users: sorted record indices of the user images that have a partner (the graph's rows).
     shops: sorted record indices of the shop images that have a partner (its columns).
-    pairs_per_epoch: the size of a maximum matching: matched elements in every epoch.
+    pairs_per_epoch: the elements that train the matching loss in every epoch: the size of a
+      maximum matching ("matching") or every pair ("all_pairs").
   """
   pairs: np.ndarray
   num_images: int
   keys: np.ndarray | None = None
+  sampling: str = "matching"
   users: np.ndarray = dataclasses.field(init=False)
   shops: np.ndarray = dataclasses.field(init=False)
   pairs_per_epoch: int = dataclasses.field(init=False)
@@ -78,6 +108,8 @@ class PairIndex:
   _cols: np.ndarray = dataclasses.field(init=False, repr=False)  # Edge -> position in shops.
 
   def __post_init__(self):
+    if self.sampling not in PAIR_SAMPLINGS:
+      raise ValueError(f"Pair sampling {self.sampling!r} is not one of {PAIR_SAMPLINGS}.")
     pairs = np.asarray(self.pairs, np.int64).reshape(-1, 2)
     if len(pairs) and (pairs.min() < 0 or pairs.max() >= self.num_images):
       raise ValueError(f"Pair record indices must lie in [0, {self.num_images}).")
@@ -90,12 +122,18 @@ class PairIndex:
     for name, value in derived.items():
       object.__setattr__(self, name, value)  # A frozen dataclass sets its fields this way.
     # Every maximum matching has this size, whatever the permutations: computed once.
-    object.__setattr__(self, "pairs_per_epoch", len(self._matching(None)[0]))
+    object.__setattr__(self, "pairs_per_epoch", len(pairs) if self.sampling == "all_pairs"
+                       else len(self._matching(None)[0]))
 
   @property
   def num_images_with_partner(self) -> int:
     """Images with at least one partner (the matching's candidates)."""
     return len(self.users) + len(self.shops)
+
+  @property
+  def num_images_without_partner(self) -> int:
+    """Images in no partner pair: with "all_pairs" the only images paired at random."""
+    return self.num_images - self.num_images_with_partner
 
   @property
   def match_valid(self) -> bool:
@@ -104,7 +142,10 @@ class PairIndex:
 
   @property
   def epoch_size(self) -> int:
-    """Elements per epoch, ceil(num_images / 2): the same every epoch, matched or not."""
+    """Elements per epoch, the same every epoch: ceil(num_images / 2) ("matching"), or every
+    pair and ceil(images without a partner / 2) ("all_pairs"). It sets the steps per epoch."""
+    if self.sampling == "all_pairs":
+      return len(self.pairs) + (self.num_images_without_partner + 1) // 2
     return (self.num_images + 1) // 2
 
   def _matching(self, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
@@ -136,12 +177,13 @@ class PairIndex:
                      batch_offset: int = 0) -> EpochElements:
     """The ``epoch_size`` elements of one epoch, in their (shuffled) order.
 
-    Every image appears exactly once, with one exception: when the images left over by the
-    matching are odd in number, the last of them pairs with one more image drawn at random from
-    all the others, which so appears twice in this epoch. Everything (the matching, the leftover
-    pairing, the order) depends only on (seed, epoch) and the arguments, so any step can be
-    reached without replaying the steps before it (for a given SciPy version: its matching may
-    change between versions).
+    "matching": every image appears exactly once, with one exception: when the images left over
+    by the matching are odd in number, the last of them pairs with one more image drawn at
+    random from all the others, which so appears twice in this epoch. "all_pairs": every pair
+    once as a matched element, then the images without a partner are the leftovers, paired
+    alike. Everything (the matching, the leftover pairing, the order) depends only on
+    (seed, epoch) and the arguments, so any step can be reached without replaying the steps
+    before it (for a given SciPy version: its matching may change between versions).
 
     With ``group_size`` > 1 (the elements of one training step), ``categories`` and ``keys``,
     the order puts matched elements of one key (the user image's category) together in runs of
@@ -162,7 +204,10 @@ class PairIndex:
     on the stream's batches.
     """
     rng = np.random.default_rng([seed, epoch])
-    users, shops = self._matching(rng)
+    if self.sampling == "all_pairs":  # Every pair; the order below shuffles them.
+      users, shops = self.pairs[:, 0], self.pairs[:, 1]
+    else:
+      users, shops = self._matching(rng)
     taken = np.zeros(self.num_images, bool)
     taken[users] = True
     taken[shops] = True
@@ -259,8 +304,9 @@ def positive_styles(record: ImageRecord) -> set[int]:
   return {item.style for item in record.items if item.style > 0}
 
 
-def build_pair_index(records: list[ImageRecord]) -> PairIndex:
-  """The partner graph of ``records``; logs what an epoch trains (singles mode: a warning)."""
+def build_pair_index(records: list[ImageRecord], sampling: str = "matching") -> PairIndex:
+  """The partner graph of ``records``, its epochs drawn by ``sampling`` (``PAIR_SAMPLINGS``);
+  logs what an epoch trains (singles mode: a warning)."""
   by_pair: dict[int, tuple[list[int], list[int]]] = collections.defaultdict(lambda: ([], []))
   for idx, rec in enumerate(records):
     if rec.source == "user":
@@ -281,8 +327,15 @@ def build_pair_index(records: list[ImageRecord]) -> PairIndex:
         if styles_u & styles_s:
           pairs.append((u, s))
   index = PairIndex(np.asarray(pairs, np.int64).reshape(-1, 2), len(records),
-                    image_keys(records))
-  if index.match_valid:
+                    image_keys(records), sampling)
+  if index.match_valid and sampling == "all_pairs":
+    log.info(
+        "Pair index: %d images, %d with a partner (%d image pairs); each epoch (all_pairs): %d "
+        "elements, every image pair trains the matching loss once (an image in several pairs "
+        "repeats), the %d images without a partner are paired at random with the matching "
+        "targets masked.", index.num_images, index.num_images_with_partner, len(index.pairs),
+        index.epoch_size, index.num_images_without_partner)
+  elif index.match_valid:
     log.info(
         "Pair index: %d images, %d with a partner (%d image pairs); each epoch: %d elements, "
         "%d matched pairs train the matching loss, the other %d images are paired at random "

@@ -10,16 +10,18 @@ a batch (each canvas shape is one compiled program of the step):
   evaluation: image [B, H, W, 3], ... plus ``valid`` [B] (False for padding after the last
               image).
 
-A training epoch visits every image once (``pairs.PairIndex.epoch_elements``: a maximum matching
-of the user-shop partners, the other images paired at random). The stream is a pure function of
-(seed, global element index): element g of the stream is element ``g % E`` of epoch ``g // E``
-(E = ceil(images / 2) elements per epoch), whose matching and order are drawn from
-(seed, epoch); the flips come from (seed, g). Resuming at step k starts the stream at element
-``k * P_global`` without touching the data before it, and each process reads its own slice of
-every global batch (``jax.process_index()`` / ``process_count()``). With buckets an epoch's
-order is laid out in runs of P_global elements of one orientation (``PairIndex.epoch_elements``
-with ``fit``), and global batch k goes onto the smallest canvas holding all of its images: a
-function of the records and (seed, k) alone, so resumption and process sharding hold.
+A training epoch (``pairs.PairIndex.epoch_elements``) visits every image once ("matching": a
+maximum matching of the user-shop partners, the other images paired at random) or every
+partner pair once ("all_pairs"; the images without a partner paired at random). The stream is a
+pure function of (seed, global element index): element g of the stream is element ``g % E`` of
+epoch ``g // E`` (E = ``PairIndex.epoch_size`` elements per epoch), whose matching and order
+are drawn from (seed, epoch); the flips come from (seed, g). Resuming at step k starts the
+stream at element ``k * P_global`` without touching the data before it, and each process reads
+its own slice of every global batch (``jax.process_index()`` / ``process_count()``). With
+buckets an epoch's order is laid out in runs of P_global elements of one orientation
+(``PairIndex.epoch_elements`` with ``fit``), and global batch k goes onto the smallest canvas
+holding all of its images: a function of the records and (seed, k) alone, so resumption and
+process sharding hold.
 
 Decoding, resizing, flipping and mask rasterization run in numpy/OpenCV inside
 ``tf.numpy_function`` with parallel calls (OpenCV and Pillow release the GIL); tf.data provides

@@ -51,7 +51,7 @@ class Item:
     landmarks: [n, 3] float32 category-local (x, y, v), n = LANDMARK_COUNTS[category_id],
       v in {0, 1, 2} (0: not labelled, x = y = 0); labelled ones clipped to the image.
     polygons: tuple of [k, 2] float32 arrays (k >= 3), the item's segmentation, clipped to
-      the image.
+      the image; at least one (a reader drops an item whose polygons were all bad).
     scale, occlusion, zoom_in, viewpoint: 1..3, 0 where the source does not give them.
     unclipped: the annotated geometry where clipping changed any of it; None where the clipped
       values are the annotated ones (most items: this costs nothing for them).
@@ -93,7 +93,9 @@ class ImageRecord:
     width, height: size of the image in pixels.
     source: 'user', 'shop', or '' when unknown (the COCO conversion drops it).
     pair_id: the image's pair id, -1 when unknown.
-    items: the image's items, in annotation order (item1, item2, ...).
+    items: the image's items, in annotation order (item1, item2, ...); empty only where a
+      non-strict reader dropped every item of the image (the image stays: its pixels hold
+      clothing, so it still belongs to the evaluation, see ``DropCounts``).
     anno_path: the file the annotation came from (for error messages).
   """
   image_id: int
@@ -106,12 +108,87 @@ class ImageRecord:
   anno_path: str = ""
 
 
+# What a non-strict reader drops, from the coarsest: a whole image (its file unreadable, its
+# size or image-level fields bad), one item (bad box, category, style, landmark array, attribute,
+# or no polygon left), one polygon of an item, one labelled landmark (made unlabelled).
+DROP_KINDS = ("image", "item", "polygon", "landmark")
+
+
+class Drop(NamedTuple):
+  """One thing a reader dropped: its kind (``DROP_KINDS``) and the DataError that dropped it.
+  A plain tuple, so it travels back from the readers' worker processes."""
+  kind: str
+  path: str
+  field: str
+  message: str
+
+  def error(self) -> DataError:
+    return DataError(self.path, self.field, self.message)
+
+  def __str__(self) -> str:
+    return str(self.error())
+
+
+@dataclasses.dataclass(frozen=True)
+class DropCounts:
+  """How many images, items, polygons and labelled landmarks of a split its reader dropped.
+
+  They travel with the split's records (``ScanResult.counts``, ``sources.DataSource.dropped``,
+  the TFDS build's marker) so that an evaluation knows which ground truth it is missing: a
+  dropped validation image or item is absent from every metric and from the retrieval
+  denominator (``evaluator`` refuses to evaluate then, unless told to).
+  """
+  images: int = 0
+  items: int = 0
+  polygons: int = 0
+  landmarks: int = 0
+
+  @classmethod
+  def of(cls, drops) -> "DropCounts":
+    """The counts of an iterable of ``Drop``."""
+    counts = dict.fromkeys(DROP_KINDS, 0)
+    for drop in drops:
+      counts[drop.kind] += 1
+    return cls(*(counts[kind] for kind in DROP_KINDS))
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "DropCounts":
+    """The inverse of ``as_dict`` (missing kinds are 0)."""
+    return cls(**{f"{kind}s": int(values.get(f"{kind}s", 0)) for kind in DROP_KINDS})
+
+  def as_dict(self) -> dict[str, int]:
+    """{"images", "items", "polygons", "landmarks"} (metrics.json, the TFDS marker)."""
+    return dataclasses.asdict(self)
+
+  def __add__(self, other: "DropCounts") -> "DropCounts":
+    return DropCounts(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                              dataclasses.astuple(other))))
+
+  def __bool__(self) -> bool:
+    return any(dataclasses.astuple(self))
+
+  def __str__(self) -> str:
+    return (f"{self.images} images, {self.items} items, {self.polygons} polygons, "
+            f"{self.landmarks} landmarks")
+
+
 @dataclasses.dataclass
 class ScanResult:
-  """Records that passed validation and the files that were skipped, with reasons."""
+  """Records that passed validation (with the parts that failed it removed) and what was
+  dropped, in the order the reader met it."""
   records: list[ImageRecord]
-  skipped: list[tuple[str, str]]  # (path, reason naming the field)
+  drops: list[Drop]
+
+  @property
+  def skipped(self) -> list[tuple[str, str]]:
+    """(path, reason naming the field) of every dropped image."""
+    return [(d.path, str(d)) for d in self.drops if d.kind == "image"]
 
   @property
   def num_skipped(self) -> int:
-    return len(self.skipped)
+    """Images dropped."""
+    return self.counts.images
+
+  @property
+  def counts(self) -> DropCounts:
+    return DropCounts.of(self.drops)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline import annotations, images
-from data_pipeline.records import ImageRecord
+from data_pipeline.records import DropCounts, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,13 @@ class DataSource:
     records: the validated records, in file order.
     loader: record index -> decoded image, uint8 [H, W, 3]; raises DataError on bad pixels.
     name: where the data comes from (for logs).
-    num_skipped: files skipped while scanning.
+    dropped: what the reader dropped from the split as invalid (images, items, polygons,
+      landmarks): ground truth the records lack, which an evaluation must know about.
   """
   records: list[ImageRecord]
   loader: Callable[[int], np.ndarray]
   name: str
-  num_skipped: int = 0
+  dropped: DropCounts = DropCounts()
 
   def load_image(self, index: int) -> np.ndarray:
     return self.loader(index)
@@ -40,12 +41,13 @@ class DataSource:
     return len(self.records)
 
   def subset(self, indices) -> "DataSource":
-    """The records at ``indices`` (in that order), loading the same pixels."""
+    """The records at ``indices`` (in that order), loading the same pixels. ``dropped`` stays
+    the split's: which subset a dropped image would have fallen into is unknown."""
     indices = [int(i) for i in indices]
     return DataSource([self.records[i] for i in indices],
                       lambda j: self.loader(indices[j]),
                       f"{self.name} ({len(indices)} of {len(self.records)} images)",
-                      self.num_skipped)
+                      self.dropped)
 
 
 def _path_loader(records: list[ImageRecord]) -> Callable[[int], np.ndarray]:
@@ -57,7 +59,7 @@ def raw_source(root: str, *, strict: bool = False, check_image: str = "decode",
   """A split directory in the raw layout (``root/image``, ``root/annos``)."""
   scan = annotations.scan_raw_root(root, strict=strict, check_image=check_image,
                                    num_workers=num_workers)
-  return DataSource(scan.records, _path_loader(scan.records), str(root), scan.num_skipped)
+  return DataSource(scan.records, _path_loader(scan.records), str(root), scan.counts)
 
 
 def coco_source(json_path: str, image_dir: str, *, strict: bool = False,
@@ -65,13 +67,13 @@ def coco_source(json_path: str, image_dir: str, *, strict: bool = False,
   """A DeepFashion2 COCO-format JSON (the official conversion) and its image folder."""
   scan = annotations.read_coco(json_path, image_dir, strict=strict, check_image=check_image,
                                num_workers=num_workers)
-  return DataSource(scan.records, _path_loader(scan.records), str(json_path), scan.num_skipped)
+  return DataSource(scan.records, _path_loader(scan.records), str(json_path), scan.counts)
 
 
 def ensure_synthetic(data) -> str:
   """The synthetic dataset of ``data`` (a ConfigDict), generated on first use and cached.
 
-  The cache folder is ``{synthetic_dir}/s{seed}_t{train}_v{val}_px{size}``, so changing the
+  The cache folder is ``synthetic.cache_root`` (settings and generator version), so changing the
   recipe generates a new dataset instead of reusing a stale one.
   """
   import os

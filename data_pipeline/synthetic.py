@@ -3,7 +3,7 @@ r"""Synthetic DeepFashion2: the project's embedded default dataset.
   python -m data_pipeline.synthetic --train-pairs 1800 --val-pairs 50 --image-size 128 \
       --seed 0 --workers 2
 
-writes ``data/synthetic/s0_t1800_v50_px128/`` (``cache_root``: where ``run.py`` with the demo
+writes ``data/synthetic/s0_t1800_v50_px128_g2/`` (``cache_root``: where ``run.py`` with the demo
 config, whose numbers these are and the defaults, generates and reads the same data;
 ``--synthetic-dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with
 ``train/{image,annos}`` and ``validation/{image,annos}`` in the raw
@@ -32,11 +32,14 @@ What is in it:
     it lies on the hidden part of the garment, 0 outside the image (or, for ~5%, unlabelled);
     scale, occlusion and zoom_in are measured from the masks.
 
-Coordinates are continuous pixel coordinates (pixel (i, j) covers [j, j+1) x [i, i+1));
-landmarks are written rounded to integers, like the real annotations. Everything is
-deterministic: image ``index`` of a split draws from ``np.random.default_rng([seed, split_code,
-index])`` and shared pair properties from generators keyed by (seed, split_code, pair_id), so the
-output does not depend on ``--workers``.
+Coordinates are continuous pixel coordinates (pixel (i, j) covers [j, j+1) x [i, i+1)), except
+landmarks: like the real annotations they are written as the integer index of the pixel that
+holds them, (floor(x), floor(y)), which the loader maps back to that pixel's centre
+(``transforms.landmarks_to_continuous``: + 0.5), within half a pixel of the rendered point and
+without bias (rounding to the nearest integer would put the training target 0.5 px right of and
+below the point on average). Everything is deterministic: image ``index`` of a split draws
+from ``np.random.default_rng([seed, split_code, index])`` and shared pair properties from
+generators keyed by (seed, split_code, pair_id), so the output does not depend on ``--workers``.
 """
 
 from __future__ import annotations
@@ -769,7 +772,7 @@ def render_image(rng: np.random.Generator, spec: PairSpec, source: str,
     cid = p.item.category_id
     lm = []
     for x, y in p.points:
-      xi, yi = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+      xi, yi = int(math.floor(x)), int(math.floor(y))  # the pixel holding it (module doc)
       v = 0
       if 0 <= xi < width and 0 <= yi < height and rng.random() >= UNLABELLED_RATE:
         win = (slice(max(yi - 1, 0), yi + 2), slice(max(xi - 1, 0), xi + 2))
@@ -897,13 +900,20 @@ def mark_complete(root: str) -> None:
     f.write("ok\n")
 
 
+# The generator's version, in the cache folder's name: a dataset written by an earlier
+# generator (2: landmarks as the pixel holding the point, as DeepFashion2 stores them; 1
+# rounded them to the nearest pixel corner) is never reused as if current.
+GENERATOR_VERSION = 2
+
+
 def cache_root(synthetic_dir: str, train_pairs: int, val_pairs: int, image_size: int,
                seed: int) -> str:
   """Where a synthetic dataset of these settings lives under ``synthetic_dir``
-  (``config.data.synthetic_dir``): ``s{seed}_t{train}_v{val}_px{size}``. ``run.py``
-  generates it there on first use, and this module's CLI writes it there by default, so both
-  share one copy."""
-  return os.path.join(synthetic_dir, f"s{seed}_t{train_pairs}_v{val_pairs}_px{image_size}")
+  (``config.data.synthetic_dir``): ``s{seed}_t{train}_v{val}_px{size}_g{GENERATOR_VERSION}``.
+  ``run.py`` generates it there on first use, and this module's CLI writes it there by
+  default, so both share one copy."""
+  return os.path.join(synthetic_dir, f"s{seed}_t{train_pairs}_v{val_pairs}_px{image_size}"
+                      f"_g{GENERATOR_VERSION}")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -912,7 +922,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       description="Write a synthetic DeepFashion2 dataset in the raw layout.")
   parser.add_argument("--synthetic-dir", default="data/synthetic",
                       help="the folder of synthetic datasets (config.data.synthetic_dir); the "
-                           "dataset goes to SYNTHETIC_DIR/s{seed}_t{train}_v{val}_px{size}/, "
+                           "dataset goes to SYNTHETIC_DIR/s{seed}_t{train}_v{val}_px{size}_g{version}/, "
                            "where run.py looks for it")
   parser.add_argument("--out", default=None,
                       help="write the dataset to exactly this root instead (gets train/ and "

@@ -3,12 +3,14 @@ r"""TFDS builder for DeepFashion2, reading an unpacked release from ``manual_dir
   python -m data_pipeline.tfds_deepfashion2 --manual_dir ROOT --data_dir ~/tensorflow_datasets
 
 ``ROOT`` holds ``train/{image,annos}`` and ``validation/{image,annos}`` (the release layout;
-the synthetic generator writes the same). Every file is validated on the way in: bad files are
-skipped, counted and logged, exactly as the raw reader does.
+the synthetic generator writes the same). Every file is validated on the way in by the raw
+reader: bad images are left out, and bad items, polygons and landmarks are dropped, each counted
+and logged (``annotations.scan_raw_root``).
 
 Each example stores the image file's original bytes (no re-encoding; our loader converts any
-mode to RGB) and the annotation as its validated JSON text, so the TFDS data holds nothing the
-raw reader would not accept. The data is written as ArrayRecord, which gives random access:
+mode to RGB) and the annotation as its JSON text, which ``tfds_source`` validates again with
+the same code, dropping the same items, polygons and landmarks, so the TFDS data yields nothing
+the raw reader would not. The data is written as ArrayRecord, which gives random access:
 ``tfds_source`` turns a split into a ``DataSource`` for the pipeline, whose resumable,
 per-element-seeded stream needs exactly that.
 
@@ -16,7 +18,10 @@ A release folder that yields no record (no train/ or validation/ folder, a split
 annos/ or image/, or a split whose files all fail validation) is an error naming the folder and
 what is missing (exit status 1), and nothing is written. A complete build holds a marker,
 ``deepfashion2_build.json``: the release folder it was built from, and per split the records
-written, the files skipped and the files the split's annos/ and image/ held. It is written
+written, the files skipped ("skipped", the images dropped), what the scan dropped ("dropped":
+images, items, polygons, landmarks; ``tfds_source`` gives them to its ``DataSource``, so that an
+evaluation from TFDS knows the ground truth it lacks) and the files the split's annos/ and
+image/ held. It is written
 inside TFDS's temporary folder, so it appears with the data or not at all. ``prepare`` reuses a
 build only when the marker agrees with the data (same record counts, none zero) and with the
 release folder (same folder, same file counts); a build without it (empty, interrupted, or from
@@ -133,11 +138,11 @@ class Deepfashion2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           why = (f"none of {counts['annos']} annotation files and {counts['image']} images is "
                  f"readable (first: {scan.skipped[0][1]})")
         raise PrepareError(f"{split_dir}: 0 records: {why}")
-      if scan.num_skipped:
-        log.warning("%s: %d files skipped (see the warnings above).", split_dir,
-                    scan.num_skipped)
+      if scan.counts:
+        log.warning("%s: dropped %s (see the warnings above).", split_dir, scan.counts)
       self._source["splits"][name] = {"folder": split_dir, "records": len(scan.records),
-                                      "skipped": scan.num_skipped, "files": counts}
+                                      "skipped": scan.num_skipped,
+                                      "dropped": scan.counts.as_dict(), "files": counts}
       generators[name] = self._generate_examples(scan)
     return generators
 
@@ -232,13 +237,18 @@ def prepare(manual_dir: str, data_dir: str) -> Deepfashion2:
 
 
 def tfds_source(data_dir: str, split: str) -> DataSource:
-  """A prepared split as a pipeline ``DataSource`` (random access, validated records)."""
+  """A prepared split as a pipeline ``DataSource`` (random access, validated records).
+
+  Its ``dropped``: the images the build left out (its marker's count) and the items, polygons
+  and landmarks this validation of the stored annotations drops again (the build's scan
+  dropped the same ones; a build from before the marker recorded them held none).
+  """
   builder = Deepfashion2(data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"No prepared DeepFashion2 TFDS data in {data_dir} (config.data.tfds_data_dir). "
         f"Prepare it once from the unpacked release: {_COMMAND} --data_dir {data_dir}")
-  _, why = read_marker(builder)
+  marker, why = read_marker(builder)
   if why:
     raise FileNotFoundError(f"The DeepFashion2 TFDS data in {data_dir} is not a complete build "
                             f"({why}); prepare it again: {_COMMAND} --data_dir {data_dir}")
@@ -248,18 +258,25 @@ def tfds_source(data_dir: str, split: str) -> DataSource:
                             f"holds {split}/")
   data = builder.as_data_source(split=split)
   records = []
+  drops = annotations.Drops()  # logged once, by the build's scan; counted here
   for i in range(len(data)):
     ex = data[i]
     name = f"tfds:{builder.name}/{split}[{i}]"
     records.append(annotations.parse_raw_annotation(
         json.loads(ex["annotation"]), anno_path=name, image_id=int(ex["image_id"]),
-        image_path="", width=int(ex["width"]), height=int(ex["height"])))
+        image_path="", width=int(ex["width"]), height=int(ex["height"]), drops=drops))
+  built = marker["splits"][split]
+  dropped = records_lib.DropCounts(images=int(built.get("dropped", {}).get(
+      "images", built.get("skipped", 0)))) + drops.counts
+  if dropped:
+    log.warning("%s/%s: the build dropped %s as invalid (its scan's warnings name them).",
+                data_dir, split, dropped)
 
   def loader(index: int) -> np.ndarray:
     return images.decode_image_bytes(data[index]["image_bytes"],
                                      f"tfds:{builder.name}/{split}[{index}]")
 
-  return DataSource(records, loader, f"tfds:{data_dir}/{builder.name}/{split}")
+  return DataSource(records, loader, f"tfds:{data_dir}/{builder.name}/{split}", dropped)
 
 
 def main(argv):

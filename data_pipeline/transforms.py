@@ -6,6 +6,14 @@ JAX (and OpenCV only inside ``encode_image``), so every part of the project can 
 
 Coordinates are continuous: a pixel (i, j) covers [j, j + 1) x [i, i + 1); resizing multiplies
 coordinates by the per-axis scale; a horizontal flip of content of width w maps x to w - x.
+Boxes and polygons are annotated in these coordinates. Landmarks are not: DeepFashion2, like
+COCO, gives a landmark as the integer index of its pixel (0..W-1, 0..H-1). detectron2's
+convention, kept here: ``landmarks_to_continuous`` adds 0.5 when the training arrays are built
+(the pixel's centre; then a flip maps index x to W - 1 - x, the mirror pixel, where x -> W - x
+on the index itself would land 1 px off), and ``landmarks_to_pixel_indices`` subtracts it again
+when predictions are exported (``evaluation.results``, ``predict``), so that they are compared
+with the annotations' indices. The evaluation ground truth keeps the annotated indices
+(``Item.raw_landmarks``, ``convert``).
 """
 
 from __future__ import annotations
@@ -97,7 +105,8 @@ def image_spec(geometry: ImageGeometry, canvas_hw: tuple[int, int] | None = None
       "classes": ((m,), np.dtype(np.int32)),        # 1..13, 0 = padding
       "instance_valid": ((m,), np.dtype(np.bool_)),
       "masks": ((m, s, s), np.dtype(np.uint8)),     # 0/1, cropped to the box
-      "landmarks": ((m, df2.NUM_LANDMARKS, 3), np.dtype(np.float32)),  # x, y, v
+      # x, y (continuous: an annotated pixel index + 0.5, on the canvas), v
+      "landmarks": ((m, df2.NUM_LANDMARKS, 3), np.dtype(np.float32)),
       "pair_id": ((m,), np.dtype(np.int32)),
       "style": ((m,), np.dtype(np.int32)),
   }
@@ -119,6 +128,35 @@ def resized_hw(height: int, width: int, scale: float,
           max(1, min(cw, int(round(width * scale)))))
 
 
+# Half a pixel: from a landmark's annotated pixel index to the pixel's centre (load) and back
+# (export). See the module docstring.
+LANDMARK_PIXEL_CENTRE = 0.5
+
+
+def landmarks_to_continuous(local: np.ndarray, width: float, height: float) -> np.ndarray:
+  """[..., 3] annotated landmarks (x, y, v; pixel indices) -> continuous coordinates.
+
+  Labelled landmarks (v > 0) move to their pixel's centre, (x + 0.5, y + 0.5), then onto the
+  image [0, width] x [0, height]: ``Item.landmarks`` are clipped to that range as indices, so an
+  index on the far border (x = width, within the readers' tolerance) would end half a pixel
+  outside. Unlabelled landmarks keep x = y = 0.
+  """
+  out = np.array(local, np.float32, copy=True)
+  labelled = out[..., 2] > 0
+  moved = np.clip(out[..., :2] + np.float32(LANDMARK_PIXEL_CENTRE), 0.0,
+                  np.float32([width, height]))
+  out[..., :2] = np.where(labelled[..., None], moved, out[..., :2])
+  return out
+
+
+def landmarks_to_pixel_indices(xy: np.ndarray) -> np.ndarray:
+  """Continuous (x, y) of predicted landmarks -> the annotations' pixel-index convention
+  (minus 0.5; detectron2's ``instances_to_coco_json``), in the original image's pixels, i.e.
+  after scaling from the canvas: the inverse of ``landmarks_to_continuous`` up to the clipping.
+  Apply it to real landmarks only (a detection's own category), not to zero-filled slots."""
+  return np.asarray(xy, np.float32) - np.float32(LANDMARK_PIXEL_CENTRE)
+
+
 def global_landmarks(category_id: int, local: np.ndarray) -> np.ndarray:
   """Category-local [n, 3] landmarks -> the global [294, 3] layout (zeros elsewhere)."""
   out = np.zeros((df2.NUM_LANDMARKS, 3), np.float32)
@@ -129,8 +167,8 @@ def global_landmarks(category_id: int, local: np.ndarray) -> np.ndarray:
 def flip_landmarks(landmarks: np.ndarray, width: float) -> np.ndarray:
   """Horizontal flip of [..., 294, 3] landmarks in the global layout.
 
-  Left and right landmarks swap (``FLIP_PERM``) and x becomes ``width - x``; unlabelled points
-  (v = 0) keep x = y = 0.
+  Left and right landmarks swap (``FLIP_PERM``) and x becomes ``width - x`` (continuous
+  coordinates: ``landmarks_to_continuous``); unlabelled points (v = 0) keep x = y = 0.
   """
   out = landmarks[..., df2.FLIP_PERM, :].copy()
   labelled = out[..., 2] > 0
@@ -236,7 +274,8 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
   axis_scale = np.array([sx, sy], np.float32)
   for k, item in enumerate(items):
     box = item.box.astype(np.float32) * np.tile(axis_scale, 2)
-    lms = global_landmarks(item.category_id, item.landmarks)
+    # The one place where annotated landmark indices become continuous coordinates.
+    lms = global_landmarks(item.category_id, landmarks_to_continuous(item.landmarks, w, h))
     lms[:, :2] *= axis_scale
     polys = [p.astype(np.float32) * axis_scale for p in item.polygons]
     if flip:

@@ -7,7 +7,8 @@ jitted ``MatchRCNN.detect`` in batches on the config's canvas, and writes per im
 ``predictions.json``: ``{"images": [...], "bbox": [...], "segm": [...], "keypoints": [...]}``,
 the images as COCO image entries (``id``, ``file_name``, ``height``, ``width``; the ids are the
 files' numeric stems when all are distinct numbers, else 1..N in file-name order: see
-``image_ids``) and the detections in the DeepFashion2 result formats, plus the detections'
+``image_ids``) and the detections in the DeepFashion2 result formats (landmarks as the
+annotations' pixel indices: ``transforms.landmarks_to_pixel_indices``), plus the detections'
 embeddings for retrieval (``embeddings``: {image_id: [[D floats] per detection]}).
 No TensorFlow: images are decoded with Pillow and encoded in numpy.
 
@@ -33,6 +34,7 @@ import jax
 import numpy as np
 
 from data_pipeline import annotations, draw, images, transforms
+from data_pipeline import deepfashion2 as df2
 from data_pipeline.records import DataError, ImageRecord
 from df2_jax import files, parallel
 from df2_jax.evaluation import coco
@@ -255,11 +257,17 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   for d in np.nonzero(keep)[0]:  # detectron2's pasting (evaluation.masks)
     region, (top, left) = mask_lib.paste_mask_region(out["masks"][d], boxes[d], (h, w))
     masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
-  lms = out["landmarks"].copy()
+  lms = out["landmarks"].copy()  # continuous coordinates, scaled like the boxes
   lms[..., 0] *= sx
   lms[..., 1] *= sy
+  # Exported as the annotations' pixel indices (half a pixel less), each detection's own
+  # category's landmarks only; the drawing takes the continuous ones (draw.draw_instances).
+  own = df2.CATEGORY_LANDMARK_MASK[np.clip(out["classes"], 0, df2.NUM_CATEGORIES)]
+  exported = lms.copy()
+  exported[..., :2] = np.where(own[..., None], transforms.landmarks_to_pixel_indices(
+      lms[..., :2]), lms[..., :2])
   b, s, k = coco.detections_to_results(image_id, boxes, out["scores"], out["classes"], keep,
-                                       masks, lms)
+                                       masks, exported)
   results["images"].append({"id": int(image_id), "file_name": name, "height": int(h),
                             "width": int(w)})
   results["bbox"] += b

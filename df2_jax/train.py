@@ -40,6 +40,14 @@ def zero_train_batch(geometry: transforms.ImageGeometry, pairs: int) -> dict[str
   return batch
 
 
+def train_pair_index(config, records):
+  """The training records' partner graph with ``config.data.pair_sampling`` ("matching" for a
+  config without the key). Its ``epoch_size`` sets the steps per epoch, hence the total steps
+  and the learning-rate decay steps, as well as the input stream's epochs."""
+  from data_pipeline import pairs
+  return pairs.build_pair_index(records, str(config.data.get("pair_sampling", "matching")))
+
+
 class MetricsWriter:
   """Scalars to ``workdir/metrics.jsonl`` and, when TensorFlow is present, TensorBoard."""
 
@@ -114,12 +122,13 @@ class Evaluations:
   metrics.jsonl and TensorBoard), and the best one's params under ``workdir/best/``.
 
   The evaluation split is scanned once, when this is built (at the start of training: a
-  missing or broken split fails before any step). ``workdir/best/`` holds one checkpoint,
-  {"params", "constants"} of the first step that reached the best value of
-  ``config.train.best_metric`` (a ``metrics.json`` scalar name without "eval/", e.g.
-  "bbox/AP"); its ``extra`` JSON has the step, the metric and every headline number. It is
-  replaced only by a strictly better value, also across resumes, and reads like any
-  checkpoint directory: ``--mode eval --checkpoint_dir WORKDIR/best``.
+  missing or broken split fails before any step, and so does one whose reader dropped images
+  or items, ``evaluator.SkippedGroundTruth``, unless ``config.eval.allow_skipped``).
+  ``workdir/best/`` holds one checkpoint, {"params", "constants"} of the first step that
+  reached the best value of ``config.train.best_metric`` (a ``metrics.json`` scalar name
+  without "eval/", e.g. "bbox/AP"); its ``extra`` JSON has the step, the metric and every
+  headline number. It is replaced only by a strictly better value, also across resumes, and
+  reads like any checkpoint directory: ``--mode eval --checkpoint_dir WORKDIR/best``.
   """
 
   def __init__(self, config, workdir: str, writer: MetricsWriter, *, eval_source=None,
@@ -134,6 +143,8 @@ class Evaluations:
     self.run_extra = dict(run_extra or {})
     self.source = (eval_source if eval_source is not None
                    else sources.source_from_config(config.data, config.data.eval_split))
+    # A split that lost images or items is refused now, not at the first evaluation.
+    evaluator.check_ground_truth(config, self.source)
     self.best = (ckpt_lib.CheckpointManager(os.path.join(workdir, "best"), 1, max_to_keep=1)
                  if track_best else None)
     self.best_value, self.best_step = -math.inf, None
@@ -230,7 +241,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
   """``train`` and ``train_and_evaluate``: everything is checked (config, the workdir's
   lock and its checkpoints' fit, weight files, then the data) before the first compilation
   of a step."""
-  from data_pipeline import pairs, pipeline, sources  # TensorFlow is loaded here only.
+  from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
 
   tc = config.train
   check_config(config)
@@ -265,7 +276,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     if train_source is None:
       train_source = sources.source_from_config(config.data, config.data.train_split)
-    pair_index = pairs.build_pair_index(train_source.records)
+    pair_index = train_pair_index(config, train_source.records)
     steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch
     schedule = schedules.step_decay_schedule(tc.base_lr, steps_per_epoch, tuple(tc.decay_epochs),

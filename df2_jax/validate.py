@@ -32,6 +32,7 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 ROI_ALIGN_METHODS = ("gather", "matmul")
 MATCH_NEGATIVES = ("pair", "batch")
+PAIR_SAMPLINGS = ("matching", "all_pairs")  # data_pipeline.pairs.PAIR_SAMPLINGS
 # MatchRCNN's top-level parameter modules (train.undecayed_modules names some of them).
 PARAM_MODULES = ("backbone", "fpn", "rpn", "box_head", "mask_head", "landmark_head",
                  "matching_head", "scorer")
@@ -131,6 +132,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.mask_size": POSITIVE,
     "data.flip_prob": FRACTION,
     "data.category_batches": boolean,
+    "data.pair_sampling": choice(PAIR_SAMPLINGS),
     "data.check_images": choice(CHECK_IMAGE_MODES),
     "data.num_workers": NON_NEGATIVE,
     "data.input_workers": NON_NEGATIVE,
@@ -161,6 +163,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.landmark_num_convs": POSITIVE,
     "model.landmark_rois_per_image": POSITIVE,
     "model.landmark_visible_only": boolean,
+    "model.box_loss_beta": number(0.0),
+    "model.rpn_box_loss_beta": number(0.0),
+    "model.mask_binary_targets": boolean,
     "model.landmark_select_channels": boolean,
     "model.match_conv_dim": POSITIVE,
     "model.match_proj_dim": POSITIVE,
@@ -203,6 +208,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "eval.num_retrieval_strips": NON_NEGATIVE,
     "eval.host_workers": NON_NEGATIVE,
     "eval.host_pool": choice(HOST_POOLS),
+    "eval.allow_skipped": boolean,
 }
 
 

@@ -55,9 +55,9 @@ def _make_root(root: Path, files: dict) -> Path:
   return root
 
 
-def _parse(anno, width=600, height=500):
+def _parse(anno, width=600, height=500, drops=None):
   return annotations.parse_raw_annotation(anno, "annos/000001.json", 1, "image/000001.jpg",
-                                          width, height)
+                                          width, height, drops=drops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +168,8 @@ def test_training_targets_clipped_conversion_not(tmp_path):
   out = transforms.encode_image(record, np.zeros((500, 600, 3), np.uint8), geometry, flip=False)
   assert out["scale"] == 1
   np.testing.assert_array_equal(out["boxes"][1], [0, 0, 495, 179])
-  np.testing.assert_array_equal(out["landmarks"][1][9], [0, 58, 2])
+  # The landmark's pixel index clipped to the image (0, 58), then the pixel's centre (+0.5).
+  np.testing.assert_array_equal(out["landmarks"][1][9], [0.5, 58.5, 2])
   flipped = transforms.encode_image(record, np.zeros((500, 600, 3), np.uint8), geometry,
                                     flip=True)
   np.testing.assert_array_equal(flipped["boxes"][1], [105, 0, 600, 179])  # not beyond 600
@@ -283,6 +284,59 @@ def test_validation_rule(mutate, field):
   assert "annos/000001.json" in str(info.value) and field in str(info.value)
 
 
+# What each rule drops when the reader collects drops instead of raising: "image" (the parser
+# raises: the whole image goes), "item", "polygon" or "landmark" (the rest of the image stays).
+# An item whose only polygon is bad is dropped whole, under the segmentation list's field.
+RULE_DROPS = {
+    "missing source": "image", "missing pair_id": "image", "missing category_id": "item",
+    "missing style": "item", "missing bounding_box": "item", "missing landmarks": "item",
+    "missing segmentation": "item", "category 0": "item", "category 14": "item",
+    "category not int": "item", "category_name mismatch": "item",
+    "wrong landmark count": "item", "category_name checked against new id": "item",
+    "visibility 3": "landmark", "visibility -1": "landmark", "non-finite landmark": "landmark",
+    "degenerate box x": "item", "degenerate box y": "item", "box 3 numbers": "item",
+    "box not numbers": "item", "box infinite": "item", "box out of image right": "item",
+    "box out of image top": "item", ("odd polygon", "item1.segmentation"): "item",
+    "polygon with 2 points": "polygon", "no polygons": "item",
+    ("polygon not flat", "item2.segmentation"): "item", "landmark out of image": "landmark",
+    "landmark above image": "landmark", "polygon point out of image": "polygon",
+    "no items": "image", "bad source": "image", "negative style": "item",
+    "negative pair_id": "image", "attribute 4": "item", "attribute 0": "item",
+    "item not an object": "item",
+}
+
+
+@pytest.mark.parametrize("key", RULE_DROPS, ids=lambda k: k if isinstance(k, str) else k[0])
+def test_validation_rule_drops_only_its_part(key):
+  name, field = key if isinstance(key, tuple) else (key, RULES[key][1])
+  kind = RULE_DROPS[key]
+  assert {k if isinstance(k, str) else k[0] for k in RULE_DROPS} == set(RULES)
+  anno = _issue4()
+  RULES[name][0](anno)
+  drops = annotations.Drops()
+  if kind == "image":
+    with pytest.raises(records.DataError) as info:
+      _parse(anno, drops=drops)
+    assert info.value.field == field
+    return
+  record = _parse(anno, drops=drops)
+  drop, = drops.entries
+  assert (drop.kind, drop.path, drop.field) == (kind, "annos/000001.json", field)
+  clean = _parse(_issue4())
+  bad = int(field[4]) - 1  # item1 or item2
+  if kind == "item":
+    assert len(record.items) == 1
+    kept, = record.items
+    np.testing.assert_array_equal(kept.box, clean.items[1 - bad].box)
+  elif kind == "polygon":
+    assert len(record.items[bad].polygons) == len(clean.items[bad].polygons) - 1
+  else:  # one landmark made unlabelled, the others as they were
+    got, want = record.items[bad].landmarks, clean.items[bad].landmarks
+    changed = np.flatnonzero((got != want).any(1))
+    assert len(changed) <= 1 and (got[changed] == 0).all()
+    assert int((got[:, 2] > 0).sum()) == int((want[:, 2] > 0).sum()) - len(changed)
+
+
 def test_not_an_object():
   with pytest.raises(records.DataError) as info:
     _parse([1, 2, 3])
@@ -310,14 +364,11 @@ def _file_case(kind):
     return {"000001": (b"", image)}, "annos/000001.json", "json"
   if kind == "invalid JSON":
     return {"000001": (b'{"source": "shop",', image)}, "annos/000001.json", "json"
-  if kind == "image smaller than box":
-    return {"000001": (anno, _jpeg(500, 400))}, "annos/000001.json", "item1.bounding_box"
   raise ValueError(kind)
 
 
 FILE_CASES = ["annotation without image", "image without annotation", "corrupt JPEG",
-              "truncated JPEG", "empty image file", "empty annotation file", "invalid JSON",
-              "image smaller than box"]
+              "truncated JPEG", "empty image file", "empty annotation file", "invalid JSON"]
 
 
 @pytest.mark.parametrize("kind", FILE_CASES)
@@ -328,10 +379,27 @@ def test_file_failure(tmp_path, kind):
     annotations.scan_raw_root(root, strict=True, num_workers=1)
   assert info.value.field == field
   assert info.value.path == str(root / rel_path)
-  # Not strict: skipped with the same reason.
+  # Not strict: the image is dropped with the same reason.
   result = annotations.scan_raw_root(root, num_workers=1)
   assert result.records == []
   assert result.skipped == [(str(root / rel_path), str(info.value))]
+  assert result.counts == records.DropCounts(images=1)
+
+
+def test_image_smaller_than_a_box_drops_that_item_only(tmp_path):
+  """The measured size is what items are checked against: the skirt's box (y2 455) does not
+  fit a 500x400 image, the top does."""
+  root = _make_root(tmp_path / "split", {"000001": (_issue4(), _jpeg(500, 400))})
+  with pytest.raises(records.DataError) as info:
+    annotations.scan_raw_root(root, strict=True, num_workers=1)
+  assert info.value.field == "item1.bounding_box"
+  assert info.value.path == str(root / "annos/000001.json")
+  result = annotations.scan_raw_root(root, num_workers=1)
+  record, = result.records
+  assert (record.width, record.height) == (500, 400)
+  assert [i.category_id for i in record.items] == [1]  # the skirt (item1) is gone
+  assert result.counts == records.DropCounts(items=1)
+  assert result.skipped == []
 
 
 def test_read_raw_record_header_mode_misses_truncation(tmp_path):
@@ -370,21 +438,28 @@ def test_scan_mixed_root(tmp_path, caplog):
   })
   caplog.set_level(logging.INFO)
   result = annotations.scan_raw_root(root, num_workers=1)
-  assert [r.image_id for r in result.records] == [1, 3, 5]
-  assert [r.pair_id for r in result.records] == [1, 3, 5]
-  assert [r.source for r in result.records] == ["user", "shop", "user"]
-  assert result.num_skipped == 2
-  (path2, reason2), (path4, reason4) = result.skipped
+  # The corrupt image is dropped; image 4 keeps its other item (item2's landmark array is bad).
+  assert [r.image_id for r in result.records] == [1, 3, 4, 5]
+  assert [r.pair_id for r in result.records] == [1, 3, 4, 5]
+  assert [r.source for r in result.records] == ["user", "shop", "user", "user"]
+  assert [len(r.items) for r in result.records] == [2, 2, 1, 2]
+  assert result.counts == records.DropCounts(images=1, items=1)
+  assert result.num_skipped == 1
+  (path2, reason2), = result.skipped
   assert path2 == str(root / "image/000002.jpg") and "field 'image'" in reason2
-  assert path4 == str(root / "annos/000004.json") and "field 'item2.landmarks'" in reason4
-  assert "expected 75 numbers" in reason4
+  _, drop4 = result.drops
+  assert (drop4.kind, drop4.path, drop4.field) == ("item", str(root / "annos/000004.json"),
+                                                   "item2.landmarks")
+  assert "expected 75 numbers" in drop4.message
 
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-  assert len(warnings) == 2
+  assert len(warnings) == 3  # one per dropped thing, and the summary
+  assert "Dropping the image" in warnings[0]
   assert "000002.jpg" in warnings[0] and "'image'" in warnings[0]
+  assert "Dropping an item" in warnings[1]
   assert "000004.json" in warnings[1] and "'item2.landmarks'" in warnings[1]
-  infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-  assert any("3 records, 2 skipped" in m for m in infos)
+  assert warnings[2] == (f"{root}: 4 records; dropped 1 images, 1 items, 0 polygons, "
+                         f"0 landmarks (see the warnings above)")
 
   with pytest.raises(records.DataError) as info:
     annotations.scan_raw_root(root, strict=True, num_workers=1)
@@ -477,8 +552,19 @@ COCO_RULES = {
 }
 
 
-@pytest.mark.parametrize("mutate,field", COCO_RULES.values(), ids=COCO_RULES.keys())
-def test_coco_validation_rule(tmp_path, mutate, field):
+# What each rule drops: the image (15 records left), the item (image 2092 keeps its top) or a
+# landmark (every item kept).
+COCO_KINDS = {
+    "keypoint outside slice": "item", "pair_id disagrees": "image",
+    "882 keypoints expected": "item", "negative width": "item", "bbox past border": "item",
+    "size mismatch": "image", "bad source": "image", "source disagrees": "image",
+    "bad visibility": "landmark",
+}
+
+
+@pytest.mark.parametrize("name", COCO_RULES)
+def test_coco_validation_rule(tmp_path, name):
+  mutate, field = COCO_RULES[name]
   data = _coco_fixture()
   assert _first_ann(data)["id"] == 3446 and _first_ann(data)["image_id"] == 2092
   mutate(data)
@@ -487,8 +573,16 @@ def test_coco_validation_rule(tmp_path, mutate, field):
   assert info.value.field == field
   assert info.value.path == str(tmp_path / "coco.json")
   result = _read_coco_dict(tmp_path, data)
-  assert len(result.records) == 15 and result.num_skipped == 1
-  assert field in result.skipped[0][1]
+  kind = COCO_KINDS[name]
+  drop, = result.drops
+  assert (drop.kind, drop.field) == (kind, field)
+  assert result.counts == records.DropCounts(**{f"{kind}s": 1})
+  ids = [r.image_id for r in result.records]
+  assert len(ids) == (15 if kind == "image" else 16) and (2092 in ids) == (kind != "image")
+  if kind != "image":
+    first = result.records[0]
+    assert [i.category_id for i in first.items] == ([1] if kind == "item" else [8, 1])
+    assert sum(len(r.items) for r in result.records) == (28 if kind == "item" else 29)
 
 
 def test_coco_image_without_annotations_skipped(tmp_path):
@@ -507,8 +601,9 @@ def test_coco_annotation_of_unknown_image_skipped(tmp_path):
   extra["id"], extra["image_id"] = 99999, 12345
   data["annotations"].append(extra)
   result = _read_coco_dict(tmp_path, data)
-  assert len(result.records) == 16 and result.num_skipped == 1
-  assert "annotations[id=99999].image_id" in result.skipped[0][1]
+  assert len(result.records) == 16 and sum(len(r.items) for r in result.records) == 29
+  assert result.counts == records.DropCounts(items=1)
+  assert result.drops[0].field == "annotations[id=99999].image_id"
 
 
 def test_coco_source_and_attributes_read(tmp_path):

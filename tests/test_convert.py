@@ -365,11 +365,18 @@ def test_cli_skips_or_fails_on_bad_files(tmp_path, caplog):
   caplog.set_level(logging.INFO)
   assert convert.main(["--root", str(root), "--out", str(out), "--num-workers", "1"]) == 0
   coco = json.loads(out.read_text())
-  assert [i["id"] for i in coco["images"]] == [1, 3, 4]
+  # Image 2's only item is dropped; the image stays, without annotations (its detections are
+  # then false positives, not unscored).
+  assert [i["id"] for i in coco["images"]] == [1, 2, 3, 4]
   assert [a["id"] for a in coco["annotations"]] == [1, 2, 3, 4, 5]
+  assert [a["image_id"] for a in coco["annotations"]] == [1, 1, 3, 3, 4]
   messages = [r.getMessage() for r in caplog.records]
-  assert any("000002.json" in m and "item1.landmarks" in m for m in messages)
-  assert any("3 records, 1 skipped" in m for m in messages)
+  assert any("Dropping an item" in m and "000002.json" in m and "item1.landmarks" in m
+             for m in messages)
+  assert any(m.endswith("4 records; dropped 0 images, 1 items, 0 polygons, 0 landmarks (see "
+                        "the warnings above); 1 images kept with no item left")
+             for m in messages)
+  assert any("5 annotations (dropped as invalid: 0 images, 1 items" in m for m in messages)
 
   strict_out = tmp_path / "strict.json"
   assert convert.main(["--root", str(root), "--out", str(strict_out), "--strict",

@@ -96,6 +96,24 @@ def test_box_head_losses_by_hand():
   np.testing.assert_allclose(box, 2.0, rtol=1e-6)
 
 
+def test_detectron_smooth_l1_betas_by_hand():
+  """The 1x recipe's betas: 1/9 in the RPN, 1 in the box head (Detectron's)."""
+  # RPN: one fg anchor with errors (0.05, -0.5, 0.1, 0), normaliser 2 anchors x 1 image.
+  # |d| < 1/9: 0.5 d^2 * 9; otherwise |d| - 1/18.
+  deltas = jnp.array([[[0.05, -0.5, 0.1, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+  labels = jnp.array([[1, 0]])
+  _, box = losses.rpn_losses(jnp.zeros((1, 2)), deltas, labels, jnp.zeros((1, 2, 4)), 2,
+                             1.0 / 9.0)
+  want = (0.5 * 0.05**2 * 9 + (0.5 - 1 / 18) + 0.5 * 0.1**2 * 9 + 0.0) / 2
+  np.testing.assert_allclose(box, want, rtol=1e-6)  # 0.267361...
+  # Box head, class-agnostic: one fg RoI with errors (0.5, -2, 0, 1.5) among 2 valid RoIs.
+  # |d| < 1: 0.5 d^2; otherwise |d| - 0.5.
+  d = jnp.array([[[0.5, -2.0, 0.0, 1.5], [3.0, 3.0, 3.0, 3.0]]])
+  _, box = losses.box_head_losses(jnp.zeros((1, 2, 14)), d, jnp.array([[4, 0]]),
+                                  jnp.zeros((1, 2, 4)), jnp.array([[True, True]]), 1.0)
+  np.testing.assert_allclose(box, (0.125 + 1.5 + 0.0 + 1.0) / 2, rtol=1e-6)  # 1.3125
+
+
 def test_box_head_losses_class_agnostic_and_empty():
   logits = jnp.zeros((2, 1, 14))
   classes = jnp.array([[3], [0]])

@@ -65,6 +65,45 @@ def test_initial_loss_terms_are_the_uninformed_values():
   np.testing.assert_allclose(float(terms["cls"]), np.log(14), atol=0.5)
 
 
+def test_box_loss_betas_and_binary_mask_targets_reach_the_losses(monkeypatch):
+  """config.box_loss_beta / rpn_box_loss_beta are the smooth-L1 betas of the box terms: with
+  betas above every error, smooth-L1 is 0.5 d^2 / beta, so doubling them halves both terms and
+  leaves the others; mask_binary_targets makes the mask loss see 0/1 targets (the soft ones
+  thresholded at 0.5)."""
+  model, variables = _model_and_variables()
+  seen = {}
+  real_mask_loss = losses.mask_loss
+
+  def spy(logits, classes, targets, fg):
+    seen["targets"], seen["fg"] = targets, fg
+    return real_mask_loss(logits, classes, targets, fg)
+
+  monkeypatch.setattr(losses, "mask_loss", spy)
+
+  def terms(**fields):
+    m = MatchRCNN(dataclasses.replace(TINY, **fields), (SIZE, SIZE))
+
+    def run(v, b, k):  # the spy's values are this trace's: returned with the terms
+      out = m.apply(v, b, rngs={"sampling": k}, method=MatchRCNN.losses)
+      return out, seen["targets"], seen["fg"]
+
+    out, targets, fg = jax.jit(run)(variables, _batch(), jax.random.key(1))
+    return out, np.asarray(targets), np.asarray(fg)
+
+  one, soft, fg = terms(box_loss_beta=1e4, rpn_box_loss_beta=1e4)
+  two, hard, fg_hard = terms(box_loss_beta=2e4, rpn_box_loss_beta=2e4, mask_binary_targets=True)
+  for term in ("box", "rpn_box"):
+    assert float(one[term]) > 0
+    np.testing.assert_allclose(float(one[term]) / float(two[term]), 2.0, rtol=1e-4)
+  for term in ("rpn_cls", "cls", "landmark", "pair"):
+    np.testing.assert_allclose(float(one[term]), float(two[term]), rtol=1e-6)
+  np.testing.assert_array_equal(fg, fg_hard)
+  soft, hard = soft[fg], hard[fg]
+  assert fg.sum() > 0 and ((soft > 0) & (soft < 1)).mean() > 0.01  # soft edges
+  assert set(np.unique(hard)) <= {0.0, 1.0}
+  np.testing.assert_array_equal(hard, (soft >= 0.5).astype(np.float32))
+
+
 def test_detect_outputs():
   model, variables = _model_and_variables()
   b = _batch()
@@ -88,7 +127,8 @@ def test_detect_outputs():
 def test_gallery_scores_are_the_pairwise_formula():
   model, variables = _model_and_variables()
   b = _batch()
-  emb = model.apply(variables, _flat(b["image"]), _flat(b["boxes"]), method=MatchRCNN.embed)
+  emb = model.apply(variables, _flat(b["image"]), _flat(b["image_hw"]), _flat(b["boxes"]),
+                    method=MatchRCNN.embed)
   assert emb.shape == (4, 4, 16)
   query, gallery = emb[0], emb.reshape(-1, 16)
   got = model.apply(variables, query, gallery, method=MatchRCNN.match_logits)
@@ -107,8 +147,8 @@ def test_batch_negatives_pair_term_is_the_formula():
   terms = jax.jit(lambda v, x, k: batch_model.apply(v, x, rngs={"sampling": k},
                                                     method=MatchRCNN.losses))(
                                                         variables, b, jax.random.key(1))
-  emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["boxes"]),
-                               method=MatchRCNN.embed)).reshape(2, 2, 4, 16)
+  emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["image_hw"]),
+                               _flat(b["boxes"]), method=MatchRCNN.embed)).reshape(2, 2, 4, 16)
   scorer = variables["params"]["scorer"]
   logits = matching.pairwise_logits_reference(scorer["kernel"], scorer["bias"],
                                               emb[:, 0].reshape(8, 16), emb[:, 1].reshape(8, 16))
@@ -148,8 +188,8 @@ def test_memory_items_add_their_own_pair_term(negatives, steps, draw):
   scorer = variables["params"]["scorer"]
 
   def term(b):  # the balanced pair loss of one batch's GT items, by the formula
-    emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["boxes"]),
-                                 method=MatchRCNN.embed)).reshape(2, 2, m, -1)
+    emb = np.asarray(model.apply(variables, _flat(b["image"]), _flat(b["image_hw"]),
+                                 _flat(b["boxes"]), method=MatchRCNN.embed)).reshape(2, 2, m, -1)
     ok = np.asarray(b["instance_valid"]) & np.asarray(b["match_valid"])[:, None, None]
     pid, sty = np.asarray(b["pair_id"]), np.asarray(b["style"])
     if negatives == "batch":

@@ -361,12 +361,14 @@ def test_flipped_synthetic_landmarks_stay_on_their_garment():
       for x, y, v in out["landmarks"][k]:
         if v != 2:
           continue
-        # Within 2 px: DF2 stores integer pixel indices for landmarks and polygon vertices,
-        # read here as continuous coordinates; the flip (x -> W - x) moves an index by 1 px
-        # from its mirror pixel (W - 1 - x), and integer polygons traced through boundary
-        # pixels lose up to 1 px at right/bottom edges. The 5 x 5 window covers both.
+        # The landmark's pixel index x loads as x + 0.5 and flips to W - x - 0.5, whose pixel
+        # is the mirror pixel W - 1 - x: v = 2 says the visible mask is within 1 px of the
+        # annotated pixel, so the mirrored mask is within 1 px of this one, exactly (3 x 3).
+        # The pasted crop needs 2 px: integer polygons traced through boundary pixels lose up
+        # to 1 px at right/bottom edges.
+        i, j = int(np.clip(np.floor(y), 1, h - 2)), int(np.clip(np.floor(x), 1, w - 2))
+        assert mirrored[i - 1:i + 2, j - 1:j + 2].any(), (index, k, x, y)
         i, j = int(np.clip(np.floor(y), 2, h - 3)), int(np.clip(np.floor(x), 2, w - 3))
         assert pasted[i - 2:i + 3, j - 2:j + 3].any(), (index, k, x, y)
-        assert mirrored[i - 2:i + 3, j - 2:j + 3].any(), (index, k, x, y)
         checked += 1
   assert checked > 100

@@ -60,8 +60,10 @@ def test_keeping_20_landmark_results_per_image_and_category_gives_the_same_ap():
     _, _, all_kps = coco.detections_to_results(image_id, d["boxes"], d["scores"], d["classes"],
                                                np.ones(n, bool), None, d["landmarks"])
     every += all_kps
+    # image_results reads the model's continuous coordinates (pixel index + 0.5).
+    continuous = d["landmarks"] + np.float32([0.5, 0.5, 0])
     res = results.image_results(image_id, d["boxes"], d["scores"], d["classes"],
-                                np.ones(n, bool), (160, 200), (160, 200), None, d["landmarks"])
+                                np.ones(n, bool), (160, 200), (160, 200), None, continuous)
     kept += results.Results(**_arrays([res])).coco("keypoints")
   assert len(every) == 61 and len(kept) == 20 + 6 + 20
   metrics = lambda gt, res, backend: {k: v for k, v in coco.evaluate(
@@ -104,7 +106,8 @@ def test_keypoint_keep_is_top_20_per_category_with_stable_ties():
 def test_chunks_round_trip_to_the_official_entries(tmp_path):
   """Canvas outputs -> image_results -> 3 chunks -> load: the bbox entries equal
   coco.detections_to_results', the RLEs equal masks.paste_masks_rle's, the keypoints equal the
-  official 882-number entries of the kept rows; write_official_json writes the same."""
+  official 882-number entries of the kept rows (scaled to the original image, then half a
+  pixel less: pixel indices); write_official_json writes the same."""
   rng = np.random.default_rng(1)
   writer = results.ResultWriter(str(tmp_path), images_per_chunk=2)
   expected = {"bbox": [], "segm": [], "keypoints": []}
@@ -123,7 +126,7 @@ def test_chunks_round_trip_to_the_official_entries(tmp_path):
     scale = np.float32([225 / 96, 300 / 128])
     full_boxes = boxes * np.tile(scale, 2)
     full_lms = lms.copy()
-    full_lms[..., :2] *= scale
+    full_lms[..., :2] = full_lms[..., :2] * scale - 0.5
     b, _, k = coco.detections_to_results(image_id, full_boxes, scores, classes, valid, None,
                                          full_lms)
     expected["bbox"] += b

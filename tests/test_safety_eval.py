@@ -83,7 +83,11 @@ def test_reevaluation_replaces_the_folder_whole_and_records_the_checkpoint(tiny,
   assert saved == json.loads(json.dumps(metrics, default=float))
   assert saved["checkpoint"] == checkpoint
   assert set(saved) == {"bbox", "segm", "keypoints_visible", "keypoints", "ground_truth",
-                        "retrieval", "retrieval_gt_boxes", "timing", "checkpoint"}
+                        "retrieval", "retrieval_gt_boxes", "timing", "checkpoint",
+                        "dropped_ground_truth"}
+  # The synthetic split is valid: nothing dropped.
+  assert saved["dropped_ground_truth"] == {"images": 0, "items": 0, "polygons": 0,
+                                           "landmarks": 0}
   assert len(results_lib.load(str(outdir))) == 8 * 10  # 8 images, 10 detections each
   for path in saved["ground_truth"].values():  # beside the eval folders, whole
     assert files.read_json(path) is not None

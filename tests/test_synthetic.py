@@ -116,14 +116,18 @@ def test_landmarks_visibility_on_masks(rendered):
   counts = collections.Counter()
   for r in rendered:
     h, w = r.image.shape[:2]
-    for item, vis, full in zip(_items(r.annotation), r.visible_masks, r.full_masks):
+    for item, vis, full, points in zip(_items(r.annotation), r.visible_masks, r.full_masks,
+                                       r.landmarks):
       marks = np.array(item["landmarks"]).reshape(-1, 3)
       assert marks.shape[0] == df2.LANDMARK_COUNTS[item["category_id"]]
-      for x, y, v in marks:
+      for (x, y, v), point in zip(marks, points):
         counts[v] += 1
         if v == 0:
           assert x == 0 and y == 0
           continue
+        # The index of the pixel holding the rendered point, like the real annotations (the
+        # loader's + 0.5 puts it back within half a pixel of the point).
+        assert (x, y) == tuple(np.floor(point).astype(int)), (point, x, y)
         assert 0 <= x < w and 0 <= y < h
         win = (slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
         if v == 2:
@@ -205,7 +209,7 @@ def test_the_cli_writes_where_run_py_reads(tmp_path):
                    "--image-size", "64"]) == 0
   data.update(dict(synthetic_dir=str(tmp_path), synthetic_train_pairs=2, synthetic_val_pairs=1,
                    synthetic_image_size=64))
-  root = tmp_path / "s0_t2_v1_px64"
+  root = tmp_path / "s0_t2_v1_px64_g2"
   assert (root / syn.COMPLETE).exists() and len(list((root / "train" / "image").iterdir())) == 4
   stamp = (root / "train" / "annos" / "000001.json").stat().st_mtime_ns
   assert sources.ensure_synthetic(data) == str(root)  # found, not generated again

@@ -78,7 +78,8 @@ def test_encode_image_shapes_and_scale():
   np.testing.assert_allclose(out["boxes"][0], [6, 6, 42, 54])
   np.testing.assert_array_equal(out["classes"], [1, 9, 0])
   np.testing.assert_array_equal(out["instance_valid"], [True, True, False])
-  np.testing.assert_allclose(out["landmarks"][0, 1], [12, 15, 2])
+  # Landmark index (8, 10) -> its pixel's centre (8.5, 10.5) -> x 1.5.
+  np.testing.assert_allclose(out["landmarks"][0, 1], [12.75, 15.75, 2])
   assert (out["image"][60:] == 0).all() and (out["image"][:, 48:] == 0).all()
   # The second item's mask is its full box (a rectangle polygon).
   assert out["masks"][1].all() and not out["masks"][2].any()
@@ -93,7 +94,7 @@ def test_encode_flip_is_the_mirror_and_flip_twice_is_identity():
   np.testing.assert_allclose(b["boxes"][:2], transforms.flip_boxes(a["boxes"][:2], w))
   np.testing.assert_allclose(b["landmarks"], transforms.flip_landmarks(a["landmarks"], w))
   # Local landmark 2 moved to local 6 (global 5) at the mirrored x.
-  np.testing.assert_allclose(b["landmarks"][0, 5], [48 - 12, 15, 2])
+  np.testing.assert_allclose(b["landmarks"][0, 5], [48 - 12.75, 15.75, 2])
   # Masks: the crop of the flipped item is the mirrored crop (up to boundary pixels).
   agree = (b["masks"][0] == a["masks"][0][:, ::-1]).mean()
   assert agree >= 0.95

@@ -495,8 +495,10 @@ def detections_to_results(image_id: int,
     valid: [D] bool, False for padding rows (None: all valid).
     masks: optional [D, H, W] full-image masks, bool (any nonzero value counts as foreground,
       so threshold soft masks before passing them).
-    landmarks: optional [D, 294, 3] (x, y, score) in original image pixels; only the
-      detection's own category slice is used.
+    landmarks: optional [D, 294, 3] (x, y, score) in original image pixels, as pixel indices
+      like the annotations (a model's continuous coordinates less half a pixel:
+      ``transforms.landmarks_to_pixel_indices``); only the detection's own category slice is
+      used.
 
   Returns:
     (bbox_results, segm_results, keypoint_results): bbox ``{image_id, category_id, bbox

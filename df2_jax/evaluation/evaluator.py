@@ -14,7 +14,9 @@ means a complete evaluation):
                               writes the DeepFashion2 JSON result files from them; several
                               processes write detections-SSSSS-NNNNN.npz, S the process)
   retrieval_submission.json   official format, top 20, for the queries (see below)
-  metrics.json                every number below, and the time of each stage
+  metrics.json                every number below, the time of each stage, and what the
+                              split's reader dropped as invalid ("dropped_ground_truth":
+                              images, items, polygons, landmarks; see ``check_ground_truth``)
   detections.png, retrieval.png  pictures (see ``evaluate``)
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
@@ -53,18 +55,54 @@ from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
 COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
+# metrics.json: {"images", "items", "polygons", "landmarks"} the evaluation split's reader
+# dropped as invalid (``data_pipeline.records.DropCounts``).
+DROPPED_KEY = "dropped_ground_truth"
+ALLOW_SKIPPED_FLAG = "--config.eval.allow_skipped=True"
+
+
+class SkippedGroundTruth(RuntimeError):
+  """The evaluation split's reader dropped images or items as invalid, and
+  ``config.eval.allow_skipped`` is False. The message is one line naming the split, the
+  counts and the override (run.py exits with it, status 2)."""
+
+
+def check_ground_truth(config, source) -> None:
+  """Refuses to evaluate on ``source`` when its reader dropped images or items.
+
+  A dropped image or item is missing from the ground truth: its clothes count for no metric
+  (their detections even count as false positives where the image stayed), and a dropped
+  query or gallery item leaves the retrieval denominator. Numbers computed so look comparable
+  with the official ones and are not, so this takes ``config.eval.allow_skipped=True`` to
+  accept. Dropped polygons and landmarks only (every item still there, with its box) are
+  allowed, with a warning. Every evaluation's metrics.json records the counts either way.
+
+  Raises:
+    SkippedGroundTruth: one line naming the split, the counts and the override.
+  """
+  dropped = source.dropped
+  if not dropped:
+    return
+  if (dropped.images or dropped.items) and not bool(config.eval.get("allow_skipped", False)):
+    raise SkippedGroundTruth(
+        f"Refusing to evaluate on {source.name}: its reader dropped {dropped} as invalid (the "
+        f"warnings of its scan name them), whose ground truth every metric and the retrieval "
+        f"denominator would miss. Fix the data, or pass {ALLOW_SKIPPED_FLAG} to evaluate "
+        f"without them.")
+  log.warning("Evaluating on %s without the ground truth its reader dropped as invalid: %s "
+              "(recorded in metrics.json as %r).", source.name, dropped, DROPPED_KEY)
 
 
 @functools.lru_cache(maxsize=4)
 def jitted_detect(model: MatchRCNN, mesh) -> tuple[Any, Any]:
   """(detect, embed) of ``model`` on every device of ``mesh``, each device on its own images
   (``parallel.per_device``), built once per model and mesh (evaluations during training reuse
-  them). ``detect(variables, images, image_hw)``, ``embed(variables, images, boxes)``: global
-  arrays in (``parallel.host_local_to_global``), global arrays out."""
+  them). ``detect(variables, images, image_hw)``, ``embed(variables, images, image_hw, boxes)``:
+  global arrays in (``parallel.host_local_to_global``), global arrays out."""
   detect = parallel.per_device(
       lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect), mesh, 2)
   embed = parallel.per_device(
-      lambda v, x, b: model.apply(v, x, b, method=MatchRCNN.embed), mesh, 2)
+      lambda v, x, hw, b: model.apply(v, x, hw, b, method=MatchRCNN.embed), mesh, 3)
   return detect, embed
 
 
@@ -204,7 +242,8 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
     for batch in dataset.as_numpy_iterator():
       x = parallel.host_local_to_global({k: batch[k] for k in inputs}, mesh)
       out = detect(variables, x["image"], x["image_hw"])  # dispatched, not awaited
-      gt_emb = embed(variables, x["image"], x["boxes"]) if with_gt_embeddings else None
+      gt_emb = (embed(variables, x["image"], x["image_hw"], x["boxes"]) if with_gt_embeddings
+                else None)
       if previous is not None:
         submit(*previous)
       previous = (batch, out, gt_emb)
@@ -262,8 +301,9 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   (``results.write_official_json`` or ``python -m df2_jax.evaluation.results --eval_dir
   OUTDIR`` turns them into the DeepFashion2 JSON files), ``retrieval_submission.json`` (the
   official format, for the queries the protocol scores), ``metrics.json`` (with the time of
-  each stage under "timing", and ``checkpoint``, the checkpoint evaluated, e.g.
-  "/abs/workdir/checkpoints/1200", under "checkpoint" when given), and two pictures: the first
+  each stage under "timing", what the split's reader dropped under "dropped_ground_truth",
+  and ``checkpoint``, the checkpoint evaluated, e.g. "/abs/workdir/checkpoints/1200", under
+  "checkpoint" when given), and two pictures: the first
   ``config.eval.num_drawn_images`` images with their detections (``detections.png``) and, for
   the first ``config.eval.num_retrieval_strips`` consumer images, the top-5 shop items
   retrieved for their best detection (``retrieval.png``). With a ``writer``
@@ -276,6 +316,11 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   written later by ``results`` included). The next evaluation into ``outdir`` deletes the
   staging folder a killed one left. With several processes, process 0 creates the staging
   folder, every process writes its result chunks there, and process 0 scores and swaps.
+
+  Raises:
+    SkippedGroundTruth: the split's reader dropped images or items and
+      ``config.eval.allow_skipped`` is False (``check_ground_truth``), before anything is
+      written.
   """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
   timing: dict[str, float] = {}
@@ -283,6 +328,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   index, count = jax.process_index(), jax.process_count()
   if eval_source is None:
     eval_source = sources.source_from_config(config.data, config.data.eval_split)
+  check_ground_truth(config, eval_source)  # before anything is compiled or written
   max_images = int(config.eval.max_images)
   if 0 < max_images < len(eval_source.records):
     eval_source = eval_source.subset(subset_indices(eval_source.records, max_images))
@@ -394,6 +440,7 @@ def _score(config, variables: Any, eval_source, found: dict[str, Any], staging: 
   timing["pictures"] = time.perf_counter() - stage
   timing["total"] = time.perf_counter() - started
   metrics["timing"] = timing
+  metrics[DROPPED_KEY] = eval_source.dropped.as_dict()
   if checkpoint is not None:
     metrics["checkpoint"] = str(checkpoint)
   # Last: a metrics.json in an evaluation folder means every other file is complete.

@@ -4,8 +4,9 @@
 protocol reads, in the original image's pixels: boxes, scores, categories, each soft mask
 pasted into its box and run-length encoded (``masks.paste_masks_rle``: detectron2's pasting,
 only the box region is ever built), and the landmarks of the detections that COCOeval's
-keypoint evaluation can see. It imports neither jax nor TensorFlow, so it runs in worker
-threads or processes beside the accelerator.
+keypoint evaluation can see (as the annotations' pixel indices: the model's continuous
+coordinates less half a pixel, ``transforms.landmarks_to_pixel_indices``). It imports neither
+jax nor TensorFlow, so it runs in worker threads or processes beside the accelerator.
 
 What is kept, and why it loses nothing:
   * keypoints: COCOeval evaluates keypoints with ``maxDets = [20]``, applied per image and
@@ -39,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_pipeline.deepfashion2 import LANDMARK_COUNTS, LANDMARK_START, NUM_LANDMARKS
+from data_pipeline.transforms import landmarks_to_pixel_indices
 from df2_jax import files
 from df2_jax.evaluation import masks as mask_lib
 
@@ -76,7 +78,8 @@ class ImageResults:
     classes: [n] int16 category ids 1..13.
     rles: n compressed COCO RLE ``counts`` (bytes) of the pasted masks (empty without masks).
     keypoint_rows: [k] int32 rows whose landmarks are kept (``keypoint_keep``).
-    keypoints: [k, 39, 2] float32 (x, y) of each kept row's category landmarks, zero-padded.
+    keypoints: [k, 39, 2] float32 (x, y) of each kept row's category landmarks, zero-padded,
+      as pixel indices like the annotations (``transforms.landmarks_to_pixel_indices``).
   """
   image_id: int
   image_hw: tuple[int, int]
@@ -99,7 +102,10 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
     boxes: [D, 4] canvas boxes; scores [D]; classes [D] (1..13); valid [D] bool.
     image_hw: the content's (h, w) on the canvas; orig_hw: the original image's (H, W).
     masks: [D, S, S] soft masks in the box frame (probabilities), or None.
-    landmarks: [D, 294, 3] canvas (x, y, score), the category's slice filled, or None.
+    landmarks: [D, 294, 3] canvas (x, y, score), continuous coordinates (the model's, as
+      trained on ``transforms.landmarks_to_continuous``), the category's slice filled, or None.
+      Stored scaled to the original image, then less half a pixel (the annotations' pixel
+      indices, detectron2's export): the scale applies to continuous coordinates only.
   """
   sy, sx = (float(o) / max(float(c), 1.0) for o, c in zip(orig_hw, image_hw))
   h, w = int(orig_hw[0]), int(orig_hw[1])
@@ -120,7 +126,8 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
     kps = np.zeros((len(kp_rows), MAX_CATEGORY_LANDMARKS, 2), np.float32)
     for i, cat in enumerate(out_classes[kp_rows]):
       start, count = LANDMARK_START[int(cat)], LANDMARK_COUNTS[int(cat)]
-      kps[i, :count] = lms[i, start:start + count, :2] * np.float32([sx, sy])
+      kps[i, :count] = landmarks_to_pixel_indices(
+          lms[i, start:start + count, :2] * np.float32([sx, sy]))
   return ImageResults(int(image_id), (h, w), out_boxes, out_scores, out_classes, rles,
                       kp_rows, kps)
 

@@ -6,7 +6,11 @@ One Linen module with three entry points, each a static-shape program:
     terms. Needs the PRNG stream "sampling" (anchor and RoI sampling).
   * ``detect(images, image_hw)``: inference; per image a fixed number of detections with
     boxes, scores, classes, 28x28 masks, 294 landmarks and an embedding each.
-  * ``embed(images, boxes)``: embeddings of given boxes (retrieval with ground-truth boxes).
+  * ``embed(images, image_hw, boxes)``: embeddings of given boxes (retrieval with ground-truth
+    boxes).
+Images sit top-left on their canvas with content size ``image_hw``; every entry point sets the
+rest of the canvas to the pixel mean (0 after normalisation), whatever the canvas holds there,
+and never proposes anchors centred there (ops/proposals).
 
 Shapes: P image pairs, B = 2P images (user at even, shop at odd positions after flattening),
 M ground-truth instances per image, R sampled RoIs, F = R * positive_fraction RoIs for the
@@ -72,11 +76,20 @@ class MatchRCNNConfig:
   mask_conv_dim: int = 256
   landmark_conv_dim: int = 512
   landmark_num_convs: int = 8
+  # Foreground RoIs per image that train the landmark head: the first of the box head's sample
+  # (at most mask_rois_per_image, its foreground share; Detectron: up to 128).
   landmark_rois_per_image: int = 32
   landmark_visible_only: bool = False
   # Compute only each RoI's category channels (<= 39 of 294) in the landmark head's last
   # layer: same values, 7x fewer multiply-adds there; pays off for narrow heads (conv_dim 32).
   landmark_select_channels: bool = False
+  # Box regression losses: smooth-L1 with this beta (detectron2's smooth_l1_loss; 0: L1, the
+  # detectron2 default; Detectron, the paper's code: 1.0 in the box head, 1/9 in the RPN).
+  box_loss_beta: float = 0.0
+  rpn_box_loss_beta: float = 0.0
+  # Mask targets: the GT mask's RoIAlign in each RoI, thresholded at 0.5 (detectron2) or the
+  # soft fractions themselves (False).
+  mask_binary_targets: bool = False
   # Matching network.
   match_conv_dim: int = 256
   match_proj_dim: int = 1024
@@ -167,10 +180,15 @@ class MatchRCNN(nn.Module):
     return anchor_ops.fpn_anchors(tuple(canvas_hw),
                                   sizes=tuple(float(v) for v in self.config.anchor_sizes))
 
-  def _features(self, images: Array) -> dict[str, Array]:
+  def _features(self, images: Array, image_hw: Array) -> dict[str, Array]:
+    """FPN features of [B, H, W, 3] canvases whose content is the top-left image_hw [B, 2].
+
+    The padding is the pixel mean (0 after normalisation) whatever the canvas holds there, as
+    Detectron pads: every entry point sees the same input for the same content.
+    """
     if images.shape[-3] % 32 or images.shape[-2] % 32:
       raise ValueError(f"input canvas {images.shape[-3:-1]} must be multiples of 32")
-    x = normalize_image(images, jnp.dtype(self.config.dtype))
+    x = normalize_image(images, jnp.dtype(self.config.dtype), image_hw)
     return self.fpn(self.backbone(x))
 
   def _pool(self, feats: dict[str, Array], boxes: Array, size: int) -> Array:
@@ -210,7 +228,7 @@ class MatchRCNN(nn.Module):
     key_rpn, key_roi = jax.random.split(self.make_rng("sampling"))
 
     canvas_hw = images.shape[1:3]
-    feats = self._features(images)
+    feats = self._features(images, image_hw)
     rpn_logits, rpn_deltas, proposals, proposal_valid = self._proposals(feats, image_hw, True,
                                                                         canvas_hw)
 
@@ -222,7 +240,8 @@ class MatchRCNN(nn.Module):
             image_hw=hw)
     )(_split_keys(key_rpn, b), gt_boxes, gt_valid, image_hw)
     rpn_cls, rpn_box = loss_lib.rpn_losses(rpn_logits, rpn_deltas, rpn_t["labels"],
-                                           rpn_t["deltas"], c.rpn_batch_size_per_image)
+                                           rpn_t["deltas"], c.rpn_batch_size_per_image,
+                                           smooth_l1_beta=c.rpn_box_loss_beta)
 
     # Box head on R sampled RoIs per image (foreground first).
     roi_t = jax.vmap(
@@ -234,7 +253,8 @@ class MatchRCNN(nn.Module):
     class_logits, box_deltas = self.box_head(self._pool(feats, rois, 7))
     cls, box = loss_lib.box_head_losses(class_logits.reshape(b, r, -1),
                                         box_deltas.reshape(b, r, -1), roi_t["classes"],
-                                        roi_t["box_deltas"], roi_t["roi_valid"])
+                                        roi_t["box_deltas"], roi_t["roi_valid"],
+                                        smooth_l1_beta=c.box_loss_beta)
 
     # Mask head on the first F rows (all foreground candidates).
     f = c.mask_rois_per_image
@@ -243,7 +263,9 @@ class MatchRCNN(nn.Module):
     matched = roi_t["matched_gt"][:, :f]
     mask_logits = self.mask_head(self._pool(feats, fg_rois, 14))
     mask_logits = mask_logits.reshape((b, f) + mask_logits.shape[1:])
-    mask_t = jax.vmap(functools.partial(target_ops.mask_targets, method=c.roi_align_method))(
+    mask_t = jax.vmap(functools.partial(
+        target_ops.mask_targets, method=c.roi_align_method,
+        threshold=0.5 if c.mask_binary_targets else None))(
         _flatten_pairs(batch["masks"]), gt_boxes, fg_rois, matched)
     mask = loss_lib.mask_loss(mask_logits, jnp.maximum(fg_classes, 1), mask_t, fg)
 
@@ -346,7 +368,7 @@ class MatchRCNN(nn.Module):
     c = self.config
     b = images.shape[0]
     canvas_hw = images.shape[1:3]
-    feats = self._features(images)
+    feats = self._features(images, image_hw)
     _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False, canvas_hw)
     k = proposals.shape[1]
     class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7))
@@ -410,9 +432,11 @@ class MatchRCNN(nn.Module):
     valid = (classes > 0).reshape(-1)[:, None, None]
     return jnp.where(valid, out, 0.0).reshape(b, d, df2.NUM_LANDMARKS, 3)
 
-  def embed(self, images: Array, boxes: Array) -> Array:
-    """Embeddings [B, N, D] of given boxes [B, N, 4] (canvas coordinates)."""
-    return self._embed(self._features(images), boxes.astype(jnp.float32))
+  def embed(self, images: Array, image_hw: Array, boxes: Array) -> Array:
+    """Embeddings [B, N, D] of given boxes [B, N, 4] (canvas coordinates) in canvases
+    [B, H, W, 3] with content image_hw [B, 2] (needed: the padding is set as ``detect`` sets
+    it, so a box embeds to what ``detect`` would give it)."""
+    return self._embed(self._features(images, image_hw), boxes.astype(jnp.float32))
 
   def match_logits(self, query: Array, gallery: Array) -> Array:
     """Match logits [..., Q, G] of query embeddings [..., Q, D] against a gallery [..., G, D]."""

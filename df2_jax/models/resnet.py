@@ -38,12 +38,21 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _STAGE_RE = re.compile(r"^layer(\d+)_\d+$")
 
 
-def normalize_image(images: Array, dtype: Dtype = jnp.float32) -> Array:
+def normalize_image(images: Array, dtype: Dtype = jnp.float32,
+                    image_hw: Optional[Array] = None) -> Array:
   """(x - mean) / std with torchvision's ImageNet RGB statistics.
+
+  With image_hw, each image's content is its top-left image_hw pixels and the
+  rest of the canvas is padding, set to 0: the pixel mean, as Detectron and
+  detectron2 pad (after normalisation). This is done here rather than by
+  filling the uint8 canvas: the mean (123.675, 116.28, 103.53) is not a uint8
+  value, and whatever the canvas holds there (zeros, stale pixels) cannot
+  reach the network.
 
   Args:
     images: [B, H, W, 3] uint8 (or float in 0..255) RGB.
     dtype: output dtype; the arithmetic is done in float32.
+    image_hw: optional [B, 2] content (height, width) of each image.
 
   Returns:
     [B, H, W, 3] normalised images in `dtype`.
@@ -51,7 +60,16 @@ def normalize_image(images: Array, dtype: Dtype = jnp.float32) -> Array:
   x = jnp.asarray(images).astype(jnp.float32)
   mean = jnp.asarray(IMAGENET_MEAN_RGB, jnp.float32)
   std = jnp.asarray(IMAGENET_STD_RGB, jnp.float32)
-  return ((x - mean) / std).astype(dtype)
+  x = (x - mean) / std
+  if image_hw is not None:
+    b, h, w = x.shape[:3]
+    hw = jnp.asarray(image_hw)
+    if hw.shape != (b, 2):
+      raise ValueError(f"image_hw {hw.shape} must be [B, 2] for images {x.shape}")
+    rows = jnp.arange(h)[None, :, None] < hw[:, 0, None, None]  # [B, H, 1]
+    cols = jnp.arange(w)[None, None, :] < hw[:, 1, None, None]  # [B, 1, W]
+    x = jnp.where((rows & cols)[..., None], x, 0.0)
+  return x.astype(dtype)
 
 
 class FrozenBatchNorm(nn.Module):

@@ -8,11 +8,18 @@ level are the cell anchors shifted to (x * stride, y * stride) (offset 0).
 Anchors are computed once with numpy from the static canvas shape; they are
 constants under jit. Each level's anchors are ordered (y, x, anchor), matching
 an NHWC head output [B, Hl, Wl, A * k] reshaped to [B, Hl * Wl * A, k].
+
+An image sits top-left on its canvas with content size image_hw; the rest is
+padding. `centre_in_image` is the one rule for which anchors belong to the
+image: training never samples the others (targets.rpn_targets, which spells
+the same rule inline; tests/test_padding.py checks that they agree) and no
+proposal comes from them (proposals.generate_proposals).
 """
 
 import math
 from typing import List, Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_STRIDES = (4, 8, 16, 32, 64)
@@ -101,3 +108,25 @@ def num_anchors_per_level(canvas_hw: Tuple[int, int],
                           ) -> List[int]:
   """Hl * Wl * A per level, e.g. [1152, 288, 72, 18, 6] for a 64x96 canvas."""
   return [h * w * num_ratios for h, w in feature_sizes(canvas_hw, strides)]
+
+
+def centre_in_image(anchors, image_hw):
+  """Whether each anchor's centre lies in the image content (not the padding).
+
+  The centre (cx, cy) is inside when cx < w and cy < h (no lower bound: FPN
+  centres are >= 0). An anchor centred in the padding sees no image content
+  the RPN could learn from: rpn_targets never samples it, so its objectness is
+  untrained and generate_proposals must not rank it either.
+
+  Args:
+    anchors: [A, 4] (x1, y1, x2, y2), e.g. all levels concatenated.
+    image_hw: [2] or [B, 2] content (height, width) on the canvas.
+
+  Returns:
+    [A] or [B, A] bool, jit-friendly (image_hw may be traced).
+  """
+  anchors = jnp.asarray(anchors, jnp.float32)
+  hw = jnp.asarray(image_hw, jnp.float32)
+  cx = 0.5 * (anchors[:, 0] + anchors[:, 2])
+  cy = 0.5 * (anchors[:, 1] + anchors[:, 3])
+  return (cx < hw[..., 1:2]) & (cy < hw[..., 0:1])

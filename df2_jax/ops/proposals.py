@@ -1,14 +1,21 @@
 """RPN proposals with static shapes (detectron2 find_top_rpn_proposals).
 
 Per image and level the pre_nms_topk anchors with the highest objectness
-logits are decoded (weights (1, 1, 1, 1), dw / dh clamped at log(1000/16)),
-clipped to the image's content size and marked invalid when non-finite or
-when a side is not longer than min_size. NMS (IoU > nms_threshold
-suppresses) runs over all levels at once but only within a level (the level
-index is the NMS class), and the post_nms_topk best survivors are kept in
-decreasing logit order.
+logits, among those centred in the image content, are decoded (weights
+(1, 1, 1, 1), dw / dh clamped at log(1000/16)), clipped to the image's
+content size and marked invalid when non-finite or when a side is not longer
+than min_size. NMS (IoU > nms_threshold suppresses) runs over all levels at
+once but only within a level (the level index is the NMS class), and the
+post_nms_topk best survivors are kept in decreasing logit order.
 
-Differences from detectron2, all forced by static shapes or harmless:
+Differences from detectron2:
+- an anchor whose centre lies in the canvas padding (outside image_hw, the
+  rule of anchors.centre_in_image) gets objectness -inf before the top-k, in
+  training and at test time alike, so it never becomes a proposal:
+  rpn_targets never samples such anchors, so their logits are untrained and
+  would otherwise take top-k slots from real ones (detectron2 samples them as
+  background and ranks them with the rest);
+the others are forced by static shapes or harmless:
 - outputs always have post_nms_topk rows; rows that hold no proposal have
   valid=False, zero boxes and a score of -inf;
 - non-finite logits are ranked last by the top-k (detectron2 ranks NaN
@@ -23,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from df2_jax.ops import anchors as anchor_ops
 from df2_jax.ops import boxes as box_ops
 from df2_jax.ops import nms as nms_ops
 
@@ -43,7 +51,8 @@ def generate_proposals(logits: Array, deltas: Array,
     deltas: [B, N, 4] (dx, dy, dw, dh) for the same anchors.
     anchors_by_level: per level an [N_l, 4] array (ops/anchors.fpn_anchors).
     image_hw: [B, 2] (height, width) of each image's content on the canvas;
-      proposals are clipped to it.
+      anchors centred outside it are never selected, proposals are clipped
+      to it.
     pre_nms_topk: anchors kept per level before NMS (min(pre_nms_topk, N_l)).
     post_nms_topk: K, proposals returned per image.
     nms_threshold: IoU above which a lower-scoring box of the same level is
@@ -63,6 +72,13 @@ def generate_proposals(logits: Array, deltas: Array,
   logits = jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
   deltas = jax.lax.stop_gradient(jnp.asarray(deltas, jnp.float32))
   image_hw = jnp.asarray(image_hw, jnp.float32)
+  # Anchors centred in the padding score -inf: ranked last and, as their
+  # selected score stays -inf, invalid even when a level has fewer content
+  # anchors than its top-k.
+  inside = anchor_ops.centre_in_image(
+      jnp.concatenate([jnp.asarray(a, jnp.float32) for a in anchors_by_level]),
+      image_hw)  # [B, N]
+  logits = jnp.where(inside, logits, -jnp.inf)
 
   # Per level top-k by logit; non-finite logits rank last.
   ranked = jnp.where(jnp.isfinite(logits), logits, -jnp.inf)
