@@ -218,19 +218,22 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
           f"got {marks.size}")
   marks = marks.reshape(count, 3)
 
-  # Each landmark: a bad one is made unlabelled (0, 0, 0), in both views.
-  for k in range(count):
+  # Each landmark: a bad one is made unlabelled (0, 0, 0), in both views. Vectorised (the
+  # release has ~10M landmarks); only the bad ones are looked at one by one.
+  finite = np.isfinite(marks).all(axis=1)
+  visibility_ok = np.isin(marks[:, 2], (0.0, 1.0, 2.0))
+  with np.errstate(invalid="ignore"):
+    # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
+    outside = (marks[:, 2] > 0) & _outside(marks[:, :2], width, height, tol)
+  for k in np.flatnonzero(~finite | ~visibility_ok | outside):
     x, y, v = marks[k]
-    if not np.isfinite(marks[k]).all():
+    if not finite[k]:
       why = f"non-finite value in landmark {k + 1} ({x:g}, {y:g}, {v:g})"
-    elif v not in (0.0, 1.0, 2.0):
+    elif not visibility_ok[k]:
       why = f"visibility {v:g} of landmark {k + 1} not in {{0, 1, 2}}"
-    elif v > 0 and _outside(marks[k:k + 1, :2], width, height, tol)[0]:
-      # Labelled landmarks lie in the image (with the boxes' tolerance, then clipped to it).
+    else:
       why = (f"landmark {k + 1} at ({x:g}, {y:g}) outside the {width}x{height} image "
              f"(tolerance {tol:g} px)")
-    else:
-      continue
     drops.add("landmark", records.DataError(path, marks_field, why))
     marks[k] = 0.0
   labelled = marks[:, 2] > 0

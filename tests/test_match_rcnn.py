@@ -74,29 +74,43 @@ def test_box_loss_betas_and_binary_mask_targets_reach_the_losses(monkeypatch):
   seen = {}
   real_mask_loss = losses.mask_loss
 
+  real_landmark_loss = losses.landmark_loss
+
   def spy(logits, classes, targets, fg):
     seen["targets"], seen["fg"] = targets, fg
     return real_mask_loss(logits, classes, targets, fg)
 
+  def landmark_spy(logits, indices, valid, classes, **kwargs):
+    seen["landmark_classes"] = classes
+    return real_landmark_loss(logits, indices, valid, classes, **kwargs)
+
   monkeypatch.setattr(losses, "mask_loss", spy)
+  monkeypatch.setattr(losses, "landmark_loss", landmark_spy)
 
   def terms(**fields):
     m = MatchRCNN(dataclasses.replace(TINY, **fields), (SIZE, SIZE))
 
     def run(v, b, k):  # the spy's values are this trace's: returned with the terms
       out = m.apply(v, b, rngs={"sampling": k}, method=MatchRCNN.losses)
-      return out, seen["targets"], seen["fg"]
+      return out, seen["targets"], seen["fg"], seen["landmark_classes"]
 
-    out, targets, fg = jax.jit(run)(variables, _batch(), jax.random.key(1))
-    return out, np.asarray(targets), np.asarray(fg)
+    out, targets, fg, lm_classes = jax.jit(run)(variables, _batch(), jax.random.key(1))
+    return out, np.asarray(targets), np.asarray(fg), np.asarray(lm_classes)
 
-  one, soft, fg = terms(box_loss_beta=1e4, rpn_box_loss_beta=1e4)
-  two, hard, fg_hard = terms(box_loss_beta=2e4, rpn_box_loss_beta=2e4, mask_binary_targets=True)
+  one, soft, fg, lm_8 = terms(box_loss_beta=1e4, rpn_box_loss_beta=1e4)
+  # The 1x recipe's landmark RoIs (128 >= the 64 x 0.25 = 16 foreground rows): every one.
+  two, hard, fg_hard, lm_all = terms(box_loss_beta=2e4, rpn_box_loss_beta=2e4,
+                                     mask_binary_targets=True, landmark_rois_per_image=128)
   for term in ("box", "rpn_box"):
     assert float(one[term]) > 0
     np.testing.assert_allclose(float(one[term]) / float(two[term]), 2.0, rtol=1e-4)
-  for term in ("rpn_cls", "cls", "landmark", "pair"):
+  for term in ("rpn_cls", "cls", "pair"):
     np.testing.assert_allclose(float(one[term]), float(two[term]), rtol=1e-6)
+  # Landmark RoIs: the first 8 foreground rows, then all 16 (background rows: class 0).
+  assert lm_8.shape == (4, 8) and lm_all.shape == (4, 16) == fg.shape
+  np.testing.assert_array_equal(lm_all > 0, fg)
+  np.testing.assert_array_equal(lm_8, lm_all[:, :8])
+  assert fg[:, 8:].any()  # foreground rows that only the 1x setting trains
   np.testing.assert_array_equal(fg, fg_hard)
   soft, hard = soft[fg], hard[fg]
   assert fg.sum() > 0 and ((soft > 0) & (soft < 1)).mean() > 0.01  # soft edges

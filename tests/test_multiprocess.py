@@ -238,7 +238,8 @@ def test_two_processes_train_evaluate_and_resume_like_one(tmp_path, data_dir):
   two_metrics = _metrics(two_eval)
   assert two_metrics == _metrics(switch_eval)
   assert set(two_metrics) == {"bbox", "segm", "keypoints_visible", "keypoints", "retrieval",
-                              "retrieval_gt_boxes"}
+                              "retrieval_gt_boxes", "dropped_ground_truth"}
+  assert two_metrics["dropped_ground_truth"] == dict(images=0, items=0, polygons=0, landmarks=0)
   assert two_metrics["retrieval_gt_boxes"]["top20"] > 0
   two_results, switch_results = results_lib.load(two_eval), results_lib.load(switch_eval)
   assert len(two_results.scores) == 8 * 10  # 8 images, 10 detections each
