@@ -422,6 +422,21 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     manager.close()
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The saved steps of ``directory``, oldest first, read-only ([] when it holds no checkpoint
+  or does not exist)."""
+  directory = _resolve(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    return []
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=_ITEMS,
+                                  item_handlers=_handlers())
+  try:
+    return sorted(int(s) for s in manager.all_steps())
+  finally:
+    manager.close()
+
+
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,
                    expected: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
   """``(params, constants)`` of a saved TrainState as numpy arrays, nothing else.
