@@ -525,8 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.batch is not None and args.batch < 1:
     parser.error(f"--batch must be >= 1, got {args.batch}")
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     run = _load_run(args.workdir, args.step)
     source = {"workdir": os.path.abspath(args.workdir), "step": run.step,
@@ -540,4 +538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's own logging (main() called from Python leaves the caller's alone).
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   sys.exit(main())
