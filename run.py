@@ -7,6 +7,7 @@ r"""Match R-CNN for DeepFashion2: train, or evaluate a checkpoint.
       [--checkpoint_dir DIR]
   python run.py --config configs/tiny.py --workdir runs/tiny --mode predict \
       --input_dir my_photos/ [--output_dir DIR]
+  python run.py --workdir runs/tiny --mode eval     # the config saved with the checkpoint
 
 Configs are ml_collections files with ``get_config()``; any field can be overridden as
 ``--config.a.b=value`` and an unknown field fails at start. The logic lives in
@@ -23,8 +24,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                   "train: train (resuming from workdir) then evaluate; eval: evaluate a "
@@ -45,7 +44,47 @@ flags.DEFINE_integer("process_id", None, "Many processes: this process's index, 
 flags.DEFINE_integer("distributed_timeout_s", 300,
                      "Many processes: seconds to wait for the coordinator and for every "
                      "process to join.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+CONFIG_HELP = "Config file (get_config())."
+SAVED_CONFIG: list[str] = []  # the line main logs when the config is the checkpoint's
+
+
+def define_config_flag(argv) -> None:
+  """Defines ``--config``: a config file (``get_config()``), required to train. ``--mode eval``
+  and ``--mode predict`` without it use the config the run saved with the checkpoint
+  (``inference.saved_config``: the checkpoint's own record, else WORKDIR/config.json), which
+  ``--config.a.b=v`` overrides as it would a file's (e.g. ``--config.data.root=`` where the
+  data lives on this machine). A checkpoint without a saved config, or no checkpoint, is one
+  line (exit 2, 1)."""
+  args = argv[1:]
+  given = any(a == "--config" or a.startswith("--config=") for a in args)
+
+  def value(name: str) -> str | None:
+    found = None
+    for i, a in enumerate(args):
+      if a.startswith(f"--{name}="):
+        found = a.split("=", 1)[1]
+      elif a == f"--{name}" and i + 1 < len(args):
+        found = args[i + 1]
+    return found
+
+  mode, workdir = value("mode") or "train", value("workdir")
+  if given or mode not in ("eval", "predict") or not workdir:
+    config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
+    flags.mark_flag_as_required("config")
+    return
+  from df2_jax import checkpoint, inference
+  step = value("step")
+  try:  # no jax backend may start before jax.distributed.initialize: step_folders
+    config, directory, step = inference.saved_config(
+        value("checkpoint_dir") or workdir, int(step) if step and step.isdigit() else None,
+        steps_of=checkpoint.step_folders)
+  except inference.LoadRunError as e:
+    no_config = "no saved config" in str(e)
+    sys.stderr.write(f"FATAL {e}{' (--config FILE)' if no_config else ''}\n")
+    sys.exit(2 if no_config else 1)
+  SAVED_CONFIG.append(f"No --config: the config saved with checkpoint {step} of {directory}.")
+  config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=True)
 
 
 def parse_flags(argv):
@@ -160,6 +199,8 @@ def _needed_bytes(workdir: str) -> int | None:
 
 def _main():
   from df2_jax import validate
+  for line in SAVED_CONFIG:
+    logging.info("%s", line)
   try:  # every config rule and the workdir, before any data is read or anything is built
     validate.validate(FLAGS.config)
     validate.check_workdir(FLAGS.workdir, create=FLAGS.mode == "train")
@@ -217,4 +258,5 @@ def _main():
 
 
 if __name__ == "__main__":
+  define_config_flag(sys.argv)
   app.run(main, flags_parser=parse_flags)

@@ -128,6 +128,16 @@ def resized_hw(height: int, width: int, scale: float,
           max(1, min(cw, int(round(width * scale)))))
 
 
+def original_scale(image_hw, orig_hw) -> np.ndarray:
+  """[sx, sy] float32: from the resized content on the canvas (``image_hw``, (h, w)) back to
+  the original image (``orig_hw``, (H, W)), per axis: x_original = x_canvas * sx. Every path
+  from detections to image pixels (evaluation, prediction, the Python API, the retrieval tool)
+  scales with these factors, so their numbers agree to the bit."""
+  (ch, cw), (h, w) = (np.asarray(image_hw).reshape(2).tolist(),
+                      np.asarray(orig_hw).reshape(2).tolist())
+  return np.array([float(w) / max(float(cw), 1.0), float(h) / max(float(ch), 1.0)], np.float32)
+
+
 # Half a pixel: from a landmark's annotated pixel index to the pixel's centre (load) and back
 # (export). See the module docstring.
 LANDMARK_PIXEL_CENTRE = 0.5

@@ -437,6 +437,19 @@ def saved_steps(directory: str | os.PathLike) -> list[int]:
     manager.close()
 
 
+def step_folders(directory: str | os.PathLike) -> list[int]:
+  """The steps of ``directory`` as its file system shows them: its folders named by a number
+  (orbax writes a step under a temporary name and renames it when finished, so these are the
+  finished steps that ``saved_steps`` lists on a local disk), oldest first. Unlike
+  ``saved_steps`` it starts no jax backend: run.py reads the saved config with it before
+  ``jax.distributed.initialize``."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,
                    expected: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
   """``(params, constants)`` of a saved TrainState as numpy arrays, nothing else.

@@ -1,8 +1,11 @@
 """Prediction on a folder of images: drawn PNGs and a predictions JSON.
 
 ``predict(config, variables, input_dir, output_dir)`` reads every .jpg/.jpeg/.png of
-``input_dir`` (any mode converted to RGB; unreadable files are skipped with a warning), runs the
-jitted ``MatchRCNN.detect`` in batches on the config's canvas, and writes per image
+``input_dir`` (any mode converted to RGB and turned upright by its EXIF orientation, as a
+photo viewer shows it: ``inference.read_image``; unreadable files are skipped with a warning),
+runs ``MatchRCNN.detect`` on every device through ``inference.Detector`` (the path of the
+Python API, the retrieval tool and the evaluation: images grouped by canvas, batched), and
+writes per image
 ``<stem>.png`` (boxes, category names and scores, masks, landmarks) and one
 ``predictions.json``: ``{"images": [...], "bbox": [...], "segm": [...], "keypoints": [...]}``,
 the images as COCO image entries (``id``, ``file_name``, ``height``, ``width``; the ids are the
@@ -33,13 +36,11 @@ import cv2
 import jax
 import numpy as np
 
-from data_pipeline import annotations, draw, images, transforms
+from data_pipeline import annotations, draw, transforms
 from data_pipeline import deepfashion2 as df2
-from data_pipeline.records import DataError, ImageRecord
+from data_pipeline.records import DataError
 from df2_jax import files, parallel
 from df2_jax.evaluation import coco
-from df2_jax.evaluation import masks as mask_lib
-from df2_jax.models.match_rcnn import model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def predict(config, variables: Any | Callable[[], Any], input_dir: str, output_d
   ``variables``: the model's, or a function returning them (called once the folders are
   checked and the output folder is locked, so a refused run loads nothing).
   ``config.eval.batch_size`` images per device, every device of the run at once
-  (``evaluator.jitted_detect``). In a run of several processes each process predicts and
+  (``inference.Detector``). In a run of several processes each process predicts and
   draws its contiguous share of the sorted file names into the common staging folder, and
   process 0 joins the predictions into ``predictions.json`` and swaps the folder in (every
   process must call this together; process 0 returns all predictions, the others their
@@ -182,18 +183,17 @@ def predict(config, variables: Any | Callable[[], Any], input_dir: str, output_d
   return results
 
 
+# One process predicts this many batches' images at a time, grouped by canvas
+# (``inference.Detector.detect``); several processes step together, a batch at a time.
+WINDOW_BATCHES = 4
+
+
 def _predict_into(config, variables: Any, input_dir: str, names: list[str], output_dir: str,
                   score_threshold: float) -> tuple[dict[str, Any], int, int]:
   """This process's share of ``names``: drawn into ``output_dir``, (results, predicted,
   skipped) returned."""
-  from data_pipeline.sources import geometry_from_config
-  from df2_jax.evaluation import evaluator
-  geometry = geometry_from_config(config.data)
-  model = model_from_config(config)
-  mesh = parallel.make_mesh()
-  variables = parallel.replicate(variables, mesh)
-  evaluator.check_finite(variables)
-  detect = evaluator.jitted_detect(model, mesh)[0]
+  from df2_jax import inference
+  detector = inference.Detector(config, variables)  # every device of the run
   index, count = jax.process_index(), jax.process_count()
   ids = image_ids(names)
   stems = [os.path.splitext(n)[0] for n in names]
@@ -201,81 +201,65 @@ def _predict_into(config, variables: Any, input_dir: str, names: list[str], outp
   drawn_names = ([f"{s}.png" for s in stems] if len(set(stems)) == len(stems)
                  else [f"{n}.png" for n in names])
   shards = np.array_split(np.arange(len(names)), count)
-  batch_size = int(config.eval.batch_size) * jax.local_device_count()
-  num_batches = -(-max(len(s) for s in shards) // batch_size)  # the same on every process
+  window = detector.batch_size * (1 if detector.spans_processes else WINDOW_BATCHES)
+  num_windows = -(-max(len(s) for s in shards) // window)  # the same on every process
   results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   skipped = predicted = 0
 
-  for b in range(num_batches):
-    pending: list[tuple[int, tuple[str, str], np.ndarray, dict[str, np.ndarray]]] = []
-    for i in shards[index][b * batch_size:(b + 1) * batch_size]:
+  for b in range(num_windows):
+    pending: list[tuple[int, tuple[str, str], np.ndarray]] = []
+    for i in shards[index][b * window:(b + 1) * window]:
       name = names[i]
       path = os.path.join(input_dir, name)
       try:
-        pixels = images.load_image(path)
+        pixels = inference.read_image(path)
       except DataError as e:
         skipped += 1
         log.warning("Skipping %s", e)
         continue
       pending.append((ids[i], (name, drawn_names[i]), pixels))
-    if not pending and count == 1:  # no readable image in this batch
+    arrays = [p[2] for p in pending]
+    if detector.spans_processes:  # one step with the others, on the run's canvas
+      outs = detector.detect_batch(arrays)
+    elif not arrays:  # no readable image in this window
       continue
-    # The batch's canvas: the smallest that holds its images (orientation buckets). In a
-    # multi-process run every process must use the same one: the largest then.
-    canvas = (transforms.batch_canvas(geometry, [p[2].shape[:2] for p in pending])
-              if count == 1 else tuple(geometry.canvas_hw))
-    pending = [(image_id, names_, pixels, transforms.encode_image(
-        ImageRecord(image_id, os.path.join(input_dir, names_[0]), pixels.shape[1],
-                    pixels.shape[0], "", -1, ()), pixels, geometry, False, canvas))
-               for image_id, names_, pixels in pending]
-    spec = transforms.image_spec(geometry, canvas)
-    stacked = {k: np.zeros((batch_size,) + spec[k][0], spec[k][1]) for k in ("image", "image_hw")}
-    for j, p in enumerate(pending):  # the rest of the batch stays zero (no detections)
-      for k in stacked:
-        stacked[k][j] = p[3][k]
-    x = parallel.host_local_to_global(stacked, mesh)
-    out = parallel.host_local(detect(variables, x["image"], x["image_hw"]), mesh)
-    for j, (image_id, name, pixels, enc) in enumerate(pending):
-      _add_image(results, image_id, name, pixels, enc, {k: v[j] for k, v in out.items()},
-                 output_dir, score_threshold)
+    else:  # grouped by canvas, batched
+      outs = detector.detect(arrays)
+    for (image_id, names_, pixels), out in zip(pending, outs):
+      result = inference.image_result(out, out["image_hw"], pixels.shape[:2], "bitmap")
+      _add_image(results, image_id, names_, pixels, result, output_dir, score_threshold)
       predicted += 1
 
   return results, predicted, skipped
 
 
 def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
-               pixels: np.ndarray, enc: dict[str, np.ndarray], out: dict[str, np.ndarray],
-               output_dir: str, score_threshold: float) -> None:
-  """One image's detections (``out``, on the canvas) -> original pixels, the result lists and
-  the drawn PNG (``names``: the file's name and the PNG's)."""
+               pixels: np.ndarray, result: dict[str, Any], output_dir: str,
+               score_threshold: float) -> None:
+  """One image's detections in its pixels (``inference.image_result``, bitmap masks) -> the
+  result lists and the drawn PNG (``names``: the file's name and the PNG's)."""
   name, drawn_name = names
   h, w = pixels.shape[:2]
-  sy, sx = np.array([h, w], np.float32) / np.maximum(enc["image_hw"], 1)
-  keep = out["valid"]
-  boxes = out["boxes"] * np.array([sx, sy, sx, sy], np.float32)
-  masks = np.zeros((len(boxes), h, w), bool)
-  for d in np.nonzero(keep)[0]:  # detectron2's pasting (evaluation.masks)
-    region, (top, left) = mask_lib.paste_mask_region(out["masks"][d], boxes[d], (h, w))
-    masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
-  lms = out["landmarks"].copy()  # continuous coordinates, scaled like the boxes
-  lms[..., 0] *= sx
-  lms[..., 1] *= sy
-  # Exported as the annotations' pixel indices (half a pixel less), each detection's own
-  # category's landmarks only; the drawing takes the continuous ones (draw.draw_instances).
-  own = df2.CATEGORY_LANDMARK_MASK[np.clip(out["classes"], 0, df2.NUM_CATEGORIES)]
-  exported = lms.copy()
-  exported[..., :2] = np.where(own[..., None], transforms.landmarks_to_pixel_indices(
-      lms[..., :2]), lms[..., :2])
-  b, s, k = coco.detections_to_results(image_id, boxes, out["scores"], out["classes"], keep,
-                                       masks, exported)
+  n = len(result["boxes"])
+  # [n, 294, 3]: each detection's own category's landmarks, the rest zero. Exported as the
+  # annotations' pixel indices; drawn at continuous coordinates (draw.draw_instances).
+  exported = np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32)
+  for d, (cat, own) in enumerate(zip(result["classes"], result["landmarks"])):
+    exported[d, df2.landmark_slice(int(cat))] = own
+  drawn = exported.copy()
+  own_slots = df2.CATEGORY_LANDMARK_MASK[result["classes"]]
+  drawn[..., :2] = np.where(own_slots[..., None], exported[..., :2]
+                            + np.float32(transforms.LANDMARK_PIXEL_CENTRE), 0.0)
+  b, s, k = coco.detections_to_results(image_id, result["boxes"], result["scores"],
+                                       result["classes"], None, result["masks"], exported)
   results["images"].append({"id": int(image_id), "file_name": name, "height": int(h),
                             "width": int(w)})
   results["bbox"] += b
   results["segm"] += s
   results["keypoints"] += k
-  results["embeddings"][str(image_id)] = out["embeddings"][keep].tolist()
-  picture = draw.draw_detections(pixels, boxes, out["scores"], out["classes"], keep, masks, lms,
-                                 score_threshold)
+  results["embeddings"][str(image_id)] = result["embeddings"].tolist()
+  picture = draw.draw_detections(pixels, result["boxes"], result["scores"], result["classes"],
+                                 np.ones(n, bool), result["masks"], drawn, score_threshold)
   path = os.path.join(output_dir, drawn_name)
   ok, png = cv2.imencode(".png", np.ascontiguousarray(picture[:, :, ::-1]))
   if not ok:

@@ -7,8 +7,10 @@ items match the garments of a photo.
   python -m df2_jax.retrieval query --index INDEX_DIR --image PHOTO_OR_FOLDER [--top 20] \
       [--out result.png | --out OUT_FOLDER] [--json results.json] [--source user]
 
-``index`` detects every garment of every image of SHOP_DIR (``MatchRCNN.detect``, batched on
-every local device: ``config.eval.batch_size`` images per device), keeps the detections scoring
+``index`` detects every garment of every image of SHOP_DIR (upright by its EXIF orientation;
+``MatchRCNN.detect`` through ``inference.Detector``, the path of the Python API, prediction and
+evaluation: grouped by canvas, batched on every local device, ``config.eval.batch_size`` images
+per device), keeps the detections scoring
 at least ``config.eval.gallery_score_threshold`` after a class-agnostic NMS per image at
 ``config.eval.gallery_nms_threshold`` (the evaluation's gallery rule: one entry per garment),
 and writes them as a new part of INDEX_DIR (``--source shop``: only the images that a
@@ -70,10 +72,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline import annotations, images, transforms
+from data_pipeline import annotations
 from data_pipeline.deepfashion2 import COCO_NAMES
-from data_pipeline.records import DataError, ImageRecord
-from df2_jax import files, parallel
+from data_pipeline.records import DataError
+from df2_jax import files
 from df2_jax.evaluation import retrieval as retrieval_lib
 from df2_jax.evaluation import visualize
 from df2_jax.models import matching
@@ -140,49 +142,50 @@ def image_files(path: str, source: str | None = None) -> list[str]:
 
 
 class Detector:
-  """``MatchRCNN.detect`` of a config and its variables on every local device, turned into the
-  garments of image files (``garments``)."""
+  """The garments of image files (``garments``): ``inference.Detector`` (the one inference
+  path, on every local device) and ``inference.image_result``, then the gallery rule
+  (``retrieval.dedupe_gallery``: score >= ``min_score``, class-agnostic NMS at ``nms``)."""
+
+  # Images decoded and detected together (grouped by canvas), in batches of the detector.
+  WINDOW_BATCHES = 4
 
   def __init__(self, config, variables: Any, *, min_score: float, nms: float):
-    from data_pipeline.sources import geometry_from_config
-    from df2_jax.evaluation import evaluator
-    from df2_jax.models.match_rcnn import model_from_config
+    from df2_jax import inference
     if jax.process_count() > 1:
       raise RuntimeError("df2_jax.retrieval runs as one process (on all of its devices)")
-    self.geometry = geometry_from_config(config.data)
-    self.mesh = parallel.make_mesh()
-    self.variables = parallel.replicate(variables, self.mesh)
-    evaluator.check_finite(self.variables)
-    self.detect = evaluator.jitted_detect(model_from_config(config), self.mesh)[0]
-    self.batch_size = int(config.eval.batch_size) * jax.local_device_count()
+    self.detector = inference.Detector(config, variables)
+    self.batch_size = self.detector.batch_size
     self.min_score, self.nms = float(min_score), float(nms)
 
   def garments(self, paths: Sequence[str], *, keep_pixels: bool = False,
                skipped: list[dict] | None = None, progress: str | None = None
                ) -> Iterator[Garments]:
-    """The garments of every readable file of ``paths``, in order. A file that cannot be
-    decoded is logged, appended to ``skipped`` ({path, error}) and left out. Images are
-    decoded by a few threads while the device detects the previous batch; with ``progress``
-    (a label) a log line with the rate and the time left is written about every 10 s."""
-    batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+    """The garments of every readable file of ``paths``, in order (each image upright by its
+    EXIF orientation: ``inference.read_image``). A file that cannot be decoded is logged,
+    appended to ``skipped`` ({path, error}) and left out. Images are decoded by a few threads
+    while the device detects the previous window of ``WINDOW_BATCHES`` batches; with
+    ``progress`` (a label) a log line with the rate and the time left is written about every
+    10 s."""
+    size = self.batch_size * self.WINDOW_BATCHES
+    windows = [paths[i:i + size] for i in range(0, len(paths), size)]
     start = last_log = time.perf_counter()
     done = 0
     with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
-      decoded = (pool.map(_load, batch) for batch in batches)  # lazily, one batch ahead
+      decoded = (pool.map(_load, window) for window in windows)  # lazily, one window ahead
       pending = next(decoded, None)
-      for batch in batches:
+      for window in windows:
         loaded = list(pending)
         pending = next(decoded, None)
         ok = []
-        for path, result in zip(batch, loaded):
+        for path, result in zip(window, loaded):
           if isinstance(result, DataError):
             log.warning("Skipping %s", result)
             if skipped is not None:
               skipped.append({"path": path, "error": str(result)})
           else:
             ok.append((path, result))
-        yield from self._detect_batch(ok, keep_pixels)
-        done += len(batch)
+        yield from self._garments(ok, keep_pixels)
+        done += len(window)
         now = time.perf_counter()
         if progress and (now - last_log >= 10.0 or done == len(paths)):
           rate = done / max(now - start, 1e-9)
@@ -190,48 +193,40 @@ class Detector:
                    rate, _clock((len(paths) - done) / max(rate, 1e-9)))
           last_log = now
 
-  def _detect_batch(self, loaded: list[tuple[str, np.ndarray]], keep_pixels: bool
-                    ) -> Iterator[Garments]:
+  def _garments(self, loaded: list[tuple[str, np.ndarray]], keep_pixels: bool
+                ) -> Iterator[Garments]:
+    from df2_jax import inference
     if not loaded:
       return
-    canvas = transforms.batch_canvas(self.geometry, [p.shape[:2] for _, p in loaded])
-    spec = transforms.image_spec(self.geometry, canvas)
-    stacked = {k: np.zeros((self.batch_size,) + spec[k][0], spec[k][1])
-               for k in ("image", "image_hw")}
-    encoded = []
-    for j, (path, pixels) in enumerate(loaded):  # the rest of the batch stays zero
+    outs = self.detector.detect([pixels for _, pixels in loaded])
+    for (path, pixels), out in zip(loaded, outs):
       h, w = pixels.shape[:2]
-      enc = transforms.encode_image(ImageRecord(j + 1, path, w, h, "", -1, ()), pixels,
-                                    self.geometry, False, canvas)
-      encoded.append(enc)
-      for k in stacked:
-        stacked[k][j] = enc[k]
-    x = parallel.host_local_to_global(stacked, self.mesh)
-    out = parallel.host_local(self.detect(self.variables, x["image"], x["image_hw"]),
-                              self.mesh)
-    for j, (path, pixels) in enumerate(loaded):
-      h, w = pixels.shape[:2]
-      sy, sx = np.array([h, w], np.float32) / np.maximum(encoded[j]["image_hw"], 1)
-      rows = np.nonzero(out["valid"][j])[0]
-      boxes = out["boxes"][j][rows] * np.array([sx, sy, sx, sy], np.float32)
-      dets = [dict(image_id=0, bbox=boxes[n].tolist(), score=float(out["scores"][j][r]),
-                   row=int(r)) for n, r in enumerate(rows)]
+      found = inference.image_result(out, out["image_hw"], (h, w), mask_format=None)
+      dets = [dict(image_id=0, bbox=box.tolist(), score=float(score), row=n)
+              for n, (box, score) in enumerate(zip(found["boxes"], found["scores"]))]
       kept = retrieval_lib.dedupe_gallery(dets, self.nms, self.min_score)
       kept.sort(key=lambda d: -d["score"])
       take = np.array([d["row"] for d in kept], np.int64)
       n = len(take)
       yield Garments(
           path=path, height=int(h), width=int(w),
-          boxes=np.array([d["bbox"] for d in kept], np.float32).reshape(n, 4),
-          classes=out["classes"][j][take].astype(np.int32).reshape(n),
-          scores=out["scores"][j][take].astype(np.float32).reshape(n),
-          embeddings=out["embeddings"][j][take].astype(np.float32).reshape(n, -1),
+          boxes=found["boxes"][take].reshape(n, 4),
+          classes=found["classes"][take].reshape(n),
+          scores=found["scores"][take].reshape(n),
+          embeddings=found["embeddings"][take].reshape(n, -1),
           pixels=pixels if keep_pixels else None)
+
+
+def _read(path: str) -> np.ndarray:
+  """An image file as the index sees it: upright by its EXIF orientation
+  (``inference.read_image``; ``DataError`` when it cannot be decoded)."""
+  from df2_jax import inference
+  return inference.read_image(path)
 
 
 def _load(path: str) -> np.ndarray | DataError:
   try:
-    return images.load_image(path)
+    return _read(path)
   except DataError as e:
     return e
 
@@ -578,7 +573,7 @@ def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, heig
     for item in garment["results"][:top]:
       if item["image"] not in cache:
         try:
-          cache[item["image"]] = images.load_image(item["image"])
+          cache[item["image"]] = _read(item["image"])
         except DataError as e:  # a gallery image moved or deleted since it was indexed
           log.warning("Cannot draw %s", e)
           cache[item["image"]] = None
@@ -664,12 +659,17 @@ def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step:
       config = ml_collections.ConfigDict(m["config"])
     checkpoint_dir = checkpoint_dir or m["checkpoint_dir"]
     step = int(m["step"]) if step is None else step
-  if config is None:
-    raise IndexFolderError("--config is needed to build a new index")
   if checkpoint_dir is None:
     if not workdir:
       raise IndexFolderError("--workdir or --checkpoint_dir is needed to build a new index")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if config is None:  # the config saved with the checkpoint
+    from df2_jax import inference
+    try:
+      config, _, step = inference.saved_config(checkpoint_dir, step)
+    except inference.LoadRunError as e:
+      raise IndexFolderError(f"{e}: pass it as --config" if "no saved config" in str(e)
+                             else str(e)) from None
   from df2_jax import validate
   validate.validate(config)
   variables, step = _load_model(checkpoint_dir, step, config)
@@ -719,7 +719,7 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
     path = (os.path.join(out, os.path.splitext(os.path.basename(result["image"]))[0] + ".png")
             if many else out)
     try:
-      photo = one_photo if one_photo is not None else images.load_image(result["image"])
+      photo = one_photo if one_photo is not None else _read(result["image"])
       write_picture(path, draw_result(photo, result))
     except Exception as e:  # pylint: disable=broad-except  (the answers are written already)
       if files.is_disk_full(e):
@@ -751,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   ix = sub.add_parser("index", help="detect the garments of a folder of shop images into an "
                       "index (a new one, or appended)")
-  ix.add_argument("--config", help="the model's config file (get_config()); for a new index")
+  ix.add_argument("--config", help="the model's config file (get_config()); default: the "
+                  "config saved with the checkpoint")
   ix.add_argument("--workdir", help="the training workdir (its checkpoints/)")
   ix.add_argument("--checkpoint_dir", help="a checkpoint directory (default WORKDIR/checkpoints)")
   ix.add_argument("--step", type=int, help="the checkpoint step (default: the latest)")

@@ -162,7 +162,7 @@ def test_loaded_landmarks_export_as_the_annotated_indices(fixture_records, flip)
 def test_predict_exports_the_annotated_indices(fixture_records, tmp_path):
   """predict's exporter: detections equal to 002092.jpg's loaded items (canvas 0.5) give
   keypoint entries holding the annotated indices in the category's slice, zeros elsewhere."""
-  from df2_jax import predict  # jax: only this test needs it
+  from df2_jax import inference, predict  # jax: only this test needs it
   record = _record(fixture_records, 2092)
   image = images.load_image(record.image_path)
   geometry = transforms.ImageGeometry((352, 352), 234, 400, 4, 8)
@@ -175,7 +175,8 @@ def test_predict_exports_the_annotated_indices(fixture_records, tmp_path):
              masks=enc["masks"].astype(np.float32), landmarks=lms,
              embeddings=np.zeros((m, 4), np.float32))
   found = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
-  predict._add_image(found, record.image_id, ("002092.jpg", "002092.png"), image, enc, out,
+  result = inference.image_result(out, enc["image_hw"], image.shape[:2])
+  predict._add_image(found, record.image_id, ("002092.jpg", "002092.png"), image, result,
                      str(tmp_path), 0.3)
   assert (tmp_path / "002092.png").exists()
   assert len(found["keypoints"]) == len(record.items) == 2

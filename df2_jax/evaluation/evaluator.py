@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import logging
 import multiprocessing
 import os
@@ -43,15 +42,13 @@ from typing import Any
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import convert, draw
-from df2_jax import files, parallel
+from df2_jax import files, inference, parallel
 from df2_jax.evaluation import coco, host, retrieval, visualize
 from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
-from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
 
 log = logging.getLogger(__name__)
 COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
@@ -93,37 +90,9 @@ def check_ground_truth(config, source) -> None:
               "(recorded in metrics.json as %r).", source.name, dropped, DROPPED_KEY)
 
 
-@functools.lru_cache(maxsize=4)
-def jitted_detect(model: MatchRCNN, mesh) -> tuple[Any, Any]:
-  """(detect, embed) of ``model`` on every device of ``mesh``, each device on its own images
-  (``parallel.per_device``), built once per model and mesh (evaluations during training reuse
-  them). ``detect(variables, images, image_hw)``, ``embed(variables, images, image_hw, boxes)``:
-  global arrays in (``parallel.host_local_to_global``), global arrays out."""
-  detect = parallel.per_device(
-      lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect), mesh, 2)
-  embed = parallel.per_device(
-      lambda v, x, hw, b: model.apply(v, x, hw, b, method=MatchRCNN.embed), mesh, 3)
-  return detect, embed
-
-
-@jax.jit
-def _finite_leaves(tree: Any) -> Any:
-  return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), tree)
-
-
-def check_finite(variables: Any, what: str = "the params") -> None:
-  """Raises FloatingPointError naming the tensors of ``variables`` that hold NaN or inf (a
-  diverged run's params would evaluate to AP 0 without a word)."""
-  floats = {jax.tree_util.keystr(path): leaf for path, leaf in
-            jax.tree_util.tree_leaves_with_path(variables)
-            if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jnp.floating)}
-  ok = jax.device_get(parallel.one_replica(_finite_leaves(floats)))
-  bad = sorted(k for k, v in ok.items() if not bool(v))
-  if bad:
-    raise FloatingPointError(
-        f"{what} hold non-finite values in {len(bad)} of {len(floats)} tensors (e.g. "
-        f"{', '.join(bad[:3])}): the run diverged before this checkpoint; evaluate an earlier "
-        f"step (--step) instead.")
+# The device path is ``inference``'s (these names stay for callers of the evaluator's).
+jitted_detect = inference.jitted_detect
+check_finite = inference.check_finite
 
 
 def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
@@ -176,8 +145,8 @@ def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Exe
                    f"{kind!r}")
 
 
-def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict, *,
-                  mesh, writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
+def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
+                  writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
                   gallery_nms: float = 0.5, gallery_min_score: float = 0.0,
                   with_gt_embeddings: bool = True, keep_outputs: frozenset = frozenset(),
                   keep_min_score: float = 0.0, num_images: int | None = None,
@@ -185,21 +154,20 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
                   ) -> dict[str, Any]:
   """Detects every image of ``dataset`` (eval batches) and streams the results to ``writer``.
 
-  ``variables`` are replicated over ``mesh`` and each batch is split over its devices
-  (``jitted_detect``); in a run of several processes, ``dataset`` is this process's shard and
-  every process must run this together (each detection step is one program over every
-  device). The accelerators run one batch ahead of the host: while batch k+1 is detected, the
-  images of batch k are post-processed by ``workers`` worker processes (``host.process_image``; see
-  ``host_pool`` for ``pool_kind``), and their rows reach ``writer`` in file order. Only each
-  image's valid detections travel to the workers. Progress with an ETA is logged every
-  ``log_every_s`` seconds.
+  ``detector`` (``inference.Detector``: the model's variables on every device of the run)
+  detects each batch, split over its devices; in a run of several processes, ``dataset`` is
+  this process's shard and every process must run this together (each detection step is one
+  program over every device). The accelerators run one batch ahead of the host: while batch
+  k+1 is detected, the images of batch k are post-processed by ``workers`` worker processes
+  (``host.process_image``; see ``host_pool`` for ``pool_kind``), and their rows reach
+  ``writer`` in file order. Only each image's valid detections travel to the workers.
+  Progress with an ETA is logged every ``log_every_s`` seconds.
 
   Returns:
     {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``host.process_image``),
      "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
      "seconds": wall time, "images": number of images}.
   """
-  detect, embed = jitted_detect(model, mesh)
   found: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={})
   started = last_log = time.perf_counter()
   done = 0
@@ -220,8 +188,8 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
       done += 1
 
   def submit(batch, out, gt_emb) -> None:
-    out = parallel.host_local(out, mesh)
-    gt_emb = parallel.host_local(gt_emb, mesh) if gt_emb is not None else None
+    out = detector.fetch(out)
+    gt_emb = detector.fetch(gt_emb) if gt_emb is not None else None
     for i in np.nonzero(batch["valid"])[0]:
       image_id = int(batch["image_id"][i])
       source = records_by_id[image_id].source
@@ -238,12 +206,9 @@ def run_detection(model: MatchRCNN, variables: Any, dataset, records_by_id: dict
 
   try:
     previous = None
-    inputs = ("image", "image_hw") + (("boxes",) if with_gt_embeddings else ())
     for batch in dataset.as_numpy_iterator():
-      x = parallel.host_local_to_global({k: batch[k] for k in inputs}, mesh)
-      out = detect(variables, x["image"], x["image_hw"])  # dispatched, not awaited
-      gt_emb = (embed(variables, x["image"], x["image_hw"], x["boxes"]) if with_gt_embeddings
-                else None)
+      # dispatched, not awaited
+      out, gt_emb = detector.dispatch(batch, embed_boxes=with_gt_embeddings)
       if previous is not None:
         submit(*previous)
       previous = (batch, out, gt_emb)
@@ -334,13 +299,11 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
     eval_source = eval_source.subset(subset_indices(eval_source.records, max_images))
     log.info("Evaluating on a fixed subset: %s (config.eval.max_images).", eval_source.name)
   geometry = sources.geometry_from_config(config.data)
-  model = model_from_config(config)
-  mesh = parallel.make_mesh()
-  variables = parallel.replicate(variables, mesh)
-  check_finite(variables)
+  detector = inference.Detector(config, variables)  # replicated on every device, checked
+  variables = detector.variables
   # config.eval.batch_size images per device; each process reads its contiguous shard.
   dataset = pipeline.eval_dataset(
-      eval_source, geometry, batch_size=int(config.eval.batch_size) * jax.local_device_count(),
+      eval_source, geometry, batch_size=detector.batch_size,
       process_index=index, process_count=count)
   shard_size = len(np.array_split(np.arange(len(eval_source.records)), count)[index])
   records = {r.image_id: r for r in eval_source.records}
@@ -355,7 +318,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   parallel.barrier("evaluation_start")
   try:
     result_writer = results_lib.ResultWriter(staging, shard=index if count > 1 else None)
-    found = run_detection(model, variables, dataset, records, mesh=mesh, writer=result_writer,
+    found = run_detection(detector, dataset, records, writer=result_writer,
                           query_gt_by_image=_query_gt_by_image(query_gt),
                           gallery_nms=float(config.eval.gallery_nms_threshold),
                           gallery_min_score=float(config.eval.gallery_score_threshold),

@@ -16,14 +16,14 @@ import dataclasses
 import numpy as np
 from pycocotools import mask as mask_util
 
+from data_pipeline.transforms import original_scale
 from df2_jax.evaluation import results as results_lib
 from df2_jax.evaluation import retrieval
 
 
 def to_original(boxes: np.ndarray, image_hw: np.ndarray, orig_hw: np.ndarray) -> np.ndarray:
   """Boxes on the canvas content scaled back to the original image (per-axis factors)."""
-  sy, sx = orig_hw / np.maximum(image_hw, 1)
-  return boxes * np.array([sx, sy, sx, sy], np.float32)
+  return np.asarray(boxes, np.float32) * np.tile(original_scale(image_hw, orig_hw), 2)
 
 
 @dataclasses.dataclass
@@ -81,9 +81,7 @@ def process_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np
     full = (np.stack([mask_util.decode({"size": [h, w], "counts": res.rles[j]}) for j in sel])
             .astype(bool) if len(sel) and res.rles else np.zeros((len(sel), h, w), bool))
     lms = out["landmarks"][rows[sel]].copy()
-    sy, sx = orig / np.maximum(hw, 1)
-    lms[..., 0] *= sx
-    lms[..., 1] *= sy
+    lms[..., :2] *= original_scale(hw, orig)
     drawn = dict(boxes=res.boxes[sel], scores=res.scores[sel], classes=res.classes[sel],
                  valid=np.ones(len(sel), bool), masks=full, landmarks=lms)
   return ImageOutput(res, entries, gt_entries, drawn)

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_pipeline.deepfashion2 import LANDMARK_COUNTS, LANDMARK_START, NUM_LANDMARKS
-from data_pipeline.transforms import landmarks_to_pixel_indices
+from data_pipeline.transforms import landmarks_to_pixel_indices, original_scale
 from df2_jax import files
 from df2_jax.evaluation import masks as mask_lib
 
@@ -107,10 +107,10 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
       Stored scaled to the original image, then less half a pixel (the annotations' pixel
       indices, detectron2's export): the scale applies to continuous coordinates only.
   """
-  sy, sx = (float(o) / max(float(c), 1.0) for o, c in zip(orig_hw, image_hw))
+  scale = original_scale(image_hw, orig_hw)  # [sx, sy]
   h, w = int(orig_hw[0]), int(orig_hw[1])
   rows = np.nonzero(np.asarray(valid, bool))[0]
-  out_boxes = (np.asarray(boxes, np.float32)[rows] * np.float32([sx, sy, sx, sy]))
+  out_boxes = np.asarray(boxes, np.float32)[rows] * np.tile(scale, 2)
   out_scores = np.asarray(scores, np.float32)[rows]
   out_classes = np.asarray(classes)[rows].astype(np.int16)
   rles = []
@@ -127,7 +127,7 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
     for i, cat in enumerate(out_classes[kp_rows]):
       start, count = LANDMARK_START[int(cat)], LANDMARK_COUNTS[int(cat)]
       kps[i, :count] = landmarks_to_pixel_indices(
-          lms[i, start:start + count, :2] * np.float32([sx, sy]))
+          lms[i, start:start + count, :2] * scale)
   return ImageResults(int(image_id), (h, w), out_boxes, out_scores, out_classes, rles,
                       kp_rows, kps)
 
