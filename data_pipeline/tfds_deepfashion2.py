@@ -72,8 +72,8 @@ def split_dirs(manual_dir: str) -> dict[str, str]:
   if not found:
     hint = ""
     if any(os.path.isdir(os.path.join(manual_dir, sub)) for sub in ("annos", "image")):
-      hint = (f"; it looks like one split's folder: point --manual_dir at the folder holding "
-              f"train/ and validation/")
+      hint = ("; it looks like one split's folder: point --manual_dir at the folder holding "
+              "train/ and validation/")
     raise PrepareError(f"{manual_dir}: no train/ or validation/ folder, 0 records (expected "
                        f"train/{{image,annos}} and/or validation/{{image,annos}}){hint}")
   for split_dir in found.values():

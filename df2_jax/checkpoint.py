@@ -25,7 +25,6 @@ damage: ``ConfigMismatch`` is raised before anything is restored or moved.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib

@@ -78,7 +78,6 @@ from data_pipeline.records import DataError
 from df2_jax import files
 from df2_jax.evaluation import retrieval as retrieval_lib
 from df2_jax.evaluation import visualize
-from df2_jax.models import matching
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ def test_resize_plan_and_canvas_match_the_pipeline(exported):
 
 
 def test_manifest(exported):
-  out, manifest, config = exported["out"], exported["manifest"], exported["config"]
+  out, manifest = exported["out"], exported["manifest"]
   assert json.loads((out / export.MANIFEST).read_text()) == manifest
   assert manifest["format"] == export.FORMAT and manifest["format_version"] == 1
   assert manifest["jax_version"] == jax.__version__

@@ -7,8 +7,6 @@ coordinates (+0.5), half the images flipped, images padded onto the canvas (the 
 as the pixel mean, padding anchors never proposed).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
