@@ -8,10 +8,12 @@ head (4500 steps of 2 image pairs, AdamW), evaluates the validation split (COCO 
 masks and landmarks, retrieval top-k) and draws predictions and retrieval strips into
 runs/demo/eval_4500/.
 
-Expected (2026-12-01, the project's 2-core CPU machine, jax 0.10.2, the README command in a
-fresh clone, pip install and data generation included): 12 min 32 s wall (2.9 GB peak RSS,
-5.9-7.7 steps/s); AP_box 0.524, AP_mask 0.484, landmark AP 0.352 (visible + occluded),
-retrieval top-1 0.357 / top-20 0.893 (detected boxes; 0.339 / 0.964 with GT boxes).
+Expected (2026-12-06, the project's 2-core CPU machine, jax 0.10.2, the README command in a
+fresh clone, pip install and data generation included): 14 min 52 s wall (5.0-6.1 steps/s);
+AP_box 0.517, AP_mask 0.479, landmark AP 0.365 (visible + occluded), retrieval top-1 0.250 /
+top-20 0.857 (detected boxes; 0.286 / 0.964 with GT boxes). With --config.seed=1: AP_box 0.534,
+top-1 0.339, top-20 0.875. Before issue 26 (Detectron's padding and landmark conventions):
+12 min 32 s, AP_box 0.524, top-1 0.357.
 Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
