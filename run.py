@@ -80,7 +80,7 @@ def define_config_flag(argv) -> None:
         value("checkpoint_dir") or workdir, int(step) if step and step.isdigit() else None,
         steps_of=checkpoint.step_folders)
   except inference.LoadRunError as e:
-    no_config = "no saved config" in str(e)
+    no_config = isinstance(e, inference.NoSavedConfig)
     sys.stderr.write(f"FATAL {e}{' (--config FILE)' if no_config else ''}\n")
     sys.exit(2 if no_config else 1)
   SAVED_CONFIG.append(f"No --config: the config saved with checkpoint {step} of {directory}.")

@@ -59,6 +59,11 @@ class LoadRunError(ValueError):
   """A run or checkpoint that cannot be loaded as asked; ``str`` is one line."""
 
 
+class NoSavedConfig(LoadRunError):
+  """A checkpoint saved without its config (a run of an earlier version): the caller must give
+  the config it was trained with."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """A trained run's checkpoint, ready to use.
@@ -138,13 +143,13 @@ def saved_config(path: str | os.PathLike, step: int | None = None, *,
                  steps_of=ckpt_lib.saved_steps) -> tuple[ml_collections.ConfigDict, str, int]:
   """(config, checkpoint directory, step) of ``path`` (as ``checkpoint_step``): the config the
   run saved with that checkpoint (its ``extra`` record, else the workdir's ``config.json``:
-  ``run_config.stored_for``). ``LoadRunError`` also for a checkpoint saved without one (a run
-  of an earlier version)."""
+  ``run_config.stored_for``). ``LoadRunError`` as ``checkpoint_step``; ``NoSavedConfig`` (one)
+  for a checkpoint saved without its config (a run of an earlier version)."""
   directory, step = checkpoint_step(path, step, steps_of=steps_of)
   stored = run_config.stored_for(directory, ckpt_lib.read_extra(directory, step))
   if stored is None:
-    raise LoadRunError(f"checkpoint step {step} in {directory} has no saved config (a run of "
-                       f"an earlier version): pass the config it was trained with")
+    raise NoSavedConfig(f"checkpoint step {step} in {directory} has no saved config (a run of "
+                        f"an earlier version): pass the config it was trained with")
   return config_from_json(stored["config"]), directory, step
 
 
@@ -168,10 +173,8 @@ def load_run(path: str | os.PathLike, step: int | None = None, *,
   if config is None:
     try:
       config, directory, step = saved_config(path, step)
-    except LoadRunError as e:
-      if "no saved config" not in str(e):
-        raise
-      raise LoadRunError(f"{e}: load_run(path, config=...)") from None
+    except NoSavedConfig as e:
+      raise NoSavedConfig(f"{e}: load_run(path, config=...)") from None
   else:
     directory, step = checkpoint_step(path, step)
     if not isinstance(config, ml_collections.ConfigDict):

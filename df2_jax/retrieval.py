@@ -666,9 +666,10 @@ def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step:
     from df2_jax import inference
     try:
       config, _, step = inference.saved_config(checkpoint_dir, step)
+    except inference.NoSavedConfig as e:
+      raise IndexFolderError(f"{e}: pass it as --config") from None
     except inference.LoadRunError as e:
-      raise IndexFolderError(f"{e}: pass it as --config" if "no saved config" in str(e)
-                             else str(e)) from None
+      raise IndexFolderError(str(e)) from None
   from df2_jax import validate
   validate.validate(config)
   variables, step = _load_model(checkpoint_dir, step, config)

@@ -297,7 +297,7 @@ def test_detector_groups_images_by_canvas(predictor, monkeypatch):
   assert detector.canvas_for([(60, 80), (80, 60)]) == (128, 128)
 
 
-def test_run_py_without_config_says_why_in_one_line(world, predictor, tmp_path):
+def test_run_py_without_config_says_why_in_one_line(world, predictor, tmp_path, caplog):
   """--mode eval without --config: a checkpoint saved without its config (an earlier version)
   and a workdir without checkpoints are one line each, before anything runs; training still
   needs --config."""
@@ -316,6 +316,15 @@ def test_run_py_without_config_says_why_in_one_line(world, predictor, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  # The same checkpoint for the Python API and the retrieval tool's index: the config asked.
+  from df2_jax import retrieval  # pylint: disable=g-import-not-at-top
+  with pytest.raises(inference.NoSavedConfig, match=r"pass the config it was trained with: "
+                     r"load_run\(path, config=\.\.\.\)"):
+    inference.load_run(old)
+  assert retrieval.main(["index", "--workdir", str(old), "--images", str(world["photos"]),
+                         "--out", str(tmp_path / "index")]) == 1
+  assert "pass the config it was trained with: pass it as --config" in caplog.text
+  assert os.listdir(tmp_path / "index") == [".lock"]  # nothing but the lock's file
 
 
 def readme_example() -> str:

@@ -90,11 +90,6 @@ def check_ground_truth(config, source) -> None:
               "(recorded in metrics.json as %r).", source.name, dropped, DROPPED_KEY)
 
 
-# The device path is ``inference``'s (these names stay for callers of the evaluator's).
-jitted_detect = inference.jitted_detect
-check_finite = inference.check_finite
-
-
 def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
   """Record indices of the evaluation subset ``config.eval.max_images`` asks for.
 
