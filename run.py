@@ -10,8 +10,10 @@ r"""Match R-CNN for DeepFashion2: train, or evaluate a checkpoint.
   python run.py --workdir runs/tiny --mode eval     # the config saved with the checkpoint
 
 Configs are ml_collections files with ``get_config()``; any field can be overridden as
-``--config.a.b=value`` and an unknown field fails at start. The logic lives in
-``df2_jax.train`` (``train_and_evaluate(config, workdir)``), which tests import.
+``--config.a.b=value`` and an unknown field fails at start. The logic lives in the library:
+``df2_jax.train.train_and_evaluate``, ``df2_jax.evaluation.evaluator.evaluate_checkpoint`` and
+``df2_jax.predict.predict``. Every known failure (``df2_jax.errors.Df2Error``) is one line and
+the exit status of its class.
 """
 
 import logging
@@ -52,7 +54,7 @@ SAVED_CONFIG: list[str] = []  # the line main logs when the config is the checkp
 def define_config_flag(argv) -> None:
   """Defines ``--config``: a config file (``get_config()``), required to train. ``--mode eval``
   and ``--mode predict`` without it use the config the run saved with the checkpoint
-  (``inference.saved_config``: the checkpoint's own record, else WORKDIR/config.json), which
+  (``config.run_config.saved_config``: the checkpoint's own record, else WORKDIR/config.json), which
   ``--config.a.b=v`` overrides as it would a file's (e.g. ``--config.data.root=`` where the
   data lives on this machine). A checkpoint without a saved config, or no checkpoint, is one
   line (exit 2, 1)."""
@@ -73,16 +75,17 @@ def define_config_flag(argv) -> None:
     config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
     flags.mark_flag_as_required("config")
     return
-  from df2_jax import checkpoint, inference
+  from df2_jax import checkpoint, errors
+  from df2_jax.config import run_config
   step = value("step")
   try:  # no jax backend may start before jax.distributed.initialize: step_folders
-    config, directory, step = inference.saved_config(
+    config, directory, step = run_config.saved_config(
         value("checkpoint_dir") or workdir, int(step) if step and step.isdigit() else None,
         steps_of=checkpoint.step_folders)
-  except inference.LoadRunError as e:
-    no_config = isinstance(e, inference.NoSavedConfig)
+  except errors.Df2Error as e:
+    no_config = isinstance(e, run_config.NoSavedConfig)
     sys.stderr.write(f"FATAL {e}{' (--config FILE)' if no_config else ''}\n")
-    sys.exit(2 if no_config else 1)
+    sys.exit(e.exit_code)
   SAVED_CONFIG.append(f"No --config: the config saved with checkpoint {step} of {directory}.")
   config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=True)
 
@@ -198,16 +201,17 @@ def _needed_bytes(workdir: str) -> int | None:
 
 
 def _main():
-  from df2_jax import validate
+  from df2_jax import errors, files
+  from df2_jax.config import rules
   for line in SAVED_CONFIG:
     logging.info("%s", line)
   try:  # every config rule and the workdir, before any data is read or anything is built
-    validate.validate(FLAGS.config)
-    validate.check_workdir(FLAGS.workdir, create=FLAGS.mode == "train")
-  except validate.ConfigError as e:
+    rules.validate(FLAGS.config)
+    files.check_writable(FLAGS.workdir, create=FLAGS.mode == "train", what="--workdir")
+  except errors.Df2Error as e:
     for line in str(e).splitlines():
       sys.stderr.write(f"Config error: {line}\n")
-    sys.exit(2)
+    sys.exit(e.exit_code)
   # orbax logs every checkpoint step at INFO through absl; keep its warnings only.
   quiet_orbax = lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname
   for handler in logging.getLogger().handlers:
@@ -215,46 +219,28 @@ def _main():
   # Keep TensorFlow (input pipeline only) off the accelerators.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  from df2_jax import files, parallel, run_config, train
-  from df2_jax.evaluation import evaluator
+  from df2_jax import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
-  if FLAGS.mode == "train":
-    try:
+  try:
+    if FLAGS.mode == "train":
+      from df2_jax import train
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir, origin=config_origin(sys.argv))
-    except train.Interrupted as e:  # logged, checkpoint saved: the shell's code for the signal
-      sys.exit(128 + e.signum)
-    except FloatingPointError as e:  # the step, the losses and the last finite checkpoint
-      fail(str(e), 1)
-    except files.Locked as e:  # another training holds the workdir
-      fail(str(e), 1)
-    except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
-      fail(str(e), 2)
-    except evaluator.SkippedGroundTruth as e:  # invalid validation data dropped: one line
-      fail(str(e), 2)
-  else:
-    try:
-      if FLAGS.mode == "eval":
-        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
-                                  checkpoint_dir=FLAGS.checkpoint_dir, step=FLAGS.step)
-      else:
-        if not FLAGS.input_dir:
-          raise app.UsageError("--mode predict needs --input_dir")
-        from df2_jax import predict
-        load = lambda: train.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
-                                            step=FLAGS.step, config=FLAGS.config)[0]
-        try:  # the folders are checked and locked before the checkpoint is read
-          predict.predict(FLAGS.config, load, FLAGS.input_dir,
-                          FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
-        except predict.PredictError as e:  # one line; the output folder is left as it was
-          logging.error("%s", e)
-          sys.exit(1)
-    except (FileNotFoundError, FloatingPointError) as e:  # no checkpoint; diverged params
-      fail(str(e), 1)
-    except run_config.RunMismatch as e:  # another config's checkpoints: nothing was changed
-      fail(str(e), 2)
-    except evaluator.SkippedGroundTruth as e:  # invalid validation data dropped: one line
-      fail(str(e), 2)
+    elif FLAGS.mode == "eval":
+      from df2_jax.evaluation import evaluator
+      evaluator.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
+                                    checkpoint_dir=FLAGS.checkpoint_dir, step=FLAGS.step)
+    else:
+      if not FLAGS.input_dir:
+        raise app.UsageError("--mode predict needs --input_dir")
+      from df2_jax import inference, predict
+      load = lambda: inference.load_variables(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir,
+                                              step=FLAGS.step, config=FLAGS.config)[0]
+      # The folders are checked and locked before the checkpoint is read.
+      predict.predict(FLAGS.config, load, FLAGS.input_dir,
+                      FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions"))
+  except errors.Df2Error as e:  # one line (a stopped training: its checkpoint is saved)
+    sys.exit(errors.report(e))
 
 
 if __name__ == "__main__":

@@ -65,14 +65,14 @@ def _data(path: str) -> None:
 
 def _init_checkpoint(config, path: str) -> None:
   import jax
-  from data_pipeline import sources
-  from df2_jax import checkpoint, train
+  from data_pipeline import transforms
+  from df2_jax import checkpoint
   from df2_jax.models.match_rcnn import init_variables, model_from_config
   if checkpoint.latest_step(path) is not None:
     return
-  geometry = sources.geometry_from_config(config.data)
+  geometry = transforms.geometry_from_config(config.data)
   variables = init_variables(model_from_config(config), jax.random.key(config.seed),
-                             train.zero_train_batch(geometry, 1))
+                             transforms.zero_train_batch(geometry, 1))
   with checkpoint.CheckpointManager(path, 1, max_to_keep=1) as manager:
     manager.save(0, dict(variables), force=True)
     manager.wait_until_finished()

@@ -59,16 +59,15 @@ def main(argv):
   del argv
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  from data_pipeline import pipeline, sources
-  from df2_jax import train
+  from data_pipeline import pipeline, sources, transforms
   from df2_jax.evaluation import evaluator
   from df2_jax.models.match_rcnn import MatchRCNN, init_variables, model_from_config
 
   config = _config()
   source = sources.source_from_config(config.data, config.data.eval_split)
-  geometry = sources.geometry_from_config(config.data)
+  geometry = transforms.geometry_from_config(config.data)
   model = model_from_config(config)
-  variables = init_variables(model, jax.random.key(0), train.zero_train_batch(geometry, 1))
+  variables = init_variables(model, jax.random.key(0), transforms.zero_train_batch(geometry, 1))
   variables = jax.device_put(variables)
   batches = list(pipeline.eval_dataset(source, geometry, batch_size=FLAGS.batch,
                                        process_index=0, process_count=1).as_numpy_iterator())

@@ -122,6 +122,7 @@ def main(argv):
   from data_pipeline import convert
   from df2_jax.evaluation import evaluator
   from df2_jax.evaluation import results as results_lib
+  from df2_jax.evaluation import workers as workers_lib
 
   hw = (FLAGS.height, FLAGS.width)
   started = time.perf_counter()
@@ -140,12 +141,12 @@ def main(argv):
   for i in range(n1):
     results_lib.image_results(*args(i))
   one = (time.perf_counter() - started) / n1
-  workers = evaluator.host_workers(FLAGS.workers)
+  workers = workers_lib.host_workers(FLAGS.workers)
   outdir = tempfile.mkdtemp(prefix="df2_bench_eval_results_")
   try:
     writer = results_lib.ResultWriter(outdir)
     started = time.perf_counter()
-    with evaluator.host_pool(workers, FLAGS.pool) as pool:
+    with workers_lib.host_pool(workers, FLAGS.pool) as pool:
       futures = [pool.submit(results_lib.image_results, *args(i)) for i in range(FLAGS.images)]
       for future in futures:
         writer.add(future.result())

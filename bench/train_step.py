@@ -21,23 +21,30 @@ with a 294-landmark keypoint head (bf16 autocast) at the same batch and size in 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 
 from absl import app, flags
 import jax
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
-from data_pipeline import transforms
-from df2_jax import train_step as ts
-from df2_jax.models.match_rcnn import MatchRCNN, MatchRCNNConfig, init_variables
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import match_rcnn_r50_fpn_1x_df2, tiny  # pylint: disable=wrong-import-position
+from data_pipeline import deepfashion2 as df2  # pylint: disable=wrong-import-position
+from data_pipeline import transforms  # pylint: disable=wrong-import-position
+from df2_jax import train_step  # pylint: disable=wrong-import-position
+from df2_jax.models.match_rcnn import (  # pylint: disable=wrong-import-position
+    MatchRCNN, MatchRCNNConfig, init_variables, model_from_config)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("canvas", ["800x1344"], "Canvases HxW (multiples of 32), comma-separated: "
                   "each is compiled once and timed alone, then (several) all in turn.")
 flags.DEFINE_integer("pairs", 4, "Image pairs per step (2 images each).")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_enum("model", "full", ["full", "tiny"], "Full ResNet-50 model or a tiny one.")
+flags.DEFINE_enum("model", "full", ["full", "tiny"], "The 1x recipe's model "
+                  "(configs/match_rcnn_r50_fpn_1x_df2.py) or the tiny one (configs/tiny.py).")
 flags.DEFINE_integer("items", 3, "Items per image.")
 flags.DEFINE_integer("max_instances", 8, "M.")
 flags.DEFINE_integer("mask_size", 112, "GT mask crop size.")
@@ -51,12 +58,6 @@ flags.DEFINE_list("set", [], "MatchRCNNConfig fields to override, name=value (Py
                   "literals), e.g. landmark_rois_per_image=128,box_loss_beta=1.0.")
 flags.DEFINE_list("infer", [], "Also time jitted inference (detect: boxes, masks, 294 "
                   "landmarks, embeddings) at these batch sizes, e.g. 1,8.")
-
-TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, fpn_channels=32, rpn_pre_nms_topk_train=300,
-            rpn_post_nms_topk_train=100, roi_batch_size_per_image=64, box_fc_dim=64,
-            mask_conv_dim=16, landmark_conv_dim=32, landmark_num_convs=2,
-            landmark_rois_per_image=8, match_conv_dim=16, match_proj_dim=32, embed_dim=16)
-
 
 def random_batch(rng: np.random.Generator, pairs: int, geometry: transforms.ImageGeometry,
                  items: int) -> dict[str, np.ndarray]:
@@ -112,11 +113,13 @@ def peak_memory_gib() -> float | None:
 
 
 def bench_jax(canvases) -> None:
-  fields = dict(TINY) if FLAGS.model == "tiny" else {}
-  fields.update(overrides(FLAGS.set))
-  config = dataclasses.replace(MatchRCNNConfig(**fields), dtype=FLAGS.dtype)
-  largest = (max(c[0] for c in canvases), max(c[1] for c in canvases))
-  model = MatchRCNN(config, largest)
+  recipe = (tiny if FLAGS.model == "tiny" else match_rcnn_r50_fpn_1x_df2).get_config()
+  recipe.model.update(overrides(FLAGS.set))
+  recipe.model.dtype = FLAGS.dtype
+  # The largest canvas: the model's anchors cover it, every smaller one is a program of its own.
+  recipe.data.canvas = (max(c[0] for c in canvases), max(c[1] for c in canvases))
+  model = model_from_config(recipe)
+  config = model.config
   rng = np.random.default_rng(0)
   batches = {c: [jax.device_put(random_batch(rng, FLAGS.pairs, _geometry(c), FLAGS.items))
                  for _ in range(2)] for c in canvases}
@@ -126,9 +129,9 @@ def bench_jax(canvases) -> None:
       bench_inference(model, variables, canvas, int(n))
   # The first learning rate of the 1x recipe's linear warm-up (0.02 x 0.001): from random
   # init, the full 0.02 diverges within steps on random data, and a timing needs finite losses.
-  tx = ts.make_optimizer(0.02 * 0.001, variables["params"], freeze_at=config.freeze_at)
-  state = ts.create_train_state(variables, tx)
-  step = ts.make_train_step(model, tx, {})
+  tx = train_step.make_optimizer(0.02 * 0.001, variables["params"], freeze_at=config.freeze_at)
+  state = train_step.create_train_state(variables, tx)
+  step = train_step.make_train_step(model, tx, {})
   key = jax.random.key(1)
   images = FLAGS.steps * FLAGS.pairs * 2
   order = [c for c in canvases] if len(canvases) > 1 else []

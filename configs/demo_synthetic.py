@@ -8,21 +8,18 @@ head (4500 steps of 2 image pairs, AdamW), evaluates the validation split (COCO 
 masks and landmarks, retrieval top-k) and draws predictions and retrieval strips into
 runs/demo/eval_4500/.
 
-Expected (2026-12-06, the project's 2-core CPU machine, jax 0.10.2, the README command in a
-fresh clone, pip install and data generation included): 14 min 52 s wall (5.0-6.1 steps/s);
-AP_box 0.517, AP_mask 0.479, landmark AP 0.365 (visible + occluded), retrieval top-1 0.250 /
-top-20 0.857 (detected boxes; 0.286 / 0.964 with GT boxes). With --config.seed=1: AP_box 0.534,
-top-1 0.339, top-20 0.875. Before issue 26 (Detectron's padding and landmark conventions):
-12 min 32 s, AP_box 0.524, top-1 0.357.
-Deterministic on one machine.
+Expected: about 15 minutes on the project's 2-core CPU machine for the README command in a
+fresh clone (pip install and data generation included); AP_box 0.517, AP_mask 0.479, landmark
+AP 0.365 (visible + occluded), retrieval top-1 0.250 / top-20 0.857 (detected boxes) with the
+default seed, and AP_box 0.508-0.534, top-1 0.250-0.339, top-20 0.857-0.875 over seeds 0-2
+(--config.seed=N). Deterministic on one machine.
 
 Why: on a CPU a short run is limited by steps and data, so the heads are wide where it pays (box
 head, FPN) and narrow where it costs (mask, landmarks), with 1800 generated pairs against
 overfitting; the pair loss takes the 1x recipe's batch negatives, balanced terms and distance
-start with 4 foreground RoIs per image (top-1 0.089 -> 0.125, top-20 0.768 -> 0.893), and a
-memory of one epoch's pooled item features trains the matching head on a random draw of 16
-stored steps every step (top-1 0.125 -> 0.357: five epochs show the head too few pairs);
-docs/EXPERIMENTS.md has every measurement behind it.
+start with 4 foreground RoIs per image, and a memory of one epoch's pooled item features trains
+the matching head on a random draw of 16 stored steps every step (five epochs alone show the
+head too few pairs). docs/EXPERIMENTS.md has every measurement behind it.
 """
 
 from configs import match_rcnn_r50_fpn_1x_df2 as base
@@ -34,7 +31,7 @@ def get_config():
   config.data.update(dict(synthetic_train_pairs=1800, synthetic_val_pairs=50,
                           synthetic_image_size=128, short_side=96, max_size=128,
                           canvas=(128, 128), max_instances=4, mask_size=28,
-                          # One square canvas: the measured runs below used it.
+                          # One square canvas, as in every measured demo run.
                           bucket_canvases=()))
   config.model.update(dict(
       stage_sizes=(1, 1, 1, 1), width=16, freeze_at=0, fpn_channels=64,
@@ -46,7 +43,7 @@ def get_config():
       match_conv_dim=32, match_proj_dim=64, embed_dim=32, match_rois_per_image=4,
       # A memory of one epoch's GT items (900 steps x at most 10 items, pooled features), of
       # which 16 random steps' items train the matching head each step (a bank of the training
-      # set, refreshed once per epoch): top-1 0.125 -> 0.357.
+      # set, refreshed once per epoch; its effect: docs/EXPERIMENTS.md, issue 16).
       match_memory_steps=900, match_memory_items=10, match_memory_draw=16,
       # L1 box regression and soft mask targets, as measured (docs/EXPERIMENTS.md, issue 26).
       box_loss_beta=0.0, rpn_box_loss_beta=0.0, mask_binary_targets=False,

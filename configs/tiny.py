@@ -27,14 +27,14 @@ def get_config():
       landmark_rois_per_image=8, landmark_select_channels=True,
       match_conv_dim=16, match_proj_dim=32, embed_dim=16, match_rois_per_image=2,
       # Within image pairs: the tests compare runs across device and process layouts exactly,
-      # and the batch-wide pair loss's sums cross devices in layout-dependent order (Adam
-      # amplified that to 1e-4 relative in a few tensors); "batch" is tested on its own.
+      # and the batch-wide pair loss's sums cross devices in layout-dependent order (what that
+      # does: docs/EXPERIMENTS.md); "batch" is tested on its own.
       match_negatives="pair",
       # The GT items of the last 2 steps join the pair loss: resume, process-layout and
       # device-count tests then cover the memory in the train state.
       match_memory_steps=2,
-      # Every image keeps its 10 best detections: after a few steps the class scores are near
-      # uniform (~1/14), and at 0.05 some images, query or gallery, would have none.
+      # Every image keeps its 10 best detections (no score threshold), so that every image,
+      # query or gallery, has detections after a few steps (why: docs/EXPERIMENTS.md).
       score_threshold=0.0, detections_per_image=10,
       detection_candidates=200, dtype="float32"))
   config.train.update(dict(global_batch_pairs=2, num_steps=20, base_lr=0.01, warmup_steps=5,

@@ -43,7 +43,6 @@ from data_pipeline import images
 from data_pipeline import records
 
 CHECK_IMAGE_MODES = ("decode", "header")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Box corners, labelled landmarks and polygon points may lie this many pixels beyond the image
 # border. The record keeps them as annotated (``Item.raw_*``: the COCO conversion and the
 # evaluation ground truth) and clipped to the image (``Item.box`` etc.: the training targets).
@@ -564,7 +563,7 @@ def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image:
   for name in _list_files(anno_dir, (".json",)):
     annos[os.path.splitext(name)[0]].append(os.path.join(anno_dir, name))
   pictures: dict[str, list[str]] = collections.defaultdict(list)
-  for name in _list_files(image_dir, IMAGE_EXTENSIONS):
+  for name in _list_files(image_dir, images.IMAGE_EXTENSIONS):
     pictures[os.path.splitext(name)[0]].append(os.path.join(image_dir, name))
 
   def order(stem):

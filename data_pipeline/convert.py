@@ -1,7 +1,7 @@
 """Raw DeepFashion2 -> COCO JSON (the official converter's semantics) and retrieval GT files.
 
   python -m data_pipeline.convert --root DIR/validation --out DIR/validation_coco.json \
-      [--query-gt Q.json --gallery-gt G.json] [--strict] [--check-image header] [--num-workers N]
+      [--query_gt Q.json --gallery_gt G.json] [--strict] [--check_image header] [--num_workers N]
 
 COCO output (reference/deepfashion2.md, section 3), built from the items' values as annotated
 (``Item.raw_box``, ``raw_landmarks``, ``raw_polygons``: not clipped to the image, as the official
@@ -32,6 +32,7 @@ import numpy as np
 from data_pipeline import annotations
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import records
+from df2_jax import errors
 from df2_jax import files
 
 
@@ -137,18 +138,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--root", required=True,
                       help="split directory holding image/ and annos/")
   parser.add_argument("--out", required=True, help="output COCO JSON file")
-  parser.add_argument("--query-gt", help="output retrieval query GT JSON file")
-  parser.add_argument("--gallery-gt", help="output retrieval gallery GT JSON file")
+  parser.add_argument("--query_gt", help="output retrieval query GT JSON file")
+  parser.add_argument("--gallery_gt", help="output retrieval gallery GT JSON file")
   parser.add_argument("--strict", action="store_true",
                       help="fail on the first problem instead of dropping the bad image, item, "
                            "polygon or landmark")
-  parser.add_argument("--check-image", choices=annotations.CHECK_IMAGE_MODES, default="decode",
+  parser.add_argument("--check_image", choices=annotations.CHECK_IMAGE_MODES, default="decode",
                       help="decode every image fully, or read only its header")
-  parser.add_argument("--num-workers", type=int, default=None,
+  parser.add_argument("--num_workers", type=int, default=None,
                       help="processes for the image checks (default: all CPUs)")
   args = parser.parse_args(argv)
   if (args.query_gt is None) != (args.gallery_gt is None):
-    parser.error("--query-gt and --gallery-gt go together")
+    parser.error("--query_gt and --gallery_gt go together")
   return args
 
 
@@ -158,9 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     scan = annotations.scan_raw_root(args.root, strict=args.strict,
                                      check_image=args.check_image, num_workers=args.num_workers)
-  except records.DataError as e:
-    logging.error("%s", e)
-    return 1
+  except errors.Df2Error as e:  # a --strict scan's first bad field, or an unusable --root
+    return errors.report(e)
   if not scan.records:
     logging.error("No readable image in %s (%d files skipped): nothing to convert, %s not "
                   "written.", args.root, scan.num_skipped, args.out)

@@ -66,6 +66,18 @@ for _cid in CATEGORY_IDS:
   CATEGORY_LANDMARK_MASK[_cid, landmark_slice(_cid)] = True
 
 
+# The most landmarks any category has (39, long sleeve outwear).
+MAX_CATEGORY_LANDMARKS = max(LANDMARK_COUNTS.values())
+# [14, 39] int32: row c lists category c's global landmark channels, padded with 0;
+# CATEGORY_CHANNEL_VALID [14, 39] bool marks the real entries (row 0, padding: none).
+CATEGORY_CHANNELS = np.zeros((NUM_CATEGORIES + 1, MAX_CATEGORY_LANDMARKS), np.int32)
+CATEGORY_CHANNEL_VALID = np.zeros((NUM_CATEGORIES + 1, MAX_CATEGORY_LANDMARKS), bool)
+for _cid in CATEGORY_IDS:
+  CATEGORY_CHANNELS[_cid, :LANDMARK_COUNTS[_cid]] = (LANDMARK_START[_cid]
+                                                    + np.arange(LANDMARK_COUNTS[_cid]))
+  CATEGORY_CHANNEL_VALID[_cid, :LANDMARK_COUNTS[_cid]] = True
+
+
 def _pairs(text: str) -> tuple[tuple[int, int], ...]:
   return tuple(tuple(int(v) for v in p.split("-")) for p in text.split(", "))
 

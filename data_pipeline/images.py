@@ -1,14 +1,21 @@
-"""Reading DeepFashion2 images: full decode to uint8 RGB, or the size from the header only.
+"""Reading images: full decode to uint8 RGB, or the size from the header only; photos upright.
 
 Every failure (missing, empty, unreadable or truncated file) raises ``records.DataError`` with
-field ``"image"``. Pixels are returned in stored order: EXIF orientation is not applied, so the
-array matches the width and height in the file header, which is what the annotations refer to.
+field ``"image"``. ``load_image`` returns the pixels in stored order: EXIF orientation is not
+applied, so the array matches the width and height in the file header, which is what the
+annotations refer to. ``read_image`` turns a photo upright by its EXIF orientation, as a photo
+viewer shows it (prediction, the retrieval tool, the Python API), and ``read_windows`` reads
+many such files a window at a time, decoded by a few threads one window ahead, with one error
+policy: skip and count (the commands) or raise (the API).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import logging
 import os
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -16,7 +23,13 @@ from PIL import ImageFile
 
 from data_pipeline import records
 
+log = logging.getLogger(__name__)
+
 _FIELD = "image"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the images a folder holds (any case)
+# EXIF orientation (tag 0x0112) -> the Pillow transpose that shows the image upright
+# (PIL.ImageOps.exif_transpose's table).
+_EXIF_ORIENTATION = 0x0112
 # Pillow modes that hold more than 8 bits per sample in one channel.
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -111,3 +124,73 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
   if width <= 0 or height <= 0:
     raise records.DataError(path, _FIELD, f"image header gives size {width}x{height}")
   return int(width), int(height)
+
+
+def image_names(folder: str | os.PathLike) -> list[str]:
+  """The image files of ``folder`` (``IMAGE_EXTENSIONS`` in any case; not recursive), names
+  sorted."""
+  folder = os.fspath(folder)
+  return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(folder, n)))
+
+
+def read_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.ndarray:
+  """An image file as [H, W, 3] uint8 RGB (``load_image``: any mode converted,
+  ``records.DataError`` for a missing or broken file), turned upright by its EXIF orientation
+  unless ``exif_transpose`` is False (the DeepFashion2 annotations take the pixels as
+  stored)."""
+  pixels = load_image(path)
+  if not exif_transpose:
+    return pixels
+  try:
+    with Image.open(os.fspath(path)) as image:
+      orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+  except Exception:  # pylint: disable=broad-except  (an unreadable EXIF block: as stored)
+    return pixels
+  method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)
+  if method is None:
+    return pixels
+  return np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(method)))
+
+
+def _read_or_error(path: str, exif_transpose: bool) -> np.ndarray | records.DataError:
+  try:
+    return read_image(path, exif_transpose=exif_transpose)
+  except records.DataError as e:
+    return e
+
+
+def read_windows(paths: Sequence[str], window: int, *, skipped: list[dict] | None = None,
+                 exif_transpose: bool = True
+                 ) -> Iterator[list[tuple[int, str, np.ndarray]]]:
+  """The images of ``paths`` (``read_image``), ``window`` files at a time, in order: one list
+  of (index in ``paths``, path, pixels) per ``window`` paths (a window of unreadable files
+  only is an empty list). A few threads decode the next window while the caller works on this
+  one, so that at most two windows of pixels are in memory.
+
+  A file that cannot be decoded: with ``skipped`` (a list) it is logged, appended to it as
+  ``{"path", "error"}`` and left out (the commands: skip and count); without, its
+  ``records.DataError`` is raised (the API).
+  """
+  paths = [os.fspath(p) for p in paths]
+  starts = range(0, len(paths), max(1, int(window)))
+  with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+    decode = lambda start: pool.map(lambda p: _read_or_error(p, exif_transpose),
+                                    paths[start:start + window])
+    pending = decode(starts[0]) if starts else None
+    for n, start in enumerate(starts):
+      loaded = list(pending)
+      pending = decode(starts[n + 1]) if n + 1 < len(starts) else None
+      found = []
+      for i, result in enumerate(loaded, start):
+        if isinstance(result, records.DataError):
+          if skipped is None:
+            raise result
+          log.warning("Skipping %s", result)
+          skipped.append({"path": paths[i], "error": str(result)})
+        else:
+          found.append((i, paths[i], result))
+      yield found

@@ -41,7 +41,7 @@ import tensorflow as tf
 from data_pipeline import transforms
 from data_pipeline.pairs import EpochElements, PairIndex
 from data_pipeline.records import DataError
-from data_pipeline.sources import DataSource
+from data_pipeline.records import DataSource
 from data_pipeline.transforms import ImageGeometry
 
 log = logging.getLogger(__name__)

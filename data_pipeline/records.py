@@ -7,12 +7,14 @@ Coordinates are continuous pixel coordinates of the original image, as stored by
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+from df2_jax.errors import Df2Error
 
-class DataError(ValueError):
+
+class DataError(Df2Error, ValueError):
   """Bad input: names the file and the field (``path``, ``field``) and says what is wrong."""
 
   def __init__(self, path: str, field: str, message: str):
@@ -133,7 +135,7 @@ class Drop(NamedTuple):
 class DropCounts:
   """How many images, items, polygons and labelled landmarks of a split its reader dropped.
 
-  They travel with the split's records (``ScanResult.counts``, ``sources.DataSource.dropped``,
+  They travel with the split's records (``ScanResult.counts``, ``DataSource.dropped``,
   the TFDS build's marker) so that an evaluation knows which ground truth it is missing: a
   dropped validation image or item is absent from every metric and from the retrieval
   denominator (``evaluator`` refuses to evaluate then, unless told to).
@@ -192,3 +194,33 @@ class ScanResult:
   @property
   def counts(self) -> DropCounts:
     return DropCounts.of(self.drops)
+
+
+@dataclasses.dataclass
+class DataSource:
+  """Attributes:
+    records: the validated records, in file order.
+    loader: record index -> decoded image, uint8 [H, W, 3]; raises DataError on bad pixels.
+    name: where the data comes from (for logs).
+    dropped: what the reader dropped from the split as invalid (images, items, polygons,
+      landmarks): ground truth the records lack, which an evaluation must know about.
+  """
+  records: list[ImageRecord]
+  loader: Callable[[int], np.ndarray]
+  name: str
+  dropped: DropCounts = DropCounts()
+
+  def load_image(self, index: int) -> np.ndarray:
+    return self.loader(index)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def subset(self, indices) -> "DataSource":
+    """The records at ``indices`` (in that order), loading the same pixels. ``dropped`` stays
+    the split's: which subset a dropped image would have fallen into is unknown."""
+    indices = [int(i) for i in indices]
+    return DataSource([self.records[i] for i in indices],
+                      lambda j: self.loader(indices[j]),
+                      f"{self.name} ({len(indices)} of {len(self.records)} images)",
+                      self.dropped)

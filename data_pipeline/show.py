@@ -38,12 +38,16 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO)
   from data_pipeline import pipeline, pairs, sources  # TensorFlow loads only here.
-  if FLAGS.root:
-    source = sources.raw_source(FLAGS.root, strict=FLAGS.strict)
-  elif FLAGS.coco and FLAGS.images:
-    source = sources.coco_source(FLAGS.coco, FLAGS.images, strict=FLAGS.strict)
-  else:
-    raise app.UsageError("Give --root, or --coco and --images.")
+  from df2_jax import errors
+  try:
+    if FLAGS.root:
+      source = sources.raw_source(FLAGS.root, strict=FLAGS.strict)
+    elif FLAGS.coco and FLAGS.images:
+      source = sources.coco_source(FLAGS.coco, FLAGS.images, strict=FLAGS.strict)
+    else:
+      raise app.UsageError("Give --root, or --coco and --images.")
+  except errors.Df2Error as e:  # a --strict scan's first bad field: one line
+    return errors.report(e)
   size = int(np.ceil(max(FLAGS.short_side, FLAGS.max_size) / 32) * 32)
   geometry = transforms.ImageGeometry((size, size), FLAGS.short_side, FLAGS.max_size,
                                       FLAGS.max_instances, FLAGS.mask_size)

@@ -1,53 +1,24 @@
-"""Data sources: validated records plus random access to their pixels.
+"""Data sources of a config: validated records plus random access to their pixels.
 
-The pipeline reads every input the same way: ``source.records[i]`` (metadata, small) and
-``source.load_image(i)`` (uint8 [H, W, 3]). Three kinds exist: a DeepFashion2 root in the raw
-layout, a COCO-format JSON with its image folder, and the TFDS builder's prepared data
-(``tfds_deepfashion2``).
+The pipeline reads every input the same way (``records.DataSource``): ``source.records[i]``
+(metadata, small) and ``source.load_image(i)`` (uint8 [H, W, 3]). Four kinds exist
+(``FORMATS``): a DeepFashion2 root in the raw layout, a COCO-format JSON with its image folder,
+the TFDS builder's prepared data (``tfds_deepfashion2``) and the synthetic generator's data.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
 import numpy as np
 
 from data_pipeline import annotations, images
-from data_pipeline.records import DropCounts, ImageRecord
+from data_pipeline.records import DataSource, ImageRecord
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class DataSource:
-  """Attributes:
-    records: the validated records, in file order.
-    loader: record index -> decoded image, uint8 [H, W, 3]; raises DataError on bad pixels.
-    name: where the data comes from (for logs).
-    dropped: what the reader dropped from the split as invalid (images, items, polygons,
-      landmarks): ground truth the records lack, which an evaluation must know about.
-  """
-  records: list[ImageRecord]
-  loader: Callable[[int], np.ndarray]
-  name: str
-  dropped: DropCounts = DropCounts()
-
-  def load_image(self, index: int) -> np.ndarray:
-    return self.loader(index)
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def subset(self, indices) -> "DataSource":
-    """The records at ``indices`` (in that order), loading the same pixels. ``dropped`` stays
-    the split's: which subset a dropped image would have fallen into is unknown."""
-    indices = [int(i) for i in indices]
-    return DataSource([self.records[i] for i in indices],
-                      lambda j: self.loader(indices[j]),
-                      f"{self.name} ({len(indices)} of {len(self.records)} images)",
-                      self.dropped)
+FORMATS = ("raw", "coco", "tfds", "synthetic")  # config.data.format
 
 
 def _path_loader(records: list[ImageRecord]) -> Callable[[int], np.ndarray]:
@@ -90,6 +61,15 @@ def ensure_synthetic(data) -> str:
   return root
 
 
+def prepare(data) -> None:
+  """What ``config.data`` needs before its splits are read: the synthetic dataset generated on
+  first use (``ensure_synthetic``); nothing for the other formats. One process of a run calls
+  it while the others wait (``parallel.on_process_zero``): two processes writing the same
+  files at once would corrupt them."""
+  if data.format == "synthetic":
+    ensure_synthetic(data)
+
+
 def source_from_config(data, split: str) -> DataSource:
   """The ``DataSource`` of one split as ``config.data`` describes it.
 
@@ -117,13 +97,4 @@ def source_from_config(data, split: str) -> DataSource:
   if data.format == "tfds":
     from data_pipeline import tfds_deepfashion2
     return tfds_deepfashion2.tfds_source(data.tfds_data_dir, split)
-  raise ValueError(f"config.data.format={data.format!r}: expected raw, coco, tfds or synthetic")
-
-
-def geometry_from_config(data):
-  """The ``transforms.ImageGeometry`` of ``config.data``."""
-  from data_pipeline.transforms import ImageGeometry
-  buckets = tuple(tuple(int(v) for v in c) for c in data.get("bucket_canvases", ()))
-  return ImageGeometry(tuple(int(v) for v in data.canvas), int(data.short_side),
-                       int(data.max_size), int(data.max_instances), int(data.mask_size),
-                       buckets)
+  raise ValueError(f"config.data.format={data.format!r}: expected one of {FORMATS}")

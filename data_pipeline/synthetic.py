@@ -1,11 +1,11 @@
 r"""Synthetic DeepFashion2: the project's embedded default dataset.
 
-  python -m data_pipeline.synthetic --train-pairs 1800 --val-pairs 50 --image-size 128 \
+  python -m data_pipeline.synthetic --train_pairs 1800 --val_pairs 50 --image_size 128 \
       --seed 0 --workers 2
 
 writes ``data/synthetic/s0_t1800_v50_px128_g2/`` (``cache_root``: where ``run.py`` with the demo
 config, whose numbers these are and the defaults, generates and reads the same data;
-``--synthetic-dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with
+``--synthetic_dir`` changes the parent, ``--out ROOT`` writes to exactly ROOT), with
 ``train/{image,annos}`` and ``validation/{image,annos}`` in the raw
 DeepFashion2 layout (``image/NNNNNN.jpg`` + ``annos/NNNNNN.json``, six digits, 1-based), so every
 reader of the real data reads it unchanged (``annotations.scan_raw_root`` accepts it).
@@ -920,7 +920,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m data_pipeline.synthetic",
       description="Write a synthetic DeepFashion2 dataset in the raw layout.")
-  parser.add_argument("--synthetic-dir", default="data/synthetic",
+  parser.add_argument("--synthetic_dir", default="data/synthetic",
                       help="the folder of synthetic datasets (config.data.synthetic_dir); the "
                            "dataset goes to SYNTHETIC_DIR/s{seed}_t{train}_v{val}_px{size}_g{version}/, "
                            "where run.py looks for it")
@@ -929,11 +929,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "validation/; train on it with --config.data.format=raw "
                            "--config.data.root=OUT)")
   # The defaults are configs/demo_synthetic.py's (tests/test_synthetic.py checks it).
-  parser.add_argument("--train-pairs", type=int, default=1800,
+  parser.add_argument("--train_pairs", type=int, default=1800,
                       help="pair_ids in train (2 images each)")
-  parser.add_argument("--val-pairs", type=int, default=50,
+  parser.add_argument("--val_pairs", type=int, default=50,
                       help="pair_ids in validation (2 images each)")
-  parser.add_argument("--image-size", type=int, default=128, help="longer image side, pixels")
+  parser.add_argument("--image_size", type=int, default=128, help="longer image side, pixels")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workers", type=int, default=1, help="processes")
   return parser.parse_args(argv)

@@ -40,8 +40,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipeline import annotations, images, records as records_lib
-from data_pipeline.sources import DataSource
+from data_pipeline.records import DataSource
 from df2_jax import files
+from df2_jax import errors
+from df2_jax.errors import Df2Error
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ _MARKER_FORMAT = 1
 _COMMAND = "python -m data_pipeline.tfds_deepfashion2 --manual_dir /path/to/deepfashion2"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(Df2Error, RuntimeError):
   """The release folder gives no usable build, or the existing build is not this folder's.
   The message is one line naming the folder and what is missing."""
 
@@ -88,7 +90,7 @@ def _file_counts(split_dir: str) -> dict[str, int]:
   """Files in the split's annos/ (.json) and image/ (image extensions): cheap to recount, so a
   changed release folder is noticed without reading it."""
   counts = {}
-  for sub, extensions in (("annos", (".json",)), ("image", annotations.IMAGE_EXTENSIONS)):
+  for sub, extensions in (("annos", (".json",)), ("image", images.IMAGE_EXTENSIONS)):
     with os.scandir(os.path.join(split_dir, sub)) as entries:
       counts[sub] = sum(1 for e in entries
                         if os.path.splitext(e.name)[1].lower() in extensions)
@@ -285,9 +287,8 @@ def main(argv):
   logging.basicConfig(level=logging.INFO)
   try:
     builder = prepare(flags.FLAGS.manual_dir, flags.FLAGS.data_dir)
-  except (PrepareError, records_lib.DataError) as e:
-    log.error("%s", e)
-    return 1
+  except Df2Error as e:  # PrepareError, DataError: one line
+    return errors.report(e, log)
   log.info("Prepared %s: %s", builder.data_dir,
            {k: v.num_examples for k, v in builder.info.splits.items()})
   return 0

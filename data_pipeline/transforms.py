@@ -112,6 +112,22 @@ def image_spec(geometry: ImageGeometry, canvas_hw: tuple[int, int] | None = None
   }
 
 
+def geometry_from_config(data) -> ImageGeometry:
+  """The ``ImageGeometry`` of ``config.data``."""
+  return ImageGeometry(tuple(int(v) for v in data.canvas), int(data.short_side),
+                       int(data.max_size), int(data.max_instances), int(data.mask_size),
+                       tuple(tuple(int(v) for v in c) for c in data.bucket_canvases))
+
+
+def zero_train_batch(geometry: ImageGeometry, pairs: int) -> dict[str, np.ndarray]:
+  """A training batch of ``pairs`` image pairs in the contract's shapes, all zeros (``image_spec``
+  with a [pairs, 2] lead, and ``match_valid`` [pairs]): the shapes that initialise a model."""
+  batch = {k: np.zeros((pairs, 2) + shape, dtype)
+           for k, (shape, dtype) in image_spec(geometry).items()}
+  batch["match_valid"] = np.zeros((pairs,), bool)
+  return batch
+
+
 def resize_scale(height: int, width: int, geometry: ImageGeometry) -> float:
   """Scale that brings the shorter side to short_side, the longer to <= max_size, onto canvas."""
   scale = geometry.short_side / min(height, width)
@@ -236,6 +252,32 @@ def rasterize_crop(polygons: list[np.ndarray], box: np.ndarray, size: int,
   return (2 * blocks >= supersample * supersample).astype(np.uint8)
 
 
+def encode_pixels(image: np.ndarray, geometry: ImageGeometry,
+                  canvas_hw: tuple[int, int] | None = None, *, flip: bool = False,
+                  name: str = "image") -> tuple[np.ndarray, tuple[int, int], float]:
+  """One image's pixels resized by ``geometry``'s rule (``resize_scale``), optionally flipped,
+  top-left on a zero canvas: ``(canvas [ch, cw, 3] uint8, (nh, nw) content size, scale)``.
+
+  ``canvas_hw``: the canvas (one of ``geometry.canvases`` that holds the resized image; default
+  ``geometry.canvas_hw``); ``ValueError`` naming ``name`` when the image does not fit it.
+  """
+  import cv2  # Here, not at the top: the batch contract must import without OpenCV.
+  h, w = image.shape[:2]
+  scale = resize_scale(h, w, geometry)
+  nh, nw = resized_hw(h, w, scale, geometry.canvas_hw)
+  resized = image if (nh, nw) == (h, w) else cv2.resize(
+      image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+  if flip:
+    resized = resized[:, ::-1]
+  ch, cw = canvas_hw or geometry.canvas_hw
+  if nh > ch or nw > cw:
+    raise ValueError(f"{name}: resized to {nw}x{nh}, larger than the {cw}x{ch} canvas it was "
+                     f"assigned")
+  canvas = np.zeros((ch, cw, 3), np.uint8)
+  canvas[:nh, :nw] = resized
+  return canvas, (nh, nw), scale
+
+
 def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry,
                  flip: bool, canvas_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """Resizes, optionally flips and pads one image and its items into ``image_spec`` arrays.
@@ -247,25 +289,17 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
     flip: whether to flip horizontally.
     canvas_hw: the canvas to pad onto (one of ``geometry.canvases`` that holds the resized
       image); default ``geometry.canvas_hw``.
+
+  The pixels go through ``encode_pixels``; the items are scaled, flipped and padded with them.
   """
-  import cv2  # Here, not at the top: the batch contract must import without OpenCV.
   h, w = image.shape[:2]
   if (h, w) != (record.height, record.width):
     raise ValueError(f"{record.image_path}: decoded size {w}x{h} differs from the record's "
                      f"{record.width}x{record.height}")
-  scale = resize_scale(h, w, geometry)
-  nh, nw = resized_hw(h, w, scale, geometry.canvas_hw)
+  canvas, (nh, nw), scale = encode_pixels(image, geometry, canvas_hw, flip=flip,
+                                          name=record.image_path)
+  ch, cw = canvas.shape[:2]
   sx, sy = nw / w, nh / h
-  resized = image if (nh, nw) == (h, w) else cv2.resize(
-      image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-  if flip:
-    resized = resized[:, ::-1]
-  ch, cw = canvas_hw or geometry.canvas_hw
-  if nh > ch or nw > cw:
-    raise ValueError(f"{record.image_path}: resized to {nw}x{nh}, larger than the {cw}x{ch} "
-                     f"canvas it was assigned")
-  canvas = np.zeros((ch, cw, 3), np.uint8)
-  canvas[:nh, :nw] = resized
 
   m, s = geometry.max_instances, geometry.mask_size
   items = record.items

@@ -28,13 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from df2_jax import files, parallel
+from df2_jax.errors import Df2Error
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,20 @@ CHECKSUMS = "checksums.json"
 _UNCHECKED = (CHECKSUMS, "_CHECKPOINT_METADATA")
 
 
-class ChecksumError(IOError):
+class NoCheckpoint(Df2Error, FileNotFoundError):
+  """No checkpoint where one was asked for: no such folder, no step in it, not that step."""
+
+
+class ChecksumError(Df2Error, IOError):
   """A checkpoint file's bytes differ from those recorded when it was saved."""
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(Df2Error, ValueError):
   """A checkpoint's arrays do not have the shapes or structure the config makes: a checkpoint
   of another config, not a damaged one. ``differences`` lists them (``path: saved vs
   expected``)."""
+
+  exit_code = 2
 
   def __init__(self, directory: str, step: int, differences: list[str]):
     self.directory, self.step, self.differences = directory, int(step), list(differences)
@@ -253,7 +260,7 @@ class CheckpointManager:
         lists of arrays placed as they were saved, which needs the same devices.
 
     Raises:
-      FileNotFoundError: when there is no checkpoint (at ``step``).
+      NoCheckpoint: when there is no checkpoint (at ``step``).
     """
     self.wait_until_finished()
     step = self._resolve_step(step)
@@ -381,9 +388,9 @@ class CheckpointManager:
     if step is None:
       step = self._manager.latest_step()
       if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        raise NoCheckpoint(f"no checkpoint in {self.directory}")
     elif int(step) not in steps:
-      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} "
+      raise NoCheckpoint(f"no checkpoint of step {step} in {self.directory} "
                               f"(saved steps: {sorted(steps)})")
     return int(step)
 
@@ -464,7 +471,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       ShapeDtypeStructs): checked against the saved shapes before anything is read.
 
   Raises:
-    FileNotFoundError: when there is no checkpoint (at ``step``).
+    NoCheckpoint: when there is no checkpoint (at ``step``).
     ConfigMismatch: the saved params differ from ``expected``.
     ChecksumError: a file of the step changed since it was saved.
   """
@@ -477,7 +484,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
     if step is None:
       step = manager.latest_step()
     if step is None or int(step) not in steps:
-      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
+      raise NoCheckpoint(f"no checkpoint{'' if step is None else f' of step {step}'} in "
                               f"{directory} (saved steps: {sorted(steps)})")
     step_dir = os.path.join(directory, str(int(step)))
     if not verify_checksums(step_dir) and "://" not in directory:
@@ -503,6 +510,49 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
     manager.close()
   state = restored[STATE]
   return state["params"], state.get("constants", {})
+
+
+def _locate(path: str, step: int | None, steps_of: Callable[[str], list[int]]
+            ) -> tuple[str, int | None]:
+  """(checkpoint directory, step or None) of a workdir, a checkpoint directory or a step
+  folder; ``NoCheckpoint`` when ``path`` holds no checkpoint."""
+  if not os.path.exists(path):
+    raise NoCheckpoint(f"{path}: no such folder")
+  if not os.path.isdir(path):
+    raise NoCheckpoint(f"{path} is a file, not a training workdir or a checkpoint directory")
+  inner = os.path.join(path, "checkpoints")
+  if steps_of(inner):
+    return inner, step
+  if steps_of(path):
+    return path, step
+  name, parent = os.path.basename(path.rstrip(os.sep)), os.path.dirname(path.rstrip(os.sep))
+  if name.isdigit() and int(name) in steps_of(parent or "."):
+    if step is not None and int(step) != int(name):
+      raise NoCheckpoint(f"{path} is the checkpoint of step {int(name)}, not of step {step}")
+    return parent or ".", int(name)
+  hint = ""
+  if steps_of(os.path.join(path, "best")):
+    hint = f" (its best checkpoint is in {os.path.join(path, 'best')})"
+  raise NoCheckpoint(f"{path} holds no checkpoints: neither a training workdir with "
+                     f"checkpoints/ nor a checkpoint directory of <step>/ folders{hint}")
+
+
+def find_step(path: str | os.PathLike, step: int | None = None, *,
+              steps_of: Callable[[str], list[int]] = saved_steps) -> tuple[str, int]:
+  """(checkpoint directory, absolute; step) of a training workdir (its ``checkpoints/``), a
+  checkpoint directory (``WORKDIR/best``, a copy elsewhere) or one step's folder of one; the
+  latest step unless ``step``. ``NoCheckpoint`` when there is no such folder, checkpoint or
+  step. ``steps_of`` lists a directory's saved steps (``step_folders`` starts no jax
+  backend)."""
+  directory, step = _locate(os.fspath(path), step, steps_of)
+  directory = os.path.abspath(directory)
+  steps = steps_of(directory)
+  if step is None:
+    step = steps[-1]
+  elif int(step) not in steps:
+    raise NoCheckpoint(f"{directory} has no checkpoint of step {step} (saved steps: "
+                       f"{', '.join(map(str, steps))})")
+  return directory, int(step)
 
 
 def read_extra(directory: str | os.PathLike, step: int) -> dict[str, Any]:

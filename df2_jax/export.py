@@ -60,6 +60,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from df2_jax import errors
+from df2_jax.errors import Df2Error
+
 log = logging.getLogger(__name__)
 
 FORMAT = "df2_jax.export"
@@ -82,7 +85,7 @@ OUTPUT_MEANINGS = {
 }
 
 
-class ExportError(RuntimeError):
+class ExportError(Df2Error, RuntimeError):
   """An export that cannot be written, or a folder that cannot be loaded: one line."""
 
 
@@ -136,7 +139,7 @@ def _spec(aval) -> dict[str, Any]:
 def canvases_of(config) -> list[tuple[int, int]]:
   """The canvases evaluation uses: the bucket canvases by increasing area, then
   ``config.data.canvas`` (``transforms.ImageGeometry.canvases``)."""
-  from data_pipeline.sources import geometry_from_config
+  from data_pipeline.transforms import geometry_from_config
   return [tuple(int(v) for v in c) for c in geometry_from_config(config.data).canvases]
 
 
@@ -499,14 +502,10 @@ def load(folder: str | os.PathLike, device: Any = None) -> ExportedDetector:
 # Command line.
 
 def _load_run(workdir: str, step: int | None):
-  """``inference.load_run``; its refusals (no checkpoint, no saved config, a config that does
-  not fit, a damaged checkpoint) as ``ExportError``."""
-  from df2_jax import checkpoint, run_config
-  from df2_jax.inference import LoadRunError, load_run
-  try:
-    return load_run(workdir, step=step)
-  except (LoadRunError, run_config.RunMismatch, checkpoint.ChecksumError) as e:
-    raise ExportError(str(e)) from None
+  """``inference.load_run``: its refusals (no checkpoint, no saved config, a config that does
+  not fit, a damaged checkpoint) are ``Df2Error``s, reported by ``main`` in one line."""
+  from df2_jax.inference import load_run
+  return load_run(workdir, step=step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,13 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "checkpoint_dir": str(getattr(run, "checkpoint_dir", "") or "")}
     export_model(run.model, run.variables, run.config, args.out, batch_size=args.batch,
                  platforms=args.platforms.split(","), source=source)
-  except (ExportError, FileNotFoundError, FloatingPointError) as e:
-    log.error("%s", e)
-    return 1
+  except Df2Error as e:
+    return errors.report(e, log)
   return 0
 
 
 if __name__ == "__main__":
   # The command's own logging (main() called from Python leaves the caller's alone).
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
   sys.exit(main())

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from df2_jax.errors import Df2Error
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -182,7 +184,39 @@ def remove_stale_staging(target: str) -> None:
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-class Locked(RuntimeError):
+class NotWritable(Df2Error):
+  """A folder a command must write that cannot be created or written (one line)."""
+
+  exit_code = 2
+
+
+def check_writable(folder: str, *, create: bool, what: str = "folder") -> None:
+  """Raises ``NotWritable`` unless ``folder`` can be written: with ``create`` it is created (as
+  training creates its workdir) and a file is written and removed in it; without, nothing is
+  created and the folder (or its nearest existing parent) must be writable. ``what`` names it
+  in the message (e.g. "--workdir"). A remote path (gs://...) is left to its first write."""
+  if "://" in folder:
+    return
+  path = os.path.abspath(folder)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotWritable(f"{what} {folder} is a file, not a folder")
+  if create:
+    try:
+      os.makedirs(path, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
+        pass
+    except OSError as e:
+      raise NotWritable(f"{what} {folder} cannot be created or written: "
+                        f"{e.strerror or e}") from None
+    return
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise NotWritable(f"{what} {folder} cannot be written ({parent} is not writable)")
+
+
+class Locked(Df2Error, RuntimeError):
   """Another live process holds the folder's lock."""
 
   def __init__(self, folder: str, what: str, holder: str):

@@ -1,4 +1,4 @@
-"""A Python API over a trained run: load it without its config file, detect, match.
+"""A trained run: loaded without its config file, detecting on every device, and its Python API.
 
   from df2_jax.inference import Predictor
   predictor = Predictor.from_workdir("runs/r50")          # or Predictor.from_checkpoint(DIR)
@@ -6,25 +6,25 @@
   results = predictor([image1, image2])                   # or predictor.predict_files(paths)
   scores = predictor.match(results[0], results[1])        # [Q, G] match probabilities
 
-``load_run(path, step=None)`` reads what a training run saved: the config (``config.json`` of
-the workdir, or the ``config`` entry of the checkpoint's ``extra`` JSON: ``run_config``) and
-the checkpoint's params, checked against that config's shapes and against the checkpoint's
-checksums (``train.load_variables``). ``path`` is a training workdir (its ``checkpoints/``),
-a checkpoint directory (``WORKDIR/best``, ``WORKDIR/checkpoints``, a copy elsewhere) or one
-step's folder of one (``WORKDIR/checkpoints/2000``). A checkpoint of an earlier version, saved
-without its config, needs the config given: ``load_run(path, config=...)``.
+Loading (below training: nothing here imports the training loop). ``load_run(path, step=None)``
+reads what a training run saved: the config (``config.run_config.saved_config``: the
+checkpoint's own record, else the workdir's ``config.json``, completed for runs of earlier
+versions) and the
+checkpoint's params (``load_variables``: only params and constants, checked against that
+config's shapes, ``expected_variables``, and against the checkpoint's checksums). ``path`` is a
+training workdir (its ``checkpoints/``), a checkpoint directory (``WORKDIR/best``,
+``WORKDIR/checkpoints``, a copy elsewhere) or one step's folder of one
+(``WORKDIR/checkpoints/2000``). A checkpoint of an earlier version, saved without its config,
+needs the config given: ``load_run(path, config=...)``.
 
-``Predictor`` runs ``MatchRCNN.detect`` on every local device through ``Detector``, the one
-inference path that ``--mode predict``, the retrieval tool and the evaluation share
+Detecting. ``Detector`` runs ``MatchRCNN.detect`` on every device of a mesh: the one inference
+path that the evaluation, ``--mode predict``, the retrieval tool and the ``Predictor`` share
 (``config.eval.batch_size`` images per device; a short batch is padded). Each image is resized
 as the evaluation resizes it (``config.data.short_side``/``max_size``:
-``transforms.encode_image``) and padded onto the smallest canvas of
+``transforms.encode_pixels``) and padded onto the smallest canvas of
 ``config.data.bucket_canvases`` + ``canvas`` that holds it; images are grouped by canvas (one
-compiled program per canvas). The detections come back in the original image's pixels
-(``image_result``), scaled as ``--mode predict`` writes them and the evaluation scores them
-(``transforms.original_scale``): boxes scaled, masks pasted into their boxes as detectron2
-pastes them (``evaluation.masks``), landmarks scaled then less half a pixel (the annotations'
-pixel indices).
+compiled program per canvas). ``Predictor`` returns the detections in the original image's
+pixels (``postprocess``).
 
 No TensorFlow is imported; images are decoded with Pillow (``data_pipeline.images``).
 """
@@ -41,27 +41,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
-from data_pipeline import images as images_lib
 from data_pipeline import transforms
-from data_pipeline.records import ImageRecord
-from df2_jax import checkpoint as ckpt_lib
-from df2_jax import parallel, run_config
-from df2_jax.models.match_rcnn import MatchRCNN, model_from_config
+from data_pipeline.images import read_image, read_windows  # the API's readers
+from df2_jax import checkpoint, parallel, postprocess
+from df2_jax.config import run_config
+from df2_jax.errors import Df2Error
+from df2_jax.models.match_rcnn import MatchRCNN, init_variables, model_from_config
 
-MASK_FORMATS = ("bitmap", "rle", None)
-# EXIF orientation (tag 0x0112) -> the Pillow transpose that shows the image upright
-# (PIL.ImageOps.exif_transpose's table).
-_EXIF_ORIENTATION = 0x0112
-
-
-class LoadRunError(ValueError):
-  """A run or checkpoint that cannot be loaded as asked; ``str`` is one line."""
+__all__ = ["Detector", "NonFiniteParams", "Predictor", "Run", "check_finite",
+           "expected_variables", "jitted_detect", "load_run", "load_variables", "read_image"]
 
 
-class NoSavedConfig(LoadRunError):
-  """A checkpoint saved without its config (a run of an earlier version): the caller must give
-  the config it was trained with."""
+
+class NonFiniteParams(Df2Error, FloatingPointError):
+  """A checkpoint's params hold NaN or inf (its run diverged before it was saved)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,74 +76,47 @@ class Run:
   checkpoint_dir: str
 
 
-def _tuples(value: Any) -> Any:
-  """JSON data with every list a tuple (the config files' sequences are tuples)."""
-  if isinstance(value, Mapping):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_tuples(v) for v in value)
-  return value
+def expected_variables(config) -> dict[str, Any]:
+  """ShapeDtypeStructs of ``{"params", "constants"}`` that ``config``'s model has (traced,
+  nothing computed)."""
+  model = model_from_config(config)
+  geometry = transforms.geometry_from_config(config.data)
+  shapes = jax.eval_shape(functools.partial(init_variables, model, jax.random.key(0),
+                                            transforms.zero_train_batch(geometry, 1)))
+  return {k: shapes[k] for k in ("params", "constants") if k in shapes}
 
 
-def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A config saved as JSON (``run_config.as_dict``) as a ``ConfigDict`` again."""
-  return ml_collections.ConfigDict(_tuples(dict(data)))
+def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
+                   step: int | None = None, config=None) -> tuple[dict[str, Any], int]:
+  """``({"params", "constants"}, step)`` of a checkpoint of ``checkpoint_dir`` (default
+  ``workdir/checkpoints``; the latest step by default), params only: no optimizer state is
+  read, so a directory copied to another machine works.
 
+  With ``config``, the saved shapes are compared with the config's model first: a checkpoint
+  of another config raises ``run_config.RunMismatch`` (one line naming the run's config) before any
+  array is read.
 
-def _locate(path: str, step: int | None, steps_of=ckpt_lib.saved_steps
-            ) -> tuple[str, int | None]:
-  """(checkpoint directory, step or None) of a workdir, a checkpoint directory or a step
-  folder; ``LoadRunError`` when ``path`` holds no checkpoint."""
-  if not os.path.exists(path):
-    raise LoadRunError(f"{path}: no such folder")
-  if not os.path.isdir(path):
-    raise LoadRunError(f"{path} is a file, not a training workdir or a checkpoint directory")
-  inner = os.path.join(path, "checkpoints")
-  if steps_of(inner):
-    return inner, step
-  if steps_of(path):
-    return path, step
-  name, parent = os.path.basename(path.rstrip(os.sep)), os.path.dirname(path.rstrip(os.sep))
-  if name.isdigit() and int(name) in steps_of(parent or "."):
-    if step is not None and int(step) != int(name):
-      raise LoadRunError(f"{path} is the checkpoint of step {int(name)}, not of step {step}")
-    return parent or ".", int(name)
-  hint = ""
-  if steps_of(os.path.join(path, "best")):
-    hint = f" (its best checkpoint is in {os.path.join(path, 'best')})"
-  raise LoadRunError(f"{path} holds no checkpoints: neither a training workdir with "
-                     f"checkpoints/ nor a checkpoint directory of <step>/ folders{hint}")
-
-
-def checkpoint_step(path: str | os.PathLike, step: int | None = None, *,
-                    steps_of=ckpt_lib.saved_steps) -> tuple[str, int]:
-  """(checkpoint directory, absolute; step) of a training workdir, a checkpoint directory or
-  one step's folder (``load_run``'s ``path``); the latest step unless ``step``.
-  ``LoadRunError`` when there is no such folder, checkpoint or step. ``steps_of`` lists a
-  directory's saved steps (``checkpoint.step_folders`` starts no jax backend)."""
-  directory, step = _locate(os.fspath(path), step, steps_of)
-  directory = os.path.abspath(directory)
-  steps = steps_of(directory)
-  if step is None:
-    step = steps[-1]
-  elif int(step) not in steps:
-    raise LoadRunError(f"{directory} has no checkpoint of step {step} (saved steps: "
-                       f"{', '.join(map(str, steps))})")
-  return directory, int(step)
-
-
-def saved_config(path: str | os.PathLike, step: int | None = None, *,
-                 steps_of=ckpt_lib.saved_steps) -> tuple[ml_collections.ConfigDict, str, int]:
-  """(config, checkpoint directory, step) of ``path`` (as ``checkpoint_step``): the config the
-  run saved with that checkpoint (its ``extra`` record, else the workdir's ``config.json``:
-  ``run_config.stored_for``). ``LoadRunError`` as ``checkpoint_step``; ``NoSavedConfig`` (one)
-  for a checkpoint saved without its config (a run of an earlier version)."""
-  directory, step = checkpoint_step(path, step, steps_of=steps_of)
-  stored = run_config.stored_for(directory, ckpt_lib.read_extra(directory, step))
-  if stored is None:
-    raise NoSavedConfig(f"checkpoint step {step} in {directory} has no saved config (a run of "
-                        f"an earlier version): pass the config it was trained with")
-  return config_from_json(stored["config"]), directory, step
+  Raises:
+    checkpoint.NoCheckpoint: no checkpoint (of ``step``) there.
+    run_config.RunMismatch: the checkpoint's arrays do not fit ``config``'s model.
+    checkpoint.ChecksumError: a file of the checkpoint changed since it was saved.
+  """
+  directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  if step is None:  # read-only: a missing folder is not created
+    step = checkpoint.latest_step(directory)
+    if step is None:
+      raise checkpoint.NoCheckpoint(f"no checkpoint in {directory}")
+  expected = expected_variables(config) if config is not None else None
+  try:
+    params, constants = checkpoint.restore_params(directory, step, expected=expected)
+  except checkpoint.ConfigMismatch as e:
+    own = not checkpoint_dir or os.path.abspath(checkpoint_dir) == os.path.abspath(
+        os.path.join(workdir, "checkpoints"))
+    stored = run_config.stored_for(directory, checkpoint.read_extra(directory, step),
+                              workdir if own else None)
+    raise run_config.RunMismatch(run_config.mismatch_line(
+        workdir if own else directory, stored, config, e.differences)) from None
+  return jax.device_put({"params": params, "constants": constants}), int(step)
 
 
 def load_run(path: str | os.PathLike, step: int | None = None, *,
@@ -165,49 +131,25 @@ def load_run(path: str | os.PathLike, step: int | None = None, *,
       for checkpoints of earlier versions, saved without their config.
 
   Raises:
-    LoadRunError: no such folder, no checkpoint in it, no checkpoint of ``step``, or no saved
-      config (and none given).
+    checkpoint.NoCheckpoint: no such folder, no checkpoint in it, no checkpoint of ``step``.
+    run_config.NoSavedConfig: the checkpoint has no saved config, and none was given.
     run_config.RunMismatch: the checkpoint's arrays do not fit the config's model.
     checkpoint.ChecksumError: a file of the checkpoint changed since it was saved.
   """
   if config is None:
     try:
-      config, directory, step = saved_config(path, step)
-    except NoSavedConfig as e:
-      raise NoSavedConfig(f"{e}: load_run(path, config=...)") from None
+      config, directory, step = run_config.saved_config(path, step)
+    except run_config.NoSavedConfig as e:
+      raise run_config.NoSavedConfig(f"{e}: load_run(path, config=...)") from None
   else:
-    directory, step = checkpoint_step(path, step)
+    directory, step = checkpoint.find_step(path, step)
     if not isinstance(config, ml_collections.ConfigDict):
-      config = config_from_json(config)
+      config = run_config.config_from_json(config)
   model = model_from_config(config)
-  from df2_jax import train  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  variables, step = train.load_variables(os.path.dirname(directory), checkpoint_dir=directory,
-                                         step=step, config=config)
+  variables, step = load_variables(os.path.dirname(directory), checkpoint_dir=directory,
+                                   step=step, config=config)
   return Run(config=config, model=model, variables=variables, step=int(step),
              checkpoint_dir=directory)
-
-
-def read_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.ndarray:
-  """An image file as [H, W, 3] uint8 RGB (``data_pipeline.images.load_image``: any mode
-  converted, ``records.DataError`` for a missing or broken file), turned upright by its EXIF
-  orientation unless ``exif_transpose`` is False (``--mode predict`` and the DeepFashion2
-  annotations take the pixels as stored)."""
-  pixels = images_lib.load_image(path)
-  if not exif_transpose:
-    return pixels
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(os.fspath(path)) as image:
-      orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-  except Exception:  # pylint: disable=broad-except  (an unreadable EXIF block: as stored)
-    return pixels
-  method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}.get(orientation)
-  if method is None:
-    return pixels
-  return np.ascontiguousarray(np.asarray(Image.fromarray(pixels).transpose(method)))
 
 
 def _check_image(image: Any, index: int) -> np.ndarray:
@@ -251,7 +193,7 @@ def _finite_leaves(tree: Any) -> Any:
 
 
 def check_finite(variables: Any, what: str = "the params") -> None:
-  """Raises FloatingPointError naming the tensors of ``variables`` that hold NaN or inf (a
+  """Raises ``NonFiniteParams`` naming the tensors of ``variables`` that hold NaN or inf (a
   diverged run's params would evaluate to AP 0 without a word)."""
   floats = {jax.tree_util.keystr(path): leaf for path, leaf in
             jax.tree_util.tree_leaves_with_path(variables)
@@ -259,7 +201,7 @@ def check_finite(variables: Any, what: str = "the params") -> None:
   ok = jax.device_get(parallel.one_replica(_finite_leaves(floats)))
   bad = sorted(k for k, v in ok.items() if not bool(v))
   if bad:
-    raise FloatingPointError(
+    raise NonFiniteParams(
         f"{what} hold non-finite values in {len(bad)} of {len(floats)} tensors (e.g. "
         f"{', '.join(bad[:3])}): the run diverged before this checkpoint; evaluate an earlier "
         f"step (--step) instead.")
@@ -268,20 +210,19 @@ def check_finite(variables: Any, what: str = "the params") -> None:
 class Detector:
   """The one inference path: ``MatchRCNN.detect`` of a model's variables on every device of a
   mesh, over decoded images. ``Predictor``, ``--mode predict`` (``predict``), the retrieval tool
-  (``retrieval.Detector``) and the evaluation (``evaluator.run_detection``, on the input
+  (``retrieval.GarmentFinder``) and the evaluation (``evaluator.run_detection``, on the input
   pipeline's encoded batches) all run through it.
 
   Each image is resized as the evaluation resizes it (``config.data.short_side``/``max_size``:
-  ``transforms.encode_image``) and padded onto a canvas of ``config.data.canvas`` and
+  ``transforms.encode_pixels``) and padded onto a canvas of ``config.data.canvas`` and
   ``bucket_canvases`` (``canvas_for``); ``config.eval.batch_size`` images per device of this
   process make a batch, a short one padded with blank images (which detect nothing). ``detect``
   puts each image on the smallest canvas that holds it, the rule of the evaluation's input
   pipeline, so an image's detections depend on the image alone (not on the other images of a
   call) and every path gives the same numbers. The canvas does matter a little: the padding's
   features are not zero after the first layer, and where the canvas ends the convolutions'
-  zero padding takes over (measured on the tiny model, a 128x85 image on the 128x96 and the
-  128x128 canvas: P2 bit-identical but in the narrower canvas's last column, 0.94 apart
-  there); RoIs at the content's right or bottom border sample those features, as in
+  zero padding takes over, so features near the content's right or bottom border differ
+  between canvases (measured: docs/EXPERIMENTS.md); RoIs there sample those features, as in
   detectron2, whose padding to a multiple of 32 does the same.
 
   Args:
@@ -295,9 +236,8 @@ class Detector:
 
   def __init__(self, config, variables: Any, *, model: MatchRCNN | None = None,
                mesh: Any = None):
-    from data_pipeline.sources import geometry_from_config  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.geometry = geometry_from_config(config.data)
+    self.geometry = transforms.geometry_from_config(config.data)
     self.model = model if model is not None else model_from_config(config)
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
     self.variables = parallel.replicate(variables, self.mesh)
@@ -326,11 +266,8 @@ class Detector:
     stacked = {k: np.zeros((self.batch_size,) + spec[k][0], spec[k][1])
                for k in ("image", "image_hw")}
     for j, pixels in enumerate(arrays):
-      h, w = pixels.shape[:2]
-      enc = transforms.encode_image(ImageRecord(j + 1, f"<image {j}>", w, h, "", -1, ()),
-                                    pixels, self.geometry, False, canvas)
-      for k in stacked:
-        stacked[k][j] = enc[k]
+      stacked["image"][j], stacked["image_hw"][j], _ = transforms.encode_pixels(
+          pixels, self.geometry, canvas, name=f"image {j}")
     return stacked
 
   def dispatch(self, batch: Mapping[str, np.ndarray], *, embed_boxes: bool = False
@@ -429,37 +366,37 @@ class Predictor:
     """The detections of one image ([H, W, 3] uint8 RGB array: one dict) or of a list of
     them (a list of dicts, in order).
 
-    Each dict holds the valid detections only, N of them, best score first, in the image's
-    pixels: ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``scores`` [N], ``classes`` [N] int32
-    (1..13), ``names`` (N category names, DeepFashion2's COCO names), ``masks`` ([N, H, W]
-    bool with ``mask_format="bitmap"``; N COCO RLEs ``{"size": [H, W], "counts": str}`` with
-    "rle"; absent with None), ``landmarks`` (N float32 arrays [K, 3]: x, y, score of the
-    detection's own category's K landmarks, x and y as the annotations' pixel indices),
-    ``embeddings`` [N, D] float32 (for ``match``) and ``image_hw`` (H, W).
+    Each dict holds the valid detections only, N of them, in the image's pixels
+    (``postprocess.image_detections``): ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``scores``
+    [N], ``classes`` [N] int32 (1..13), ``names`` (N category names, DeepFashion2's COCO
+    names), ``masks`` ([N, H, W] bool with ``mask_format="bitmap"``; N COCO RLEs
+    ``{"size": [H, W], "counts": str}`` with "rle"; absent with None), ``landmarks`` (N float32
+    arrays [K, 3]: x, y, score of the detection's own category's K landmarks, x and y as the
+    annotations' pixel indices), ``embeddings`` [N, D] float32 (for ``match``) and
+    ``image_hw`` (H, W).
     """
-    if mask_format not in MASK_FORMATS:
-      raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    if mask_format not in postprocess.MASK_FORMATS:
+      raise ValueError(f"mask_format must be one of {postprocess.MASK_FORMATS}, got "
+                       f"{mask_format!r}")
     single = isinstance(images, np.ndarray) and images.ndim == 3
     arrays = [_check_image(x, i) for i, x in enumerate([images] if single else list(images))]
-    results = [image_result(out, out["image_hw"], pixels.shape[:2], mask_format)
+    results = [postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], mask_format)
                for pixels, out in zip(arrays, self.detector.detect(arrays))]
     return results[0] if single else results
 
   def predict_files(self, paths: Sequence[str | os.PathLike], *,
-                    mask_format: str | None = "bitmap", exif_transpose: bool = True
-                    ) -> list[dict[str, Any]]:
-    """``self(...)`` of image files (``read_image``: upright by their EXIF orientation unless
-    ``exif_transpose`` is False), a few batches' files in memory at a time; each dict also
-    holds its ``path``. ``records.DataError`` for a file that cannot be decoded."""
-    paths = [os.fspath(p) for p in paths]
+                    mask_format: str | None = "bitmap", exif_transpose: bool = True,
+                    skipped: list[dict] | None = None) -> list[dict[str, Any]]:
+    """``self(...)`` of image files (``images.read_image``: upright by their EXIF orientation
+    unless ``exif_transpose`` is False), a few batches' files in memory at a time; each dict
+    also holds its ``path``. A file that cannot be decoded raises ``records.DataError``, or,
+    with ``skipped`` (a list), is left out and appended to it as ``{"path", "error"}``."""
     out = []
-    step = self.batch_size * 4
-    for start in range(0, len(paths), step):
-      chunk = paths[start:start + step]
-      results = self([read_image(p, exif_transpose=exif_transpose) for p in chunk],
-                     mask_format=mask_format)
-      for p, r in zip(chunk, results):
-        r["path"] = p
+    for window in read_windows(paths, self.batch_size * 4, skipped=skipped,
+                               exif_transpose=exif_transpose):
+      results = self([pixels for _, _, pixels in window], mask_format=mask_format)
+      for (_, path, _), r in zip(window, results):
+        r["path"] = path
         out.append(r)
     return out
 
@@ -478,37 +415,3 @@ class Predictor:
     pad = lambda x: np.pad(x, ((0, _padded_rows(len(x)) - len(x)), (0, 0)))
     scores = self._match(self._scorer, pad(q), pad(g))
     return np.asarray(jax.device_get(scores), np.float32)[:len(q), :len(g)]
-
-
-def image_result(out: Mapping[str, np.ndarray], image_hw: Sequence[int],
-                 orig_hw: Sequence[int], mask_format: str | None = "bitmap") -> dict[str, Any]:
-  """One image's ``MatchRCNN.detect`` outputs (canvas coordinates, content ``image_hw`` on
-  the canvas) -> its valid detections in the original (H, W) = ``orig_hw`` image's pixels (see
-  ``Predictor.__call__``)."""
-  from df2_jax.evaluation import masks as mask_lib  # pylint: disable=g-import-not-at-top
-  h, w = int(orig_hw[0]), int(orig_hw[1])
-  scale = transforms.original_scale(image_hw, orig_hw)  # [sx, sy]
-  rows = np.nonzero(np.asarray(out["valid"], bool))[0]
-  boxes = np.asarray(out["boxes"], np.float32)[rows] * np.tile(scale, 2)
-  classes = np.asarray(out["classes"])[rows].astype(np.int32)
-  soft = np.asarray(out["masks"], np.float32)[rows]
-  landmarks = []
-  for r, cat in zip(rows, classes):
-    own = np.array(out["landmarks"][r, df2.landmark_slice(int(cat))], np.float32)
-    # continuous coordinates scaled like the boxes, then pixel indices
-    own[:, :2] = transforms.landmarks_to_pixel_indices(own[:, :2] * scale)
-    landmarks.append(own)
-  result = {"boxes": boxes, "scores": np.asarray(out["scores"], np.float32)[rows],
-            "classes": classes, "names": [df2.COCO_NAMES[int(c)] for c in classes],
-            "landmarks": landmarks,
-            "embeddings": np.asarray(out["embeddings"], np.float32)[rows],
-            "image_hw": (h, w)}
-  if mask_format == "bitmap":
-    masks = np.zeros((len(rows), h, w), bool)
-    for d in range(len(rows)):  # detectron2's pasting (evaluation.masks)
-      region, (top, left) = mask_lib.paste_mask_region(soft[d], boxes[d], (h, w))
-      masks[d, top:top + region.shape[0], left:left + region.shape[1]] = region
-    result["masks"] = masks
-  elif mask_format == "rle":
-    result["masks"] = mask_lib.paste_masks_rle(soft, boxes, (h, w))
-  return result

@@ -10,7 +10,7 @@ In this order (each step optional but the first):
    its params and constants replace ours wherever the name and shape agree (fine-tuning, or a
    warm start from a detection-only model), and one log line lists what was not loaded.
 
-A resumed run reads its own checkpoint and none of these files. ``check_config`` runs before
+A resumed run reads its own checkpoint and none of these files. ``check_weight_files`` runs before
 anything slow (data scan, compilation): a recipe whose backbone cannot learn from a random
 start (frozen BatchNorm and frozen stages) and has no weights to load fails there.
 """
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from df2_jax import checkpoint as ckpt_lib
+from df2_jax.errors import ConfigError
 from df2_jax.models import pretrained
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,19 @@ log = logging.getLogger(__name__)
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 
 
-def check_config(config) -> None:
+def check_weight_files(config) -> None:
   """Fails at start on initialisation settings that cannot work (a fresh run only).
 
   Raises:
-    ValueError: the ResNet has frozen BatchNorm and frozen stages (``norm="FrozenBN"``,
-      ``freeze_at >= 1``) and nothing to load into them: with BN frozen at the identity and
-      the stem frozen at random values the backbone cannot learn. The message says what to
-      pass.
-    FileNotFoundError: a weights file or checkpoint directory that does not exist.
+    ConfigError: the ResNet has frozen BatchNorm and frozen stages (``norm="FrozenBN"``,
+      ``freeze_at >= 1``) and nothing to load into them (with BN frozen at the identity and
+      the stem frozen at random values the backbone cannot learn; the message says what to
+      pass), or a weights file or checkpoint directory that does not exist.
   """
   m = config.model
-  weights, init_from = str(m.get("backbone_weights", "")), str(m.get("init_from", ""))
+  weights, init_from = str(m.backbone_weights), str(m.init_from)
   if not weights and not init_from and m.norm == "FrozenBN" and int(m.freeze_at) >= 1:
-    raise ValueError(
+    raise ConfigError(
         f"config.model.backbone_weights is empty, but this recipe freezes BatchNorm and the "
         f"first {m.freeze_at} ResNet stage(s) (norm=FrozenBN, freeze_at={m.freeze_at}): a "
         f"random backbone cannot learn that way. Download torchvision's ImageNet ResNet-50 "
@@ -54,9 +54,9 @@ def check_config(config) -> None:
         f"from a checkpoint with --config.model.init_from=DIR. To train from scratch instead, "
         f"unfreeze it: --config.model.freeze_at=0 --config.model.norm=GN.")
   if weights and not os.path.isfile(weights):
-    raise FileNotFoundError(f"config.model.backbone_weights: no such file: {weights}")
+    raise ConfigError(f"config.model.backbone_weights: no such file: {weights}")
   if init_from and "://" not in init_from and not os.path.isdir(init_from):
-    raise FileNotFoundError(f"config.model.init_from: no such directory: {init_from}")
+    raise ConfigError(f"config.model.init_from: no such directory: {init_from}")
 
 
 def _paths(tree: Any) -> dict[str, Any]:
@@ -130,10 +130,10 @@ def initial_variables(config, variables: dict[str, Any]) -> dict[str, Any]:
   something was loaded and the abstract leaves elsewhere (see ``fill``).
   """
   m = config.model
-  if m.get("backbone_weights", ""):
+  if m.backbone_weights:
     variables = pretrained.load_backbone_weights(variables, str(m.backbone_weights))
-  if m.get("init_from", ""):
-    step = int(m.get("init_from_step", -1))
+  if m.init_from:
+    step = int(m.init_from_step)
     variables = warm_start(variables, str(m.init_from), None if step < 0 else step)
   return variables
 

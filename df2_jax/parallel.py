@@ -14,7 +14,9 @@ same anchors and RoIs.
 
 Multi-host: every process calls ``initialize_distributed`` first, reads its own slice of the
 global batch (``global_batch_pairs / jax.process_count()`` pairs) and turns it into global
-arrays with ``host_local_to_global``.
+arrays with ``host_local_to_global``. Host-side work runs on process 0 while the others wait
+(``on_process_zero``), and what each process computed on its share reaches process 0 through
+a folder they share (``gather_on_process_zero``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from df2_jax import files
 
 DATA_AXIS = "data"
 log = logging.getLogger(__name__)
@@ -152,6 +156,48 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   key = f"df2_jax_{name}_{next(_BARRIERS)}"
   multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
+
+
+def on_process_zero(fn: Callable[[], Any], name: str, timeout_s: float = 3600.0) -> Any:
+  """``fn()`` on process 0 while the other processes wait for it (``barrier(name)``): e.g. a
+  dataset generated once into a folder every process reads. Returns ``fn``'s result on process
+  0, None on the others."""
+  result = fn() if jax.process_index() == 0 else None
+  barrier(name, timeout_s=timeout_s)
+  return result
+
+
+def gather_on_process_zero(arrays: Mapping[str, np.ndarray], folder: str, name: str,
+                           timeout_s: float = 3600.0) -> list[dict[str, np.ndarray]] | None:
+  """Every process's ``arrays`` (numbers only), in process order, on process 0; None on the
+  others. With one process: ``[arrays]``.
+
+  Each process writes ``folder/<name>-SSSSS.npz`` (atomically; ``folder`` is one every process
+  sees, e.g. the run's staging folder), all wait at a barrier, and process 0 reads the files
+  (``allow_pickle=False``: whatever lies in the shared folder, reading it cannot run code) and
+  removes them. Every process must call this together.
+  """
+  for key, value in arrays.items():
+    if np.asarray(value).dtype.kind not in "biuf":
+      raise TypeError(f"{name}: array {key!r} has dtype {np.asarray(value).dtype}, expected "
+                      f"numbers")
+  if jax.process_count() == 1:
+    return [dict(arrays)]
+  path = lambda i: os.path.join(folder, f"{name}-{i:05d}.npz")
+  files.save_npz(path(jax.process_index()), compressed=False, **arrays)
+  barrier(f"gather_{name}", timeout_s=timeout_s)
+  if jax.process_index() != 0:
+    return None
+  parts = []
+  for i in range(jax.process_count()):
+    with np.load(path(i), allow_pickle=False) as z:
+      part = {k: z[k] for k in z.files}
+    os.remove(path(i))
+    for key, value in part.items():
+      if value.dtype.kind not in "biuf":
+        raise ValueError(f"{path(i)}: {key!r} has dtype {value.dtype}, expected numbers")
+    parts.append(part)
+  return parts
 
 
 def wait_for_coordinator(address: str, timeout_s: float, process_id: int = -1) -> None:

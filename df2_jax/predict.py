@@ -2,7 +2,7 @@
 
 ``predict(config, variables, input_dir, output_dir)`` reads every .jpg/.jpeg/.png of
 ``input_dir`` (any mode converted to RGB and turned upright by its EXIF orientation, as a
-photo viewer shows it: ``inference.read_image``; unreadable files are skipped with a warning),
+photo viewer shows it: ``images.read_image``; unreadable files are skipped with a warning),
 runs ``MatchRCNN.detect`` on every device through ``inference.Detector`` (the path of the
 Python API, the retrieval tool and the evaluation: images grouped by canvas, batched), and
 writes per image
@@ -27,6 +27,7 @@ output folder that holds anything but an earlier prediction's files (it would be
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -36,10 +37,10 @@ import cv2
 import jax
 import numpy as np
 
-from data_pipeline import annotations, draw, transforms
+from data_pipeline import draw, images, transforms
 from data_pipeline import deepfashion2 as df2
-from data_pipeline.records import DataError
-from df2_jax import files, parallel
+from df2_jax import files, parallel, postprocess
+from df2_jax.errors import Df2Error
 from df2_jax.evaluation import coco
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 RESULTS = "predictions.json"
 
 
-class PredictError(RuntimeError):
+class PredictError(Df2Error, RuntimeError):
   """A prediction that cannot run as asked: one line naming the folder and the reason."""
 
 
@@ -90,12 +91,10 @@ def check_folders(input_dir: str, output_dir: str) -> list[str]:
     raise PredictError(f"output_dir {output_dir} holds files that are not an earlier "
                        f"prediction's ({RESULTS} and drawn PNGs), and a prediction replaces "
                        f"the folder whole: choose a new or empty folder (nothing written)")
-  names = sorted(n for n in os.listdir(input_dir)
-                 if n.lower().endswith(annotations.IMAGE_EXTENSIONS)
-                 and os.path.isfile(os.path.join(input_dir, n)))
+  names = images.image_names(input_dir)
   if not names:
     raise PredictError(f"input_dir {input_dir} holds no images "
-                       f"({', '.join(annotations.IMAGE_EXTENSIONS)}): nothing to predict, "
+                       f"({', '.join(images.IMAGE_EXTENSIONS)}): nothing to predict, "
                        f"output_dir {output_dir} left as it is")
   return names
 
@@ -200,44 +199,38 @@ def _predict_into(config, variables: Any, input_dir: str, names: list[str], outp
   # <stem>.png, or <name>.png for every file when two files share a stem (a.jpg, a.png).
   drawn_names = ([f"{s}.png" for s in stems] if len(set(stems)) == len(stems)
                  else [f"{n}.png" for n in names])
-  shards = np.array_split(np.arange(len(names)), count)
+  shard = np.array_split(np.arange(len(names)), count)[index]
   window = detector.batch_size * (1 if detector.spans_processes else WINDOW_BATCHES)
-  num_windows = -(-max(len(s) for s in shards) // window)  # the same on every process
+  # Every process steps through as many windows as the largest shard has (each detection
+  # step is one program over every device).
+  num_windows = -(-len(np.array_split(np.arange(len(names)), count)[0]) // window)
   results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
-  skipped = predicted = 0
-
-  for b in range(num_windows):
-    pending: list[tuple[int, tuple[str, str], np.ndarray]] = []
-    for i in shards[index][b * window:(b + 1) * window]:
-      name = names[i]
-      path = os.path.join(input_dir, name)
-      try:
-        pixels = inference.read_image(path)
-      except DataError as e:
-        skipped += 1
-        log.warning("Skipping %s", e)
-        continue
-      pending.append((ids[i], (name, drawn_names[i]), pixels))
-    arrays = [p[2] for p in pending]
+  skipped: list[dict] = []
+  predicted = 0
+  windows = images.read_windows([os.path.join(input_dir, names[i]) for i in shard], window,
+                                skipped=skipped)
+  for _ in range(num_windows):
+    loaded = [(int(shard[j]), pixels) for j, _, pixels in next(windows, [])]
+    arrays = [pixels for _, pixels in loaded]
     if detector.spans_processes:  # one step with the others, on the run's canvas
       outs = detector.detect_batch(arrays)
     elif not arrays:  # no readable image in this window
       continue
     else:  # grouped by canvas, batched
       outs = detector.detect(arrays)
-    for (image_id, names_, pixels), out in zip(pending, outs):
-      result = inference.image_result(out, out["image_hw"], pixels.shape[:2], "bitmap")
-      _add_image(results, image_id, names_, pixels, result, output_dir, score_threshold)
+    for (i, pixels), out in zip(loaded, outs):
+      result = postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], "bitmap")
+      _add_image(results, ids[i], (names[i], drawn_names[i]), pixels, result, output_dir,
+                 score_threshold)
       predicted += 1
-
-  return results, predicted, skipped
+  return results, predicted, len(skipped)
 
 
 def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
                pixels: np.ndarray, result: dict[str, Any], output_dir: str,
                score_threshold: float) -> None:
-  """One image's detections in its pixels (``inference.image_result``, bitmap masks) -> the
-  result lists and the drawn PNG (``names``: the file's name and the PNG's)."""
+  """One image's detections in its pixels (``postprocess.image_detections``, bitmap masks) ->
+  the result lists and the drawn PNG (``names``: the file's name and the PNG's)."""
   name, drawn_name = names
   h, w = pixels.shape[:2]
   n = len(result["boxes"])
@@ -267,35 +260,34 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   files.write_bytes(path, png.tobytes())
 
 
-def shard_path(folder: str, index: int) -> str:
-  return os.path.join(folder, f"shard-{index:05d}.json")
-
-
 def _join_shards(output_dir: str, results: dict[str, Any], predicted: int, skipped: int
                  ) -> tuple[dict[str, Any], int, int]:
-  """Several processes: each leaves its predictions in ``output_dir`` (JSON, written
-  atomically); process 0 returns them joined in process order (file order) and removes the
-  files, the others their own."""
-  index, count = jax.process_index(), jax.process_count()
-  files.write_json(shard_path(output_dir, index),
-                   {"results": results, "predicted": predicted, "skipped": skipped})
-  parallel.barrier("predictions_written")
-  if index != 0:
+  """Several processes: each one's predictions joined on process 0 in process order, which
+  is file order (``parallel.gather_on_process_zero`` through the staging folder: numbers only,
+  ``shard_arrays``); the other processes get their own back."""
+  parts = parallel.gather_on_process_zero(shard_arrays(results, predicted, skipped),
+                                          output_dir, "predictions")
+  if parts is None:
     return results, predicted, skipped
-  return join_shard_files(output_dir, count)
+  return join_shards(parts)
 
 
-def join_shard_files(output_dir: str, count: int) -> tuple[dict[str, Any], int, int]:
-  """(results, predicted, skipped) of the shard files 0..count-1 of ``output_dir``, joined in
-  process order; the files are removed."""
+def shard_arrays(results: dict[str, Any], predicted: int, skipped: int
+                 ) -> dict[str, np.ndarray]:
+  """One process's predictions as numeric arrays: the results as JSON bytes, the counts."""
+  return {"results": np.frombuffer(json.dumps(results).encode(), np.uint8),
+          "counts": np.array([predicted, skipped], np.int64)}
+
+
+def join_shards(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, Any], int, int]:
+  """(results, predicted, skipped) of every process's ``shard_arrays``, joined in order."""
   joined = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   predicted = skipped = 0
-  for i in range(count):
-    part = files.read_json(shard_path(output_dir, i), f"predictions of process {i}")
-    os.remove(shard_path(output_dir, i))
+  for part in parts:
+    shard = json.loads(part["results"].tobytes().decode())
     for key in ("images", "bbox", "segm", "keypoints"):
-      joined[key] += part["results"][key]
-    joined["embeddings"].update(part["results"]["embeddings"])
-    predicted += part["predicted"]
-    skipped += part["skipped"]
+      joined[key] += shard[key]
+    joined["embeddings"].update(shard["embeddings"])
+    predicted += int(part["counts"][0])
+    skipped += int(part["counts"][1])
   return joined, predicted, skipped

@@ -1,62 +1,22 @@
-r"""Consumer-to-shop retrieval as a tool: index a folder of shop photos once, then ask which shop
-items match the garments of a photo.
+r"""Consumer-to-shop retrieval as a tool: index a folder of shop photos, then query it by photo.
 
-  python -m df2_jax.retrieval index --config configs/demo_synthetic.py --workdir runs/demo \
-      --images SHOP_DIR --out INDEX_DIR [--source shop] [--checkpoint_dir D] [--step N] \
-      [--config.a.b=v]
-  python -m df2_jax.retrieval query --index INDEX_DIR --image PHOTO_OR_FOLDER [--top 20] \
-      [--out result.png | --out OUT_FOLDER] [--json results.json] [--source user]
+  python -m df2_jax.retrieval index --workdir runs/demo --images SHOP_DIR --out INDEX_DIR
+  python -m df2_jax.retrieval query --index INDEX_DIR --image PHOTO_OR_FOLDER [--top 20]
 
-``index`` detects every garment of every image of SHOP_DIR (upright by its EXIF orientation;
-``MatchRCNN.detect`` through ``inference.Detector``, the path of the Python API, prediction and
-evaluation: grouped by canvas, batched on every local device, ``config.eval.batch_size`` images
-per device), keeps the detections scoring
-at least ``config.eval.gallery_score_threshold`` after a class-agnostic NMS per image at
-``config.eval.gallery_nms_threshold`` (the evaluation's gallery rule: one entry per garment),
-and writes them as a new part of INDEX_DIR (``--source shop``: only the images that a
-DeepFashion2 annotation beside the folder calls shop images, e.g. a split's ``image/`` folder).
-Run it again on the same INDEX_DIR to append: the images already indexed (same absolute path)
-are skipped, earlier parts are never rewritten, and the model must be the index's own (its
-checkpoint and model config; the embeddings of two models cannot be compared). An image that
-cannot be decoded is skipped with a log line and listed in its part's ``images.json``. One
-``index`` at a time per INDEX_DIR: the command holds an exclusive ``files.FolderLock`` on it
-(``INDEX_DIR/.lock``) from start to end, and a second one exits 1 naming the holder's pid. A
-part is built in a staging folder and renamed into place whole, then named in the manifest;
-every file is written by temp file, fsync and rename, so a killed run leaves the index as it
-was.
-
-Layout (every array memory-maps with ``np.load(mmap_mode="r")``)::
-
-  INDEX_DIR/manifest.json        what the index is (written last, atomically):
-      format, version, items, images, embed_dim, parts [{name, images, items, skipped}],
-      checkpoint_dir, step, config (the full config JSON the index was built with),
-      scorer {kernel [D], bias} (the matching network's similarity fc), min_score, nms
-  INDEX_DIR/part-NNNNN/embeddings.npy  [n, D] float32  matching embeddings
-                       boxes.npy       [n, 4] float32  x1, y1, x2, y2 in original pixels
-                       classes.npy     [n] int32       category 1..13
-                       scores.npy      [n] float32     detection score
-                       image.npy       [n] int32       row of the part's images.json
-                       images.json     {"images": [{path, height, width}], "skipped":
-                                        [{path, error}]}
-
-``query`` detects the garments of a photo (or of every image of a folder) with the same rule
-(a photo's garments are its detections scoring >= the index's ``min_score`` after the same NMS),
-scores each against the whole gallery with the matching network, logit = fc((v_q - v_g)^2)
-(``GalleryScorer``: one matrix product per chunk of gallery rows on the default device, a
-running exact top-k; no approximate index), prints the ranked shop items (image, box, category,
-match probability = sigmoid(logit)) as text, optionally writes them as JSON (``--json``; the
-fields are those of ``query_result``; written before any picture), and draws one strip per
-garment: the garment's crop, then its top shop items' crops with their match probabilities
-(``--out``: a PNG for one photo, a folder of ``<stem>.png`` for several). A crop of any shape
-(a 4000x1 photo's) is fitted into its tile; a picture that cannot be drawn is a warning (exit
-status 1), the JSON is written all the same.
-
-No TensorFlow (images are decoded with Pillow); one process (all of its local devices).
+The contract. A garment is a detection of ``inference.Detector`` (the one inference path)
+kept by the evaluation's gallery rule: score >= ``min_score`` after a class-agnostic NMS per
+image at ``nms`` (``GarmentFinder``). ``index`` appends one part per call to INDEX_DIR
+(``build_index``); a part is built in a staging folder and named in the manifest last, every
+file is written atomically, an index folder has one writer at a time (``files.FolderLock``),
+and only the index's own model may append to it. ``query`` scores each garment of a photo
+against the whole gallery exactly, logit = fc((v_q - v_g)^2) (``GalleryScorer``: a running
+top-k over chunks of gallery rows, no approximate index). No TensorFlow; one process, all of
+its local devices. The index layout, the query JSON and every flag: docs/OUTPUTS.md and
+``--help``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -64,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -72,11 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline import annotations
+from data_pipeline import images
 from data_pipeline.deepfashion2 import COCO_NAMES
 from data_pipeline.records import DataError
-from df2_jax import files
-from df2_jax.evaluation import retrieval as retrieval_lib
+from df2_jax import errors, files, postprocess, progress
+from df2_jax.config import rules, run_config
+from df2_jax.errors import Df2Error
+from df2_jax.evaluation import retrieval_protocol
 from df2_jax.evaluation import visualize
 
 log = logging.getLogger(__name__)
@@ -86,10 +47,10 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = {"embeddings": np.float32, "boxes": np.float32, "classes": np.int32,
           "scores": np.float32, "image": np.int32}
-DEFAULT_CHUNK = 8192  # gallery rows per product; fastest of 2k, 8k, 64k on the 2-core CPU
+DEFAULT_CHUNK = 8192  # gallery rows per product (chunk sizes timed: docs/PERFORMANCE.md)
 
 
-class IndexFolderError(ValueError):
+class IndexFolderError(Df2Error, ValueError):
   """An index folder that cannot be used as asked (named, with the reason)."""
 
 
@@ -118,9 +79,7 @@ def image_files(path: str, source: str | None = None) -> list[str]:
   if os.path.isfile(path):
     paths = [os.path.abspath(path)]
   elif os.path.isdir(path):
-    paths = [os.path.abspath(os.path.join(path, n)) for n in sorted(os.listdir(path))
-             if n.lower().endswith(annotations.IMAGE_EXTENSIONS)
-             and os.path.isfile(os.path.join(path, n))]
+    paths = [os.path.abspath(os.path.join(path, n)) for n in images.image_names(path)]
   else:
     raise FileNotFoundError(f"{path}: no such image file or folder")
   if source is None:
@@ -140,10 +99,10 @@ def image_files(path: str, source: str | None = None) -> list[str]:
   return kept
 
 
-class Detector:
+class GarmentFinder:
   """The garments of image files (``garments``): ``inference.Detector`` (the one inference
-  path, on every local device) and ``inference.image_result``, then the gallery rule
-  (``retrieval.dedupe_gallery``: score >= ``min_score``, class-agnostic NMS at ``nms``)."""
+  path, on every local device) and ``postprocess.image_detections``, then the gallery rule
+  (``retrieval_protocol.dedupe_gallery``: score >= ``min_score``, class-agnostic NMS at ``nms``)."""
 
   # Images decoded and detected together (grouped by canvas), in batches of the detector.
   WINDOW_BATCHES = 4
@@ -157,53 +116,35 @@ class Detector:
     self.min_score, self.nms = float(min_score), float(nms)
 
   def garments(self, paths: Sequence[str], *, keep_pixels: bool = False,
-               skipped: list[dict] | None = None, progress: str | None = None
+               skipped: list[dict] | None = None, progress_label: str | None = None
                ) -> Iterator[Garments]:
     """The garments of every readable file of ``paths``, in order (each image upright by its
-    EXIF orientation: ``inference.read_image``). A file that cannot be decoded is logged,
-    appended to ``skipped`` ({path, error}) and left out. Images are decoded by a few threads
-    while the device detects the previous window of ``WINDOW_BATCHES`` batches; with
-    ``progress`` (a label) a log line with the rate and the time left is written about every
-    10 s."""
-    size = self.batch_size * self.WINDOW_BATCHES
-    windows = [paths[i:i + size] for i in range(0, len(paths), size)]
-    start = last_log = time.perf_counter()
+    EXIF orientation, ``WINDOW_BATCHES`` batches' files decoded at a time while the device
+    detects the previous ones: ``images.read_windows``). A file that cannot be decoded is
+    logged, appended to ``skipped`` ({path, error}) and left out. With ``progress_label`` a
+    log line with the rate and the time left is written about every 10 s
+    (``progress.Progress``)."""
+    counter = progress.Progress(len(paths), progress_label or "", every_s=10.0)
     done = 0
-    with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
-      decoded = (pool.map(_load, window) for window in windows)  # lazily, one window ahead
-      pending = next(decoded, None)
-      for window in windows:
-        loaded = list(pending)
-        pending = next(decoded, None)
-        ok = []
-        for path, result in zip(window, loaded):
-          if isinstance(result, DataError):
-            log.warning("Skipping %s", result)
-            if skipped is not None:
-              skipped.append({"path": path, "error": str(result)})
-          else:
-            ok.append((path, result))
-        yield from self._garments(ok, keep_pixels)
-        done += len(window)
-        now = time.perf_counter()
-        if progress and (now - last_log >= 10.0 or done == len(paths)):
-          rate = done / max(now - start, 1e-9)
-          log.info("%s: %d/%d images (%.1f images/s, %s left)", progress, done, len(paths),
-                   rate, _clock((len(paths) - done) / max(rate, 1e-9)))
-          last_log = now
+    for n, window in enumerate(images.read_windows(
+        paths, self.batch_size * self.WINDOW_BATCHES,
+        skipped=skipped if skipped is not None else [])):
+      yield from self._garments([(path, pixels) for _, path, pixels in window], keep_pixels)
+      done = min(len(paths), (n + 1) * self.batch_size * self.WINDOW_BATCHES)
+      if progress_label:
+        counter.update(done, final=True)
 
   def _garments(self, loaded: list[tuple[str, np.ndarray]], keep_pixels: bool
                 ) -> Iterator[Garments]:
-    from df2_jax import inference
     if not loaded:
       return
     outs = self.detector.detect([pixels for _, pixels in loaded])
     for (path, pixels), out in zip(loaded, outs):
       h, w = pixels.shape[:2]
-      found = inference.image_result(out, out["image_hw"], (h, w), mask_format=None)
+      found = postprocess.image_detections(out, out["image_hw"], (h, w), masks=None)
       dets = [dict(image_id=0, bbox=box.tolist(), score=float(score), row=n)
               for n, (box, score) in enumerate(zip(found["boxes"], found["scores"]))]
-      kept = retrieval_lib.dedupe_gallery(dets, self.nms, self.min_score)
+      kept = retrieval_protocol.dedupe_gallery(dets, self.nms, self.min_score)
       kept.sort(key=lambda d: -d["score"])
       take = np.array([d["row"] for d in kept], np.int64)
       n = len(take)
@@ -214,25 +155,6 @@ class Detector:
           scores=found["scores"][take].reshape(n),
           embeddings=found["embeddings"][take].reshape(n, -1),
           pixels=pixels if keep_pixels else None)
-
-
-def _read(path: str) -> np.ndarray:
-  """An image file as the index sees it: upright by its EXIF orientation
-  (``inference.read_image``; ``DataError`` when it cannot be decoded)."""
-  from df2_jax import inference
-  return inference.read_image(path)
-
-
-def _load(path: str) -> np.ndarray | DataError:
-  try:
-    return _read(path)
-  except DataError as e:
-    return e
-
-
-def _clock(seconds: float) -> str:
-  s = int(round(seconds))
-  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +247,8 @@ def _model_identity(config_json: dict) -> dict:
   model = {k: v for k, v in config_json["model"].items()
            if k not in ("backbone_weights", "init_from", "init_from_step")}
   data = {k: config_json["data"][k] for k in ("canvas", "short_side", "max_size")}
-  # The canvases an image may be padded onto (absent in indexes built before the buckets).
-  data["bucket_canvases"] = [list(c) for c in config_json["data"].get("bucket_canvases") or []]
+  # The canvases an image may be padded onto.
+  data["bucket_canvases"] = [list(c) for c in config_json["data"]["bucket_canvases"]]
   return {"model": model, "data": data}
 
 
@@ -341,7 +263,8 @@ def build_index(config, variables: Any, image_dir: str, out_dir: str, *, checkpo
   config_json = _config_json(config)
   if existing is not None:
     m = existing.manifest
-    if _model_identity(m["config"]) != _model_identity(config_json) or int(m["step"]) != step:
+    if (_model_identity(run_config.upgrade(m["config"])) != _model_identity(config_json)
+        or int(m["step"]) != step):
       raise IndexFolderError(
           f"{out_dir} was built by another model (step {m['step']} of {m['checkpoint_dir']}); "
           f"its embeddings cannot be compared with this one's: index into a new folder")
@@ -377,11 +300,11 @@ def build_index(config, variables: Any, image_dir: str, out_dir: str, *, checkpo
     log.info("Nothing to add to %s.", out_dir)
     return manifest
 
-  detector = Detector(config, variables, min_score=min_score, nms=nms)
+  finder = GarmentFinder(config, variables, min_score=min_score, nms=nms)
   skipped: list[dict] = []
   part_images: list[dict] = []
   cols: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
-  for g in detector.garments(new, skipped=skipped, progress=f"Indexing {image_dir}"):
+  for g in finder.garments(new, skipped=skipped, progress_label=f"Indexing {image_dir}"):
     n = len(g.scores)
     cols["embeddings"].append(g.embeddings)
     cols["boxes"].append(g.boxes)
@@ -572,7 +495,7 @@ def draw_result(photo: np.ndarray, result: dict[str, Any], *, top: int = 8, heig
     for item in garment["results"][:top]:
       if item["image"] not in cache:
         try:
-          cache[item["image"]] = _read(item["image"])
+          cache[item["image"]] = images.read_image(item["image"])
         except DataError as e:  # a gallery image moved or deleted since it was indexed
           log.warning("Cannot draw %s", e)
           cache[item["image"]] = None
@@ -607,12 +530,12 @@ def _box(box: Sequence[float]) -> str:
   return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
 
 
-def run_query(index: GalleryIndex, detector: Detector, photos: Sequence[str], *, top: int,
+def run_query(index: GalleryIndex, finder: GarmentFinder, photos: Sequence[str], *, top: int,
               scorer: GalleryScorer | None = None, skipped: list[dict] | None = None
               ) -> Iterator[tuple[Garments, dict[str, Any]]]:
   """(garments with pixels, ``query_result``) of every readable photo."""
   scorer = scorer or GalleryScorer(index.scorer_params(), index.array("embeddings"))
-  for g in detector.garments(photos, keep_pixels=True, skipped=skipped):
+  for g in finder.garments(photos, keep_pixels=True, skipped=skipped):
     logits, rows = scorer.top_k(g.embeddings, top)
     yield g, query_result(g, index, logits, rows)
 
@@ -625,9 +548,9 @@ def _load_model(checkpoint_dir: str, step: int | None, config=None
                 ) -> tuple[dict[str, Any], int]:
   """(variables, step) of a checkpoint directory (its latest step when ``step`` is None);
   with ``config``, a checkpoint of another config is refused in one line
-  (``run_config.RunMismatch``, a ValueError) before any array is read."""
-  from df2_jax import train
-  return train.load_variables("", checkpoint_dir=checkpoint_dir, step=step, config=config)
+  (``run_config.RunMismatch``) before any array is read."""
+  from df2_jax import inference
+  return inference.load_variables("", checkpoint_dir=checkpoint_dir, step=step, config=config)
 
 
 def index_main(config, workdir: str | None, checkpoint_dir: str | None, step: int | None,
@@ -654,8 +577,7 @@ def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step:
   if existing:
     m = GalleryIndex(out_dir).manifest
     if config is None:
-      import ml_collections
-      config = ml_collections.ConfigDict(m["config"])
+      config = run_config.config_from_json(m["config"])
     checkpoint_dir = checkpoint_dir or m["checkpoint_dir"]
     step = int(m["step"]) if step is None else step
   if checkpoint_dir is None:
@@ -663,15 +585,11 @@ def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step:
       raise IndexFolderError("--workdir or --checkpoint_dir is needed to build a new index")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
   if config is None:  # the config saved with the checkpoint
-    from df2_jax import inference
     try:
-      config, _, step = inference.saved_config(checkpoint_dir, step)
-    except inference.NoSavedConfig as e:
-      raise IndexFolderError(f"{e}: pass it as --config") from None
-    except inference.LoadRunError as e:
-      raise IndexFolderError(str(e)) from None
-  from df2_jax import validate
-  validate.validate(config)
+      config, _, step = run_config.saved_config(checkpoint_dir, step)
+    except run_config.NoSavedConfig as e:
+      raise run_config.NoSavedConfig(f"{e}: pass it as --config") from None
+  rules.validate(config)
   variables, step = _load_model(checkpoint_dir, step, config)
   build_index(config, variables, image_dir, out_dir, checkpoint_dir=checkpoint_dir, step=step,
               min_score=min_score, source=source)
@@ -681,10 +599,9 @@ def _index_locked(config, workdir: str | None, checkpoint_dir: str | None, step:
 def query_main(index_dir: str, image: str, top: int, out: str | None, json_path: str | None,
                checkpoint_dir: str | None, min_score: float | None,
                source: str | None = None) -> int:
-  import ml_collections
   index = GalleryIndex(index_dir)
   m = index.manifest
-  config = ml_collections.ConfigDict(m["config"])
+  config = run_config.config_from_json(m["config"])
   variables, _ = _load_model(checkpoint_dir or m["checkpoint_dir"], int(m["step"]))
   stored = index.scorer_params()
   got = {k: np.asarray(v, np.float32) for k, v in variables["params"]["scorer"].items()}
@@ -693,9 +610,9 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
     raise IndexFolderError(f"the checkpoint (step {m['step']} of "
                       f"{checkpoint_dir or m['checkpoint_dir']}) is not the one {index_dir} was "
                       f"built with (their scorers differ)")
-  detector = Detector(config, variables,
-                      min_score=float(m["min_score"]) if min_score is None else min_score,
-                      nms=float(m["nms"]))
+  finder = GarmentFinder(config, variables,
+                         min_score=float(m["min_score"]) if min_score is None else min_score,
+                         nms=float(m["nms"]))
   photos = image_files(image, source)
   many = os.path.isdir(image)
   if out and many:
@@ -704,7 +621,7 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
     os.makedirs(os.path.dirname(out), exist_ok=True)
   answers, skipped = [], []
   one_photo: np.ndarray | None = None  # kept for the picture of a single photo
-  for g, result in run_query(index, detector, photos, top=top, skipped=skipped):
+  for g, result in run_query(index, finder, photos, top=top, skipped=skipped):
     print(format_text(result), flush=True)
     answers.append(result)
     one_photo = None if many else g.pixels
@@ -719,7 +636,7 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
     path = (os.path.join(out, os.path.splitext(os.path.basename(result["image"]))[0] + ".png")
             if many else out)
     try:
-      photo = one_photo if one_photo is not None else _read(result["image"])
+      photo = one_photo if one_photo is not None else images.read_image(result["image"])
       write_picture(path, draw_result(photo, result))
     except Exception as e:  # pylint: disable=broad-except  (the answers are written already)
       if files.is_disk_full(e):
@@ -781,8 +698,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown or (overrides and args.command != "index"):
     parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notes
   try:
     if args.command == "index":
       config = _read_config(args.config, overrides) if args.config else None
@@ -794,7 +709,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(f"--top must be >= 1, got {args.top}")
     return query_main(args.index, args.image, args.top, args.out, args.json,
                       args.checkpoint_dir, args.min_score, args.source)
-  except (FileNotFoundError, IndexFolderError, FloatingPointError, files.Locked) as e:
+  except Df2Error as e:  # every known failure in one line (a config problem: status 2)
+    prefix = "Config error: " if e.exit_code == 2 else ""
+    return errors.report(e, log, prefix)
+  except FileNotFoundError as e:  # an --images or --image path that does not exist
     log.error("%s", e)
     return 1
   except OSError as e:
@@ -804,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.path.abspath(args.json or args.out or "."))
     log.error("%s", files.disk_full_message(os.path.abspath(folder)))
     return 1
-  except ValueError as e:  # validate.ConfigError and bad override values
+  except ValueError as e:  # a bad --config.a.b=v override (absl's parser)
     for line in str(e).splitlines():
       log.error("Config error: %s", line)
     return 2
@@ -826,4 +744,8 @@ def _read_config(path: str, overrides: Sequence[str]):
 
 
 if __name__ == "__main__":
+  # The command's own logging (main() called from Python leaves the caller's alone); force:
+  # importing orbax above installed a handler of its own.
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notes
   sys.exit(main())

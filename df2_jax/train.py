@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -25,27 +24,21 @@ import numpy as np
 
 from data_pipeline import transforms
 from df2_jax import checkpoint as ckpt_lib
-from df2_jax import files, initialization, parallel, run_config, schedules, validate
-from df2_jax import train_step as ts
+from df2_jax import files, initialization, parallel, progress, schedules, train_step
+from df2_jax.config import rules, run_config
+from df2_jax.errors import Df2Error
+from df2_jax.evaluation import evaluator, summary
 from df2_jax.models.match_rcnn import LOSS_TERMS, init_variables, model_from_config
 
 log = logging.getLogger(__name__)
 
 
-def zero_train_batch(geometry: transforms.ImageGeometry, pairs: int) -> dict[str, np.ndarray]:
-  """A batch of the training contract's shapes (for initialisation and shape checks)."""
-  batch = {k: np.zeros((pairs, 2) + shape, dtype)
-           for k, (shape, dtype) in transforms.image_spec(geometry).items()}
-  batch["match_valid"] = np.zeros((pairs,), bool)
-  return batch
-
-
 def train_pair_index(config, records):
-  """The training records' partner graph with ``config.data.pair_sampling`` ("matching" for a
-  config without the key). Its ``epoch_size`` sets the steps per epoch, hence the total steps
-  and the learning-rate decay steps, as well as the input stream's epochs."""
+  """The training records' partner graph with ``config.data.pair_sampling``. Its
+  ``epoch_size`` sets the steps per epoch, hence the total steps and the learning-rate decay
+  steps, as well as the input stream's epochs."""
   from data_pipeline import pairs
-  return pairs.build_pair_index(records, str(config.data.get("pair_sampling", "matching")))
+  return pairs.build_pair_index(records, str(config.data.pair_sampling))
 
 
 class MetricsWriter:
@@ -112,11 +105,6 @@ class MetricsWriter:
         self._tb.close()
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class Evaluations:
   """Evaluations of the training state into ``workdir/eval_<step>/`` (metrics also to
   metrics.jsonl and TensorBoard), and the best one's params under ``workdir/best/``.
@@ -134,8 +122,6 @@ class Evaluations:
   def __init__(self, config, workdir: str, writer: MetricsWriter, *, eval_source=None,
                track_best: bool = True, run_extra: dict[str, Any] | None = None):
     from data_pipeline import sources  # TensorFlow is loaded here only.
-    from df2_jax.evaluation import evaluator
-    self._evaluator = evaluator
     self.config = config
     self.workdir = workdir
     self.writer = writer
@@ -153,7 +139,7 @@ class Evaluations:
       self.best_value, self.best_step = float(extra["value"]), int(extra["step"])
     self.last_step: int | None = None
 
-  def __call__(self, step: int, state: ts.TrainState) -> dict[str, Any]:
+  def __call__(self, step: int, state: train_step.TrainState) -> dict[str, Any]:
     """Evaluates ``state`` at ``step``; saves it to best/ if it is the best so far.
 
     Every process calls it (``evaluator.evaluate`` splits the images over them and returns
@@ -161,11 +147,11 @@ class Evaluations:
     """
     started = time.time()
     variables = {"params": state.params, "constants": state.constants}
-    metrics = self._evaluator.evaluate(self.config, variables,
+    metrics = evaluator.evaluate(self.config, variables,
                                        os.path.join(self.workdir, f"eval_{step}"),
                                        eval_source=self.source, writer=self.writer, step=step)
     self.last_step = step
-    scalars = self._evaluator.summary_scalars(metrics)
+    scalars = summary.summary_scalars(metrics)
     value = scalars[f"eval/{self.metric}"]
     if self.best is not None and math.isfinite(value) and value > self.best_value:
       self.best.save(step, variables, force=True, extra={
@@ -175,7 +161,8 @@ class Evaluations:
       self.best_value, self.best_step = value, step
     best = (f"; best {self.best_value:.4f} at step {self.best_step} "
             f"({self.best.directory})" if self.best_step is not None else "")
-    log.info("%s\n%s %.4f at step %d%s; evaluation took %.0f s.", headline(metrics, step),
+    log.info("%s\n%s %.4f at step %d%s; evaluation took %.0f s.",
+             summary.headline(metrics, step),
              self.metric, value, step, best, time.time() - started)
     return metrics
 
@@ -196,25 +183,8 @@ class Evaluations:
       self.best.close()
 
 
-def check_config(config) -> None:
-  """Every config rule (``validate.validate``), before any data is read: raises
-  ``validate.ConfigError`` listing each broken one."""
-  validate.validate(config)
-
-
-def prepare_data(config) -> None:
-  """Generates the synthetic dataset on first use, on process 0 only, while the other
-  processes wait (processes writing the same files at once would corrupt them)."""
-  if config.data.format != "synthetic":
-    return
-  from data_pipeline import sources  # TensorFlow is loaded here only.
-  if jax.process_index() == 0:
-    sources.ensure_synthetic(config.data)
-  parallel.barrier("synthetic_data", timeout_s=4 * 3600)
-
-
 def train(config, workdir: str, *, train_source=None, eval_source=None,
-          origin: dict[str, Any] | None = None) -> ts.TrainState:
+          origin: dict[str, Any] | None = None) -> train_step.TrainState:
   """Trains ``config`` in ``workdir``; resumes from the latest checkpoint there.
 
   A fresh run starts from ``initialization.initial_variables`` (random, then the ImageNet
@@ -237,17 +207,17 @@ def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=N
 
 
 def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: bool,
-           origin: dict[str, Any] | None = None) -> tuple[ts.TrainState, dict[str, Any]]:
+           origin: dict[str, Any] | None = None) -> tuple[train_step.TrainState, dict[str, Any]]:
   """``train`` and ``train_and_evaluate``: everything is checked (config, the workdir's
   lock and its checkpoints' fit, weight files, then the data) before the first compilation
   of a step."""
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
 
   tc = config.train
-  check_config(config)
+  rules.validate(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
-  geometry = sources.geometry_from_config(config.data)
+  geometry = transforms.geometry_from_config(config.data)
   model = model_from_config(config)
   with contextlib.ExitStack() as stack:  # closes the files and managers on any exit
     if jax.process_index() == 0:  # one training per workdir (the processes of one run share it)
@@ -256,7 +226,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
         os.path.join(workdir, "checkpoints"), tc.checkpoint_every_steps, tc.keep_checkpoints))
     resuming = manager.latest_step() is not None
     init = functools.partial(init_variables, model, jax.random.key(config.seed),
-                             zero_train_batch(geometry, tc.global_batch_pairs))
+                             transforms.zero_train_batch(geometry, tc.global_batch_pairs))
     stored = run_config.read(workdir)
     if resuming:  # another config's checkpoints are refused before any data is touched
       _check_fits(manager, manager.latest_step(), jax.eval_shape(init), config, workdir, stored)
@@ -266,10 +236,11 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     if jax.process_index() == 0 and not resuming:
       run_config.write(workdir, config, origin)
     if not resuming:  # Weight files are read and checked before anything is compiled.
-      initialization.check_config(config)
+      initialization.check_weight_files(config)
       loaded = initialization.initial_variables(config, jax.eval_shape(init))
     if train_source is None:
-      prepare_data(config)
+      parallel.on_process_zero(lambda: sources.prepare(config.data), "synthetic_data",
+                               timeout_s=4 * 3600)
     variables = init()
     if not resuming:
       variables = initialization.fill(loaded, variables)
@@ -286,17 +257,17 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
              steps_per_epoch, total_steps, tc.global_batch_pairs,
              [int(e) * steps_per_epoch for e in tc.decay_epochs])
 
-    undecayed = tuple(tc.get("undecayed_modules", ()))
+    undecayed = tuple(tc.undecayed_modules)
     if undecayed:
       log.info("Modules %s keep the base learning rate after the warm-up (no decay).",
                list(undecayed))
-    tx = ts.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
+    tx = train_step.make_optimizer(schedule, variables["params"], momentum=tc.momentum,
                            weight_decay=tc.weight_decay, freeze_at=config.model.freeze_at,
                            optimizer=tc.optimizer, undecayed=undecayed,
                            undecayed_learning_rate=schedules.step_decay_schedule(
                                tc.base_lr, steps_per_epoch, (), 0.1, tc.warmup_steps,
                                tc.warmup_factor))
-    state = parallel.replicate(ts.create_train_state(variables, tx), mesh)
+    state = parallel.replicate(train_step.create_train_state(variables, tx), mesh)
     del variables
 
     start_step = 0
@@ -355,14 +326,13 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     dataset = pipeline.train_dataset(train_source, pair_index, geometry,
                                      global_batch_pairs=tc.global_batch_pairs, seed=config.seed,
                                      start_step=start_step, flip_prob=config.data.flip_prob,
-                                     category_batches=bool(
-                                         config.data.get("category_batches", False)),
-                                     num_parallel_calls=int(config.data.get("input_workers", 0)))
+                                     category_batches=bool(config.data.category_batches),
+                                     num_parallel_calls=int(config.data.input_workers))
     log.info("Input pipeline: %d images decoded at once; canvases %s.",
-             int(config.data.get("input_workers", 0)) or pipeline.host_cores(),
+             int(config.data.input_workers) or pipeline.host_cores(),
              ", ".join(f"{h}x{w}" for h, w in geometry.canvases))
     batches = dataset.as_numpy_iterator()
-    step_fn = parallel.shard_train_step(ts.make_train_step, mesh, model, tx,
+    step_fn = parallel.shard_train_step(train_step.make_train_step, mesh, model, tx,
                                         dict(tc.loss_weights))
     base_key = jax.random.key(config.seed + 1)
     guard = FiniteGuard()
@@ -395,7 +365,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
         log.info("step %d/%d  loss %.3f (%s)  %.2f steps/s  elapsed %s  eta %s", done,
                  total_steps, values["loss"],
                  " ".join(f"{k} {values[k]:.3f}" for k in LOSS_TERMS),
-                 steps_per_s, _fmt_time(now - started), _fmt_time(eta))
+                 steps_per_s, progress.duration(now - started), progress.duration(eta))
         last_log, last_step = now, done
       # An evaluated or interrupted step is always saved (an evaluation can outlast the grace
       # period of a preemption); a non-finite state never is.
@@ -419,13 +389,15 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
     return finish(state)
 
 
-class Interrupted(Exception):
-  """Training stopped on SIGTERM or SIGINT after saving a checkpoint at ``step``."""
+class Interrupted(Df2Error):
+  """Training stopped on SIGTERM or SIGINT after saving a checkpoint at ``step``; a command
+  exits with 128 + the signal's number, the shell's status for it."""
 
   def __init__(self, signum: int, step: int, directory: str):
     super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
                      f"checkpoint saved in {directory}")
     self.signum, self.step, self.directory = int(signum), int(step), directory
+    self.exit_code = 128 + self.signum
 
 
 class _StopNow(BaseException):
@@ -523,6 +495,10 @@ def _finite_update(tracker: dict[str, Any], metrics: dict[str, jax.Array], step:
                                             tracker["metrics"], metrics)}
 
 
+class NonFiniteLoss(Df2Error, FloatingPointError):
+  """A loss or the gradient norm turned NaN or inf: training stopped without saving that step."""
+
+
 class FiniteGuard:
   """Tracks on the device whether every loss and the gradient norm stayed finite, with the
   first step that was not and its values (no host sync per step); ``check`` reads it (before
@@ -539,7 +515,7 @@ class FiniteGuard:
     self._tracker = _finite_update(self._tracker, metrics, np.int32(step))
 
   def check(self, step: int, manager=None) -> None:
-    """Raises FloatingPointError naming the first non-finite step and its values."""
+    """Raises ``NonFiniteLoss`` naming the first non-finite step and its values."""
     if self._tracker is None:
       return
     tracker = jax.device_get(parallel.one_replica(self._tracker))
@@ -549,7 +525,7 @@ class FiniteGuard:
     last = manager.latest_step() if manager is not None else None
     where = (f"the last checkpoint (step {last} in {manager.directory}) holds only finite "
              f"values" if last is not None else "no checkpoint was saved")
-    raise FloatingPointError(
+    raise NonFiniteLoss(
         f"Non-finite loss or gradient at step {int(tracker['step'])}: {values}. Training "
         f"stopped at step {step} without saving it; {where}. Lower config.train.base_lr or "
         f"raise config.train.warmup_steps.")
@@ -581,17 +557,6 @@ def _first_step(step_fn, state, batch, base_key, done: int, first: bool = True):
                        ) from e
 
 
-def headline(metrics: dict[str, Any], step: int) -> str:
-  """One table of the headline numbers (the README's results table has these columns)."""
-  cols = [("AP_box", metrics["bbox"]["AP"]), ("AP_mask", metrics["segm"]["AP"]),
-          ("AP_pt", metrics["keypoints"]["AP"]),
-          ("top-1", metrics["retrieval"]["top1"]), ("top-20", metrics["retrieval"]["top20"]),
-          ("top-20 (GT boxes)", metrics["retrieval_gt_boxes"]["top20"])]
-  head = " | ".join(["step"] + [c for c, _ in cols])
-  row = " | ".join([str(step)] + [f"{v:.3f}".rjust(len(c)) for c, v in cols])
-  return f"Results at step {step}:\n| {head} |\n| {row} |"
-
-
 def _check_fits(manager: ckpt_lib.CheckpointManager, step: int, expected: dict[str, Any],
                 config, workdir: str, stored: dict[str, Any] | None) -> None:
   """Raises ``run_config.RunMismatch`` (one line naming the run's config) when the saved
@@ -608,78 +573,3 @@ def _check_fits(manager: ckpt_lib.CheckpointManager, step: int, expected: dict[s
                                            absent)
   if differences:
     raise run_config.RunMismatch(run_config.mismatch_line(workdir, stored, config, differences))
-
-
-def expected_variables(config) -> dict[str, Any]:
-  """ShapeDtypeStructs of ``{"params", "constants"}`` that ``config``'s model has (traced,
-  nothing computed)."""
-  from data_pipeline import sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  model = model_from_config(config)
-  geometry = sources.geometry_from_config(config.data)
-  shapes = jax.eval_shape(functools.partial(init_variables, model, jax.random.key(0),
-                                            zero_train_batch(geometry, 1)))
-  return {k: shapes[k] for k in ("params", "constants") if k in shapes}
-
-
-def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
-                   step: int | None = None, config=None) -> tuple[dict[str, Any], int]:
-  """``({"params", "constants"}, step)`` of a checkpoint (the latest by default), params only:
-  no optimizer state is read, so a directory copied to another machine works.
-
-  With ``config``, the saved shapes are compared with the config's model first: a checkpoint
-  of another config raises ``run_config.RunMismatch`` (one line naming the run's config)
-  before any array is read."""
-  directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  if step is None:  # read-only: a missing folder is not created
-    step = ckpt_lib.latest_step(directory)
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-  expected = expected_variables(config) if config is not None else None
-  try:
-    params, constants = ckpt_lib.restore_params(directory, step, expected=expected)
-  except ckpt_lib.ConfigMismatch as e:
-    own = not checkpoint_dir or os.path.abspath(checkpoint_dir) == os.path.abspath(
-        os.path.join(workdir, "checkpoints"))
-    stored = run_config.stored_for(directory, ckpt_lib.read_extra(directory, step),
-                                   workdir if own else None)
-    raise run_config.RunMismatch(run_config.mismatch_line(
-        workdir if own else directory, stored, config, e.differences)) from None
-  return jax.device_put({"params": params, "constants": constants}), int(step)
-
-
-def eval_folder(workdir: str, step: int, checkpoint_dir: str | None = None) -> str:
-  """Where an evaluation of ``step`` goes: ``workdir/eval_<step>`` for the workdir's own
-  checkpoints, ``workdir/eval_<step>-<source>`` for any other folder (``best`` for
-  WORKDIR/best, the run's folder name for RUN/checkpoints, else the folder's name), so that
-  evaluating another checkpoint never replaces the workdir's own results."""
-  if not checkpoint_dir:
-    return os.path.join(workdir, f"eval_{step}")
-  source = os.path.abspath(checkpoint_dir).rstrip(os.sep)
-  root = os.path.abspath(workdir)
-  if source == os.path.join(root, "checkpoints"):
-    return os.path.join(workdir, f"eval_{step}")
-  if source.startswith(root + os.sep):
-    name = os.path.relpath(source, root)
-  elif os.path.basename(source) == "checkpoints":
-    name = os.path.basename(os.path.dirname(source))
-  else:
-    name = os.path.basename(source)
-  name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "other"
-  return os.path.join(workdir, f"eval_{step}-{name}")
-
-
-def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
-                        step: int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint's params into ``eval_folder(workdir, step, checkpoint_dir)``
-  (on every process of a multi-process run together; see ``evaluator.evaluate``); its
-  metrics.json records the checkpoint evaluated."""
-  from df2_jax.evaluation import evaluator
-  check_config(config)
-  variables, step = load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step,
-                                   config=config)
-  prepare_data(config)
-  directory = os.path.abspath(checkpoint_dir or os.path.join(workdir, "checkpoints"))
-  metrics = evaluator.evaluate(config, variables, eval_folder(workdir, step, checkpoint_dir),
-                               checkpoint=os.path.join(directory, str(step)))
-  log.info("%s", headline(metrics, step))
-  return metrics

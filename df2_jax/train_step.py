@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from df2_jax import losses as loss_lib
+from df2_jax.models import losses as loss_lib
 from df2_jax.models.match_rcnn import MatchRCNN
 from df2_jax.models.resnet import frozen_param_mask
 
@@ -32,6 +32,9 @@ class TrainState:
   constants: Any
   opt_state: Any
   memory: Any = flax.struct.field(default_factory=dict)
+
+
+OPTIMIZERS = ("sgd", "adamw")  # config.train.optimizer
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, params: Any, *,
@@ -53,7 +56,7 @@ def make_optimizer(learning_rate: float | optax.Schedule, params: Any, *,
                          optax.sgd(lr, momentum=momentum))
     if optimizer == "adamw":
       return optax.adamw(lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={optimizer!r}: expected 'sgd' or 'adamw'")
+    raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
 
   unknown = sorted(set(undecayed) - set(params))
   if unknown:

@@ -1,4 +1,11 @@
-"""Shared test helpers: fixture locations and tiny in-memory records."""
+"""Shared test helpers: fixture locations and tiny in-memory records; the ``slow`` marker.
+
+The tests mirror the packages (``tests/data_pipeline``, ``tests/ops``, ``tests/models``,
+``tests/evaluation``, ``tests/config``; ``tests/`` itself for ``df2_jax``'s own modules), and
+``tests/system`` holds the runs of whole commands, subprocesses and several processes. Every
+test there is marked ``slow`` (``pytest_collection_modifyitems``), as are the few elsewhere
+that train for many steps: ``-m "not slow"`` is the fast lane.
+"""
 
 import os
 import shutil
@@ -7,9 +14,9 @@ from pathlib import Path
 
 # LLVM's cheapest code generation for every XLA program of the tests (set before the first
 # computation starts the backend, inherited by the tests' subprocesses): the suite compiles
-# hundreds of programs and runs most only a few times. Measured on the 2-core machine: the
-# multi-process test 303 s -> 171 s; the tiny train step compiles in 13.7 s instead of 18.2 s
-# and runs 2.5x slower. Every comparison inside the suite is between programs built alike.
+# hundreds of programs and runs most only a few times, so compiling fast beats running fast
+# (docs/PERFORMANCE.md, "Test suite"). Every comparison inside the suite is between programs
+# built alike.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0").strip()
 
@@ -38,6 +45,17 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if _XLA_CACHE:
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
+
+SYSTEM = Path(__file__).resolve().parent / "system"
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every test under tests/system is ``slow``."""
+  del config
+  for item in items:
+    if SYSTEM in Path(str(item.fspath)).resolve().parents:
+      item.add_marker(pytest.mark.slow)
 
 
 def subprocess_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from df2_jax import checkpoint
-from df2_jax import train_step as ts
+from df2_jax import train_step
 
 
 def _tiny_state(seed=0):
@@ -19,7 +19,7 @@ def _tiny_state(seed=0):
             "head": {"kernel": jax.random.normal(k2, (4, 2))}}
   constants = {"bn": {"mean": jnp.arange(4.0), "var": jnp.ones(4)}}
   tx = optax.sgd(0.1, momentum=0.9)
-  state = ts.create_train_state({"params": params, "constants": constants}, tx)
+  state = train_step.create_train_state({"params": params, "constants": constants}, tx)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, opt_state = tx.update(grads, state.opt_state, params)
   return state.replace(step=jnp.array(seed, jnp.int32),
@@ -57,7 +57,7 @@ def test_restore_latest_and_chosen_step(tmp_path):
   mgr, states = _save_steps(tmp_path / "ckpt")
   target = _tiny_state(99)
   state, extra = mgr.restore(target_state=target)
-  assert isinstance(state, ts.TrainState)
+  assert isinstance(state, train_step.TrainState)
   _assert_trees_equal(state, states[4])
   assert int(state.step) == 4
   assert extra == {"step": 4, "data_position": 400, "config": {"name": "tiny", "lr": 0.02}}
@@ -152,15 +152,15 @@ def test_empty_directory_has_no_latest_step(tmp_path):
 
 def test_match_rcnn_train_state_round_trip(tmp_path):
   """The real TrainState of the TINY model (multi_transform optimizer state included)."""
-  from tests.test_match_rcnn import _model_and_variables  # pylint: disable=import-outside-toplevel
+  from tests.models.test_match_rcnn import _model_and_variables  # pylint: disable=import-outside-toplevel
   _, variables = _model_and_variables()
-  tx = ts.make_optimizer(0.01, variables["params"], freeze_at=2)
-  state = ts.create_train_state(variables, tx)
+  tx = train_step.make_optimizer(0.01, variables["params"], freeze_at=2)
+  state = train_step.create_train_state(variables, tx)
   state = state.replace(step=jnp.array(7, jnp.int32))
   with checkpoint.CheckpointManager(tmp_path / "ckpt", save_interval_steps=1) as mgr:
     mgr.save(7, state, extra={"element": 56})
     mgr.wait_until_finished()
-    target = ts.create_train_state(variables, tx)
+    target = train_step.create_train_state(variables, tx)
     restored, extra = mgr.restore(target_state=target)
   _assert_trees_equal(restored, state)
   assert extra == {"element": 56}

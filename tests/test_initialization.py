@@ -10,7 +10,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import match_rcnn_r50_fpn_1x_df2, tiny
+from data_pipeline import transforms
 from df2_jax import checkpoint, initialization, train
+from df2_jax.config import rules
 from df2_jax.models import pretrained
 from df2_jax.models.match_rcnn import init_variables, model_from_config
 
@@ -24,8 +26,7 @@ def _tiny_config(tmp_path, **model):
 
 def _abstract_variables(config):
   """The tiny model's variables as ShapeDtypeStructs (traced, nothing compiled)."""
-  from data_pipeline import sources
-  batch = train.zero_train_batch(sources.geometry_from_config(config.data), 1)
+  batch = transforms.zero_train_batch(transforms.geometry_from_config(config.data), 1)
   return jax.eval_shape(lambda: init_variables(model_from_config(config),
                                                jax.random.key(0), batch))
 
@@ -60,19 +61,19 @@ def test_the_1x_recipe_without_weights_fails_at_start(tmp_path):
   assert "resnet50-0676ba61.pth" in str(error.value)
   assert "--config.model.backbone_weights=" in str(error.value)
   config.model.backbone_weights = str(tmp_path / "missing.pth")
-  with pytest.raises(FileNotFoundError, match="missing.pth"):
+  with pytest.raises(rules.ConfigError, match="missing.pth"):
     train.train(config, str(tmp_path / "run"))
 
 
 def test_training_from_scratch_configs_need_no_weights():
   for config in (tiny.get_config(),):
-    initialization.check_config(config)  # freeze_at=0: a random backbone can learn
+    initialization.check_weight_files(config)  # freeze_at=0: a random backbone can learn
   config = tiny.get_config()
   config.model.freeze_at = 2
   with pytest.raises(ValueError, match="freeze_at=2"):
-    initialization.check_config(config)
+    initialization.check_weight_files(config)
   config.model.norm = "GN"
-  initialization.check_config(config)
+  initialization.check_weight_files(config)
 
 
 def test_backbone_weights_load_through_the_config(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for df2_jax.evaluation.masks: detectron2's mask pasting, region-only RLE encoding."""
+"""Tests for df2_jax.masks: detectron2's mask pasting, region-only RLE encoding."""
 
 import cv2
 import numpy as np
@@ -6,7 +6,7 @@ from pycocotools import mask as mask_utils
 import pytest
 
 from data_pipeline import transforms
-from df2_jax.evaluation import masks
+from df2_jax import masks
 
 # pycocotools' mask.decode trips a NumPy 2 copy-keyword deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -55,7 +55,8 @@ from data_pipeline.deepfashion2 import COCO_NAMES
 from data_pipeline.deepfashion2 import NUM_LANDMARKS
 from data_pipeline.deepfashion2 import OKS_SIGMAS
 from data_pipeline.deepfashion2 import landmark_slice
-from df2_jax.evaluation import json_kinds
+from df2_jax import errors
+from df2_jax.evaluation import scorer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +373,9 @@ def evaluate(gt: dict | str,
     raise ValueError("visible_only applies to iou_type='keypoints' only")
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  gt_dict, results_list = json_kinds.load(gt), json_kinds.load(results)
-  json_kinds.expect(gt_dict, "coco_gt", json_kinds.name_of(gt), "the ground truth (--gt)")
-  json_kinds.expect(results_list, iou_type, json_kinds.name_of(results),
+  gt_dict, results_list = scorer_inputs.load(gt), scorer_inputs.load(results)
+  scorer_inputs.expect(gt_dict, "coco_gt", scorer_inputs.name_of(gt), "the ground truth (--gt)")
+  scorer_inputs.expect(results_list, iou_type, scorer_inputs.name_of(results),
                     f"the results (--results) for --type {iou_type}")
   results = results_list
   keys = _RESULT_KEYS[iou_type]
@@ -414,7 +415,7 @@ def evaluate_all(gt: dict | str,
     {"bbox": ..., "segm": ..., "keypoints_visible": ..., "keypoints": ...} (each an
     ``evaluate`` output), leaving out the types whose results are None.
   """
-  gt = json_kinds.load(gt)
+  gt = scorer_inputs.load(gt)
   out = {}
   kw = dict(verbose=verbose, backend=backend)
   if bbox_results is not None:
@@ -557,8 +558,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
-  metrics = evaluate(args.gt, args.results, args.iou_type, visible_only=args.visible_only,
-                     verbose=args.verbose)
+  try:
+    metrics = evaluate(args.gt, args.results, args.iou_type, visible_only=args.visible_only,
+                       verbose=args.verbose)
+  except errors.Df2Error as e:
+    return errors.report(e)
   key = "keypoints_visible" if args.visible_only else args.iou_type
   for name in STAT_NAMES[args.iou_type]:
     print(f"{name:>6}: {_fmt(metrics[name])}")

@@ -4,7 +4,7 @@
 evaluation split (single images in file order, the last batch padded; ``config.eval.batch_size``
 images on each device, every device of the run; with several processes each detects a
 contiguous shard and process 0 scores them all) one batch ahead of the host, whose worker
-processes (``host.process_image``) map every detection back to its original image (boxes, the
+processes (``workers_lib.process_image``) map every detection back to its original image (boxes, the
 soft 28x28 masks pasted with detectron2's semantics and run-length encoded from the box region
 only, landmarks); the rows stream to compact result chunks (``results``). It builds, in a
 staging folder beside ``outdir`` that then replaces ``outdir`` whole (``files.swap_in``: a
@@ -21,19 +21,17 @@ means a complete evaluation):
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
 boxes and with ground-truth boxes. The queries are the consumer-image detections the official
-protocol picks for its GT items (``retrieval.protocol_queries``: the other detections cannot
+protocol picks for its GT items (``retrieval_protocol.protocol_queries``: the other detections cannot
 change a number) and each consumer image's best detection (shown in the pictures); the gallery
 is the detections of the shop images scoring at least ``config.eval.gallery_score_threshold``,
 after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
-``retrieval.dedupe_gallery``).
+``retrieval_protocol.dedupe_gallery``).
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -44,24 +42,28 @@ import cv2
 import jax
 import numpy as np
 
-from data_pipeline import convert, draw
-from df2_jax import files, inference, parallel
-from df2_jax.evaluation import coco, host, retrieval, visualize
+from data_pipeline import convert, draw, transforms
+from df2_jax import files, inference, parallel, progress
+from df2_jax.config import rules
+from df2_jax.errors import Df2Error
+from df2_jax.evaluation import coco, retrieval_protocol, summary, visualize
+from df2_jax.evaluation import workers as workers_lib
 from df2_jax.evaluation import results as results_lib
 from df2_jax.models import matching
 
 log = logging.getLogger(__name__)
-COCO_TYPES = ("bbox", "segm", "keypoints_visible", "keypoints")
 # metrics.json: {"images", "items", "polygons", "landmarks"} the evaluation split's reader
 # dropped as invalid (``data_pipeline.records.DropCounts``).
 DROPPED_KEY = "dropped_ground_truth"
 ALLOW_SKIPPED_FLAG = "--config.eval.allow_skipped=True"
 
 
-class SkippedGroundTruth(RuntimeError):
+class SkippedGroundTruth(Df2Error, RuntimeError):
   """The evaluation split's reader dropped images or items as invalid, and
   ``config.eval.allow_skipped`` is False. The message is one line naming the split, the
   counts and the override (run.py exits with it, status 2)."""
+
+  exit_code = 2
 
 
 def check_ground_truth(config, source) -> None:
@@ -80,7 +82,7 @@ def check_ground_truth(config, source) -> None:
   dropped = source.dropped
   if not dropped:
     return
-  if (dropped.images or dropped.items) and not bool(config.eval.get("allow_skipped", False)):
+  if (dropped.images or dropped.items) and not bool(config.eval.allow_skipped):
     raise SkippedGroundTruth(
         f"Refusing to evaluate on {source.name}: its reader dropped {dropped} as invalid (the "
         f"warnings of its scan name them), whose ground truth every metric and the retrieval "
@@ -113,33 +115,6 @@ def subset_indices(records, max_images: int, seed: int = 0) -> np.ndarray:
   return np.sort(np.asarray(chosen, np.int64))
 
 
-def host_workers(requested: int = 0) -> int:
-  """Worker processes for the host work: ``requested``, or by default every core but one (the
-  main process feeds the accelerator and runs the input pipeline), at least 1."""
-  return int(requested) if requested > 0 else max(1, (os.cpu_count() or 2) - 1)
-
-
-HOST_POOLS = ("process", "thread")  # config.eval.host_pool
-
-
-def host_pool(workers: int = 0, kind: str = "process") -> concurrent.futures.Executor:
-  """The pool running ``host.process_image`` (``config.eval.host_workers``, ``host_pool``).
-
-  "process": worker processes started with "spawn" (a fork of a process running XLA's threads
-  can deadlock); they import only ``df2_jax.evaluation.host`` (numpy, pycocotools), once per
-  evaluation. "thread": threads of this process, which the GIL serialises (see ``host``); for
-  debugging, or when processes cannot be started.
-  """
-  n = host_workers(workers)
-  if kind == "process":
-    return concurrent.futures.ProcessPoolExecutor(
-        n, mp_context=multiprocessing.get_context("spawn"))
-  if kind == "thread":
-    return concurrent.futures.ThreadPoolExecutor(n)
-  raise ValueError(f"config.eval.host_pool must be {' or '.join(map(repr, HOST_POOLS))}, got "
-                   f"{kind!r}")
-
-
 def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
                   writer: results_lib.ResultWriter, query_gt_by_image: dict | None = None,
                   gallery_nms: float = 0.5, gallery_min_score: float = 0.0,
@@ -154,19 +129,20 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
   this process's shard and every process must run this together (each detection step is one
   program over every device). The accelerators run one batch ahead of the host: while batch
   k+1 is detected, the images of batch k are post-processed by ``workers`` worker processes
-  (``host.process_image``; see ``host_pool`` for ``pool_kind``), and their rows reach
+  (``workers_lib.process_image``; see ``host_pool`` for ``pool_kind``), and their rows reach
   ``writer`` in file order. Only each image's valid detections travel to the workers.
   Progress with an ETA is logged every ``log_every_s`` seconds.
 
   Returns:
-    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``host.process_image``),
+    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``workers_lib.process_image``),
      "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
      "seconds": wall time, "images": number of images}.
   """
   found: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={})
-  started = last_log = time.perf_counter()
+  started = time.perf_counter()
+  counter = progress.Progress(num_images or 0, "Evaluation", every_s=log_every_s)
   done = 0
-  pool = host_pool(workers, pool_kind)
+  pool = workers_lib.host_pool(workers, pool_kind)
   futures: collections.deque = collections.deque()
 
   def collect(block: bool) -> None:
@@ -193,7 +169,7 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
       gt = ({k: batch[k][i] for k in ("boxes", "classes", "instance_valid")}
             if gt_emb is not None else None)
       futures.append((image_id, source, pool.submit(
-          host.process_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
+          workers_lib.process_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
           batch["orig_hw"][i].astype(np.float32), gt,
           gt_emb[i] if gt_emb is not None else None,
           (query_gt_by_image or {}).get(image_id), gallery_nms, gallery_min_score,
@@ -208,12 +184,8 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
         submit(*previous)
       previous = (batch, out, gt_emb)
       collect(block=False)
-      now = time.perf_counter()
-      if num_images and now - last_log >= log_every_s:
-        rate = done / max(now - started, 1e-9)
-        log.info("Evaluation: %d/%d images, %.1f images/s, eta %s", done, num_images, rate,
-                 _fmt_time((num_images - done) / max(rate, 1e-9)))
-        last_log = now
+      if num_images:
+        counter.update(done)
     if previous is not None:
       submit(*previous)
     collect(block=True)
@@ -224,13 +196,8 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
   return found
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def _query_gt_by_image(query_gt: list[dict]) -> dict[int, dict[str, np.ndarray]]:
-  """The GT query items of each consumer image as arrays (``retrieval.protocol_queries``)."""
+  """The GT query items of each consumer image as arrays (``retrieval_protocol.protocol_queries``)."""
   by_image: dict[int, list[dict]] = collections.defaultdict(list)
   for q in query_gt:
     by_image[int(q["query_image_id"])].append(q)
@@ -293,7 +260,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   if 0 < max_images < len(eval_source.records):
     eval_source = eval_source.subset(subset_indices(eval_source.records, max_images))
     log.info("Evaluating on a fixed subset: %s (config.eval.max_images).", eval_source.name)
-  geometry = sources.geometry_from_config(config.data)
+  geometry = transforms.geometry_from_config(config.data)
   detector = inference.Detector(config, variables)  # replicated on every device, checked
   variables = detector.variables
   # config.eval.batch_size images per device; each process reads its contiguous shard.
@@ -338,7 +305,7 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   if index != 0:
     return files.read_json(os.path.join(outdir, "metrics.json"), "evaluation metrics")
   if writer is not None and step is not None:
-    writer.scalars(step, summary_scalars(metrics))
+    writer.scalars(step, summary.summary_scalars(metrics))
     for name, picture in pictures.items():
       writer.image(step, f"eval/{name}", picture)
   log.info("Evaluation (%d images%s) written to %s (metrics.json, result chunks, %s) in %.1f s "
@@ -347,8 +314,49 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            outdir, ", ".join(f"{n}.png" for n in pictures),
            timing["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()
                                       if k != "total"),
-           coco.format_table({k: metrics[k] for k in COCO_TYPES if k in metrics}),
-           _topk_line(metrics["retrieval"]), _topk_line(metrics["retrieval_gt_boxes"]))
+           coco.format_table({k: metrics[k] for k in summary.COCO_TYPES if k in metrics}),
+           summary.topk_line(metrics["retrieval"]),
+           summary.topk_line(metrics["retrieval_gt_boxes"]))
+  return metrics
+
+
+def eval_folder(workdir: str, step: int, checkpoint_dir: str | None = None) -> str:
+  """Where an evaluation of ``step`` goes: ``workdir/eval_<step>`` for the workdir's own
+  checkpoints, ``workdir/eval_<step>-<source>`` for any other folder (``best`` for
+  WORKDIR/best, the run's folder name for RUN/checkpoints, else the folder's name), so that
+  evaluating another checkpoint never replaces the workdir's own results."""
+  if not checkpoint_dir:
+    return os.path.join(workdir, f"eval_{step}")
+  source = os.path.abspath(checkpoint_dir).rstrip(os.sep)
+  root = os.path.abspath(workdir)
+  if source == os.path.join(root, "checkpoints"):
+    return os.path.join(workdir, f"eval_{step}")
+  if source.startswith(root + os.sep):
+    name = os.path.relpath(source, root)
+  elif os.path.basename(source) == "checkpoints":
+    name = os.path.basename(os.path.dirname(source))
+  else:
+    name = os.path.basename(source)
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "other"
+  return os.path.join(workdir, f"eval_{step}-{name}")
+
+
+def evaluate_checkpoint(config, workdir: str, *, checkpoint_dir: str | None = None,
+                        step: int | None = None) -> dict[str, Any]:
+  """``--mode eval``: evaluates a checkpoint's params (``inference.load_variables``, checked
+  against ``config``) into ``eval_folder(workdir, step, checkpoint_dir)``, on every process of
+  a multi-process run together (see ``evaluate``); its metrics.json records the checkpoint
+  evaluated."""
+  from data_pipeline import sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  rules.validate(config)
+  variables, step = inference.load_variables(workdir, checkpoint_dir=checkpoint_dir, step=step,
+                                             config=config)
+  parallel.on_process_zero(lambda: sources.prepare(config.data), "synthetic_data",
+                           timeout_s=4 * 3600)
+  directory = os.path.abspath(checkpoint_dir or os.path.join(workdir, "checkpoints"))
+  metrics = evaluate(config, variables, eval_folder(workdir, step, checkpoint_dir),
+                     checkpoint=os.path.join(directory, str(step)))
+  log.info("%s", summary.headline(metrics, step))
   return metrics
 
 
@@ -377,11 +385,11 @@ def _score(config, variables: Any, eval_source, found: dict[str, Any], staging: 
   scorer = jax.device_get(parallel.one_replica(variables["params"]["scorer"]))
   score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
   k = int(config.eval.retrieval_topk)
-  submission = retrieval.build_submission(found["query"], found["gallery"], score_fn, k=k)
-  metrics["retrieval"] = retrieval.evaluate_retrieval(submission, query_gt, gallery_gt)
-  gt_submission = retrieval.build_submission(found["gt_query"], found["gt_gallery"], score_fn,
+  submission = retrieval_protocol.build_submission(found["query"], found["gallery"], score_fn, k=k)
+  metrics["retrieval"] = retrieval_protocol.evaluate_retrieval(submission, query_gt, gallery_gt)
+  gt_submission = retrieval_protocol.build_submission(found["gt_query"], found["gt_gallery"], score_fn,
                                              k=k)
-  metrics["retrieval_gt_boxes"] = retrieval.evaluate_retrieval(gt_submission, query_gt,
+  metrics["retrieval_gt_boxes"] = retrieval_protocol.evaluate_retrieval(gt_submission, query_gt,
                                                                gallery_gt)
   files.write_json(os.path.join(staging, "retrieval_submission.json"), submission)
   timing["retrieval"] = time.perf_counter() - stage
@@ -426,33 +434,26 @@ def write_ground_truth(outdir: str, source, gt: dict, query_gt: list, gallery_gt
   return paths
 
 
-_SHARD_PREFIX = "shard-"
 # How long the other processes wait for process 0 to score an evaluation (COCO of the
 # 32k-image validation split takes minutes; a process that dies fails the wait at once).
 _SCORING_TIMEOUT_S = 4 * 3600
 
 
 def _gather_found(found: dict[str, Any], directory: str) -> dict[str, Any]:
-  """Several processes: every process leaves what ``run_detection`` found on its shard in
-  ``directory`` (the evaluation's staging folder: the retrieval entries and drawn detections,
-  as plain arrays in ``shard-SSSSS.npz``, ``write_found``; its result chunks are already
-  there), and process 0 returns them all joined in process order, which is file order, so
-  every list is what one process would have built. The files are removed once read; other
-  processes get their own ``found`` back.
-
-  The files are read with ``read_found`` (numbers only, no pickle): whatever lies in the shared
-  folder, reading it cannot run code in process 0."""
-  index, count = jax.process_index(), jax.process_count()
-  path = lambda i: os.path.join(directory, f"{_SHARD_PREFIX}{i:05d}.npz")
-  write_found(path(index), found)
-  parallel.barrier("evaluation_detected", timeout_s=_SCORING_TIMEOUT_S)
-  if index != 0:
+  """Several processes: what ``run_detection`` found on each process's shard (the retrieval
+  entries and drawn detections, as numeric arrays: ``found_arrays``; its result chunks are
+  already in ``directory``, the evaluation's staging folder), joined on process 0 in process
+  order, which is file order, so every list is what one process would have built
+  (``parallel.gather_on_process_zero``: numbers only, never a pickle). The other processes get
+  their own ``found`` back."""
+  parts = parallel.gather_on_process_zero(found_arrays(found), directory, "shard",
+                                          timeout_s=_SCORING_TIMEOUT_S)
+  if parts is None:
     return found
   joined: dict[str, Any] = dict(query=[], gallery=[], gt_query=[], gt_gallery=[], outputs={},
                                 seconds=0.0, images=0, bytes=0)
-  for i in range(count):
-    part = read_found(path(i))
-    os.remove(path(i))
+  for arrays in parts:
+    part = found_from_arrays(arrays)
     for key in _RETRIEVAL_KINDS:
       joined[key].extend(part[key])
     joined["outputs"].update(part["outputs"])
@@ -466,9 +467,9 @@ _RETRIEVAL_KINDS = ("query", "gallery", "gt_query", "gt_gallery")
 _ENTRY_KEYS = frozenset(("image_id", "bbox", "cls", "score", "embedding"))
 
 
-def write_found(path: str, found: dict[str, Any]) -> None:
+def found_arrays(found: dict[str, Any]) -> dict[str, np.ndarray]:
   """``found`` (``run_detection``'s: retrieval entries, drawn detections, counts) as numeric
-  arrays in the npz file ``path``, atomically; ``read_found`` gives it back."""
+  arrays; ``found_from_arrays`` gives it back."""
   arrays: dict[str, np.ndarray] = dict(seconds=np.float64(found["seconds"]),
                                        images=np.int64(found["images"]),
                                        bytes=np.int64(found.get("bytes", 0)))
@@ -492,24 +493,18 @@ def write_found(path: str, found: dict[str, Any]) -> None:
   for name, value in arrays.items():
     if value.dtype.kind not in "biuf":
       raise TypeError(f"found[{name!r}] has dtype {value.dtype}, expected numbers")
-  files.save_npz(path, compressed=False, **arrays)
+  return arrays
 
 
-def read_found(path: str) -> dict[str, Any]:
-  """What ``write_found`` wrote to ``path``. Only numeric arrays are read (``np.load`` with
-  ``allow_pickle=False``): a file holding pickled objects raises ValueError, never runs."""
-  with np.load(path, allow_pickle=False) as z:
-    a = {k: z[k] for k in z.files}
-  for name, value in a.items():
-    if value.dtype.kind not in "biuf":
-      raise ValueError(f"{path}: {name!r} has dtype {value.dtype}, expected numbers")
+def found_from_arrays(a: dict[str, np.ndarray]) -> dict[str, Any]:
+  """What ``found_arrays`` made of a ``found``."""
   found: dict[str, Any] = dict(seconds=float(a["seconds"]), images=int(a["images"]),
                                bytes=int(a["bytes"]), outputs={})
   for kind in _RETRIEVAL_KINDS:
     ids, bbox, cls, score, emb = (a[f"{kind}.{k}"] for k in ("image_id", "bbox", "cls",
                                                               "score", "embedding"))
     if not len(ids) == len(bbox) == len(cls) == len(score) == len(emb):
-      raise ValueError(f"{path}: the {kind} arrays differ in length")
+      raise ValueError(f"the {kind} arrays differ in length")
     found[kind] = [dict(image_id=int(ids[i]), bbox=bbox[i].tolist(), cls=int(cls[i]),
                         score=float(score[i]), embedding=emb[i]) for i in range(len(ids))]
   for n, image_id in enumerate(a["outputs.image_id"].tolist()):
@@ -533,32 +528,6 @@ def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND
                     ("keypoints", "keypoint_results")):
     metrics.update(coco.evaluate_all(gt, **{arg: results.coco(kind)}, backend=backend))
   return metrics
-
-
-def _topk_line(r: dict) -> str:
-  return "  ".join(f"top-{k} {r[f'top{k}']:.3f}" for k in (1, 5, 10, 15, 20))
-
-
-def metric_names() -> list[str]:
-  """The names ``config.train.best_metric`` may take: the keys of ``summary_scalars`` without
-  their "eval/" prefix (e.g. "bbox/AP", "keypoints/AP", "retrieval/top20")."""
-  names = [f"{kind}/{key}" for kind in COCO_TYPES for key in ("AP", "AP50", "AP75")]
-  return names + [f"{kind}/top{k}" for kind in ("retrieval", "retrieval_gt_boxes")
-                  for k in (1, 5, 10, 15, 20)]
-
-
-def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-  """The headline numbers as flat "eval/..." scalars (for TensorBoard and metrics.jsonl)."""
-  out = {}
-  for kind in COCO_TYPES:
-    for key in ("AP", "AP50", "AP75"):
-      if kind in metrics and key in metrics[kind]:
-        out[f"eval/{kind}/{key}"] = float(metrics[kind][key])
-  for kind in ("retrieval", "retrieval_gt_boxes"):
-    for k in (1, 5, 10, 15, 20):
-      if kind in metrics:
-        out[f"eval/{kind}/top{k}"] = float(metrics[kind][f"top{k}"])
-  return out
 
 
 def _fitted(pixels: np.ndarray, out: dict, min_side: int = 320, max_side: int = 640):

@@ -39,15 +39,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from data_pipeline.deepfashion2 import LANDMARK_COUNTS, LANDMARK_START, NUM_LANDMARKS
-from data_pipeline.transforms import landmarks_to_pixel_indices, original_scale
-from df2_jax import files
-from df2_jax.evaluation import masks as mask_lib
+from data_pipeline.deepfashion2 import (LANDMARK_COUNTS, LANDMARK_START, MAX_CATEGORY_LANDMARKS,
+                                         NUM_LANDMARKS)
+from df2_jax import errors, files, postprocess
 
 log = logging.getLogger(__name__)
 
 KEYPOINT_MAX_DETS = 20  # COCOeval's keypoint maxDets: per image and category
-MAX_CATEGORY_LANDMARKS = max(LANDMARK_COUNTS.values())  # 39 (long sleeve outwear)
 CHUNK_PREFIX = "detections-"
 _ARRAYS = ("image_id", "boxes", "scores", "classes", "image_hw", "rle_offsets", "rle_bytes",
            "keypoint_rows", "keypoints")
@@ -95,7 +93,8 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
                   valid: np.ndarray, image_hw: Sequence[float], orig_hw: Sequence[float],
                   masks: np.ndarray | None = None, landmarks: np.ndarray | None = None
                   ) -> ImageResults:
-  """The result rows of one image from ``detect``'s outputs.
+  """The result rows of one image from ``detect``'s outputs (``from_detections`` of
+  ``postprocess.image_detections`` with RLE masks).
 
   Args:
     image_id: the image's id.
@@ -104,32 +103,33 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
     masks: [D, S, S] soft masks in the box frame (probabilities), or None.
     landmarks: [D, 294, 3] canvas (x, y, score), continuous coordinates (the model's, as
       trained on ``transforms.landmarks_to_continuous``), the category's slice filled, or None.
-      Stored scaled to the original image, then less half a pixel (the annotations' pixel
-      indices, detectron2's export): the scale applies to continuous coordinates only.
   """
-  scale = original_scale(image_hw, orig_hw)  # [sx, sy]
-  h, w = int(orig_hw[0]), int(orig_hw[1])
-  rows = np.nonzero(np.asarray(valid, bool))[0]
-  out_boxes = np.asarray(boxes, np.float32)[rows] * np.tile(scale, 2)
-  out_scores = np.asarray(scores, np.float32)[rows]
-  out_classes = np.asarray(classes)[rows].astype(np.int16)
-  rles = []
-  if masks is not None and len(rows):
-    rles = [r["counts"].encode() for r in mask_lib.paste_masks_rle(
-        np.asarray(masks, np.float32)[rows], out_boxes, (h, w))]
+  out = dict(boxes=boxes, scores=scores, classes=classes, valid=valid)
+  if masks is not None:
+    out["masks"] = masks
+  if landmarks is not None:
+    out["landmarks"] = landmarks
+  return from_detections(image_id, postprocess.image_detections(
+      out, image_hw, orig_hw, masks="rle" if masks is not None else None))
+
+
+def from_detections(image_id: int, detections: dict[str, Any]) -> ImageResults:
+  """The result rows of one image's detections in its pixels (``postprocess.image_detections``
+  with ``masks="rle"`` or None): the landmarks of ``keypoint_keep``'s rows only."""
+  n = len(detections["scores"])
+  classes = np.asarray(detections["classes"]).astype(np.int16)
+  rles = [r["counts"].encode() for r in detections.get("masks", [])] if n else []
   kp_rows = np.zeros((0,), np.int32)
   kps = np.zeros((0, MAX_CATEGORY_LANDMARKS, 2), np.float32)
-  if landmarks is not None and len(rows):
-    keep = keypoint_keep(out_scores, out_classes, np.ones(len(rows), bool))
-    kp_rows = np.nonzero(keep)[0].astype(np.int32)
-    lms = np.asarray(landmarks, np.float32)[rows[kp_rows]]
+  if "landmarks" in detections and n:
+    kp_rows = np.nonzero(keypoint_keep(detections["scores"], classes, np.ones(n, bool)))[0]
+    kp_rows = kp_rows.astype(np.int32)
     kps = np.zeros((len(kp_rows), MAX_CATEGORY_LANDMARKS, 2), np.float32)
-    for i, cat in enumerate(out_classes[kp_rows]):
-      start, count = LANDMARK_START[int(cat)], LANDMARK_COUNTS[int(cat)]
-      kps[i, :count] = landmarks_to_pixel_indices(
-          lms[i, start:start + count, :2] * scale)
-  return ImageResults(int(image_id), (h, w), out_boxes, out_scores, out_classes, rles,
-                      kp_rows, kps)
+    for i, row in enumerate(kp_rows):
+      own = detections["landmarks"][row]
+      kps[i, :len(own)] = own[:, :2]
+  return ImageResults(int(image_id), tuple(detections["image_hw"]), detections["boxes"],
+                      detections["scores"], classes, rles, kp_rows, kps)
 
 
 class ResultWriter:
@@ -317,9 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     for path in write_official_json(args.eval_dir):
       print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-  except FileNotFoundError as e:
+  except (FileNotFoundError, errors.Df2Error) as e:  # no result chunks in --eval_dir
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return getattr(e, "exit_code", 1)
   return 0
 
 

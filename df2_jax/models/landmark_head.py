@@ -65,7 +65,7 @@ class LandmarkHead(nn.Module):
     Args:
       x: [N, h, w, C] pooled RoI features (14x14x256 in Match R-CNN).
       channels: optional [N, M] int32: compute only these output channels of each RoI
-        (its category's, losses.CATEGORY_CHANNELS), the same values as gathering them
+        (its category's, deepfashion2.CATEGORY_CHANNELS), the same values as gathering them
         from the full output (see SubpixelConvTranspose).
 
     Returns:

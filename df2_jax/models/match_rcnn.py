@@ -29,7 +29,7 @@ import flax.linen as nn
 import numpy as np
 
 from data_pipeline import deepfashion2 as df2
-from df2_jax import losses as loss_lib
+from df2_jax.models import losses as loss_lib
 from df2_jax.models.box_head import BoxHead
 from df2_jax.models.fpn import FPN
 from df2_jax.models.landmark_head import LandmarkHead, heatmaps_to_landmarks, upsample_heatmaps
@@ -46,85 +46,66 @@ from df2_jax.ops import targets as target_ops
 
 Array = jax.Array
 LOSS_TERMS = ("rpn_cls", "rpn_box", "cls", "box", "mask", "landmark", "pair")
+# MatchRCNN's top-level parameter modules (config.train.undecayed_modules names some of them).
+PARAM_MODULES = ("backbone", "fpn", "rpn", "box_head", "mask_head", "landmark_head",
+                 "matching_head", "scorer")
+MATCH_NEGATIVES = ("pair", "batch")  # MatchRCNNConfig.match_negatives
+DTYPES = ("float32", "bfloat16")  # MatchRCNNConfig.dtype
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MatchRCNNConfig:
-  """Architecture and the static sizes of every stage (defaults: the paper / detectron2)."""
+  """Architecture and the static sizes of every stage: ``config.model`` (less ``INIT_FIELDS``),
+  every field required. Each field's default and meaning: ``df2_jax/config/defaults.py``
+  (``model_from_config`` builds this from a config)."""
   # Backbone.
-  stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
-  width: int = 64
-  freeze_at: int = 2
-  norm: str = "FrozenBN"  # or "GN": trainable GroupNorm in the ResNet, for training from scratch
-  fpn_channels: int = 256
-  # RPN. One anchor size per level P2..P6 (detectron2's 32..512 for images of ~800 px; scale
-  # them with the image size, e.g. 16..256 for garments of 20-90 px).
-  anchor_sizes: tuple[int, ...] = anchor_ops.DEFAULT_SIZES
-  rpn_pre_nms_topk_train: int = 2000
-  rpn_post_nms_topk_train: int = 1000
-  rpn_pre_nms_topk_test: int = 1000
-  rpn_post_nms_topk_test: int = 1000
-  rpn_nms_threshold: float = 0.7
-  rpn_batch_size_per_image: int = 256
-  rpn_positive_fraction: float = 0.5
-  # RoI heads. RoIAlign "gather" (any map size) or "matmul" (faster on small maps on a CPU).
-  roi_align_method: str = "gather"
-  roi_batch_size_per_image: int = 512
-  roi_positive_fraction: float = 0.25
-  box_fc_dim: int = 1024
-  cls_agnostic_bbox_reg: bool = False  # one regressor for all classes (learns faster)
-  mask_conv_dim: int = 256
-  landmark_conv_dim: int = 512
-  landmark_num_convs: int = 8
-  # Foreground RoIs per image that train the landmark head: the first of the box head's sample
-  # (at most mask_rois_per_image, its foreground share; Detectron: up to 128).
-  landmark_rois_per_image: int = 32
-  landmark_visible_only: bool = False
-  # Compute only each RoI's category channels (<= 39 of 294) in the landmark head's last
-  # layer: same values, 7x fewer multiply-adds there; pays off for narrow heads (conv_dim 32).
-  landmark_select_channels: bool = False
-  # Box regression losses: smooth-L1 with this beta (detectron2's smooth_l1_loss; 0: L1, the
-  # detectron2 default; Detectron, the paper's code: 1.0 in the box head, 1/9 in the RPN).
-  box_loss_beta: float = 0.0
-  rpn_box_loss_beta: float = 0.0
-  # Mask targets: the GT mask's RoIAlign in each RoI, thresholded at 0.5 (detectron2) or the
-  # soft fractions themselves (False).
-  mask_binary_targets: bool = False
-  # Matching network.
-  match_conv_dim: int = 256
-  match_proj_dim: int = 1024
-  embed_dim: int = 256
-  # What the pair loss sees (see ``losses``). "pair": each user item against the shop items of
-  # its own image pair (the paper); "batch": against every shop item of the batch, so items of
-  # the same category but another garment are negatives too.
-  match_negatives: str = "pair"
-  # Foreground RoIs per image (proposals at IoU >= 0.5 with an item, as the box head samples
-  # them) embedded besides the ground-truth boxes and labelled with their item: the matching
-  # network also learns from the imprecise boxes it is given at test time. 0: GT boxes only.
-  match_rois_per_image: int = 0
-  # Positives and negatives weigh half each in the pair loss (False: every pair the same).
-  match_balanced: bool = False
-  # The similarity fc's initial weights (matching.PairScorer.weight_init): "normal" or "distance".
-  match_scorer_init: str = "normal"
-  # The GT items of the last N training steps, kept as pooled 7x7 RoI features
-  # (matching.PairMemory), add a pair-loss term of their own, embedded again by the current
-  # matching head: the head trains on N + 1 (or match_memory_draw + 1) steps' pairs per step
-  # for the cost of the head alone; the backbone learns from the current items only. 0: off.
-  match_memory_steps: int = 0
-  # Items kept per step in that memory (the valid GT items first; 0: every GT slot of a step,
-  # 2 * pairs * max_instances). Padded slots cost the head nothing once dropped.
-  match_memory_items: int = 0
-  # Stored steps whose items form that term each step, drawn at random (0: all of them): a
-  # memory of an epoch's steps then acts as a bank of the whole training set's items, refreshed
-  # once per epoch, of which each step trains the head on a random sample.
-  match_memory_draw: int = 0
+  stage_sizes: tuple[int, ...]
+  width: int
+  freeze_at: int
+  norm: str
+  fpn_channels: int
+  # RPN.
+  anchor_sizes: tuple[int, ...]
+  rpn_pre_nms_topk_train: int
+  rpn_post_nms_topk_train: int
+  rpn_pre_nms_topk_test: int
+  rpn_post_nms_topk_test: int
+  rpn_nms_threshold: float
+  rpn_batch_size_per_image: int
+  rpn_positive_fraction: float
+  # RoI heads.
+  roi_align_method: str
+  roi_batch_size_per_image: int
+  roi_positive_fraction: float
+  box_fc_dim: int
+  cls_agnostic_bbox_reg: bool
+  mask_conv_dim: int
+  landmark_conv_dim: int
+  landmark_num_convs: int
+  landmark_rois_per_image: int
+  landmark_visible_only: bool
+  landmark_select_channels: bool
+  # Losses.
+  box_loss_beta: float
+  rpn_box_loss_beta: float
+  mask_binary_targets: bool
+  # Matching network and the pair loss.
+  match_conv_dim: int
+  match_proj_dim: int
+  embed_dim: int
+  match_negatives: str
+  match_rois_per_image: int
+  match_balanced: bool
+  match_scorer_init: str
+  match_memory_steps: int
+  match_memory_items: int
+  match_memory_draw: int
   # Inference.
-  score_threshold: float = 0.05
-  detection_nms_threshold: float = 0.5
-  detections_per_image: int = 100
-  detection_candidates: int = 2000
-  # Compute dtype name ("float32" or "bfloat16"); params and losses stay float32.
-  dtype: str = "float32"
+  score_threshold: float
+  detection_nms_threshold: float
+  detections_per_image: int
+  detection_candidates: int
+  dtype: str  # compute dtype name ("float32" or "bfloat16"); params and losses stay float32
 
   @property
   def mask_rois_per_image(self) -> int:
@@ -272,7 +253,7 @@ class MatchRCNN(nn.Module):
     # Landmark head on the first L foreground rows (a random subset: sampling is random).
     n_lm = min(c.landmark_rois_per_image, f)
     lm_rois, lm_classes = fg_rois[:, :n_lm], fg_classes[:, :n_lm]
-    select = (jnp.asarray(loss_lib.CATEGORY_CHANNELS)[lm_classes.reshape(-1)]
+    select = (jnp.asarray(df2.CATEGORY_CHANNELS)[lm_classes.reshape(-1)]
               if c.landmark_select_channels else None)
     lm_logits = self.landmark_head(self._pool(feats, lm_rois, 14), select)
     lm_logits = lm_logits.reshape((b, n_lm) + lm_logits.shape[1:])
@@ -414,8 +395,8 @@ class MatchRCNN(nn.Module):
     """
     b, d = boxes.shape[:2]
     cls = jnp.maximum(classes, 1).reshape(-1)
-    channels = jnp.asarray(loss_lib.CATEGORY_CHANNELS)[cls]  # [B*D, 39]
-    own = jnp.asarray(loss_lib.CATEGORY_CHANNEL_VALID)[cls]
+    channels = jnp.asarray(df2.CATEGORY_CHANNELS)[cls]  # [B*D, 39]
+    own = jnp.asarray(df2.CATEGORY_CHANNEL_VALID)[cls]
     pooled = self._pool(feats, boxes, 14)
     if self.config.landmark_select_channels:
       gathered = self.landmark_head(pooled, channels)  # [B*D, 28, 28, 39]
@@ -484,7 +465,7 @@ def pair_labels(pair_id: Array, style: Array, valid: Array, negatives: str
     flat = lambda x, side: x[:, side].reshape(-1)
     return target_ops.pair_targets(flat(pair_id, 0), flat(style, 0), flat(valid, 0),
                                    flat(pair_id, 1), flat(style, 1), flat(valid, 1))
-  raise ValueError(f"match_negatives must be 'pair' or 'batch', got {negatives!r}")
+  raise ValueError(f"match_negatives must be one of {MATCH_NEGATIVES}, got {negatives!r}")
 
 
 # config.model fields that say how to initialise a fresh run, not what the network is.

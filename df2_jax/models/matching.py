@@ -171,6 +171,9 @@ def pairwise_logits(params: Mapping[str, Array], v_user: Array,
                                 v_shop)
 
 
+SCORER_INITS = ("normal", "distance")  # PairScorer.weight_init
+
+
 class PairScorer(nn.Module):
   """The similarity fc of the matching network, fc((v1 - v2)^2).
 
@@ -195,7 +198,7 @@ class PairScorer(nn.Module):
     elif self.weight_init == "distance":
       kernel_init = nn.initializers.constant(-1.0 / self.embed_dim)
     else:
-      raise ValueError(f"weight_init must be 'normal' or 'distance', got {self.weight_init!r}")
+      raise ValueError(f"weight_init must be one of {SCORER_INITS}, got {self.weight_init!r}")
     self.kernel = self.param("kernel", kernel_init, (self.embed_dim,), self.param_dtype)
     self.bias = self.param("bias", nn.initializers.zeros, (), self.param_dtype)
 
