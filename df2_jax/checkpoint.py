@@ -5,8 +5,8 @@ Each saved step is a directory ``<directory>/<step>/`` with two items:
 * ``state``: the ``TrainState`` pytree (step, params, constants, opt_state, memory), written with
   orbax's PyTree handler (tensorstore, one file set per array; sharded arrays are written by
   the processes that own them).
-* ``extra``: a small JSON dict for everything that is not an array: the position in the data
-  stream, the config, the git revision.
+* ``extra``: a small JSON dict for everything that is not an array: the step and the run's
+  config (``config_file``, ``overrides`` and the resolved ``config``: ``config.run_config``).
 
 orbax writes each step into a temporary directory and renames it when complete, saves
 asynchronously (training continues while the arrays are written), saves only every
