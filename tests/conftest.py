@@ -4,7 +4,8 @@ The tests mirror the packages (``tests/data_pipeline``, ``tests/ops``, ``tests/m
 ``tests/evaluation``, ``tests/config``; ``tests/`` itself for ``df2_jax``'s own modules), and
 ``tests/system`` holds the runs of whole commands, subprocesses and several processes. Every
 test there is marked ``slow`` (``pytest_collection_modifyitems``), as are the few elsewhere
-that train for many steps: ``-m "not slow"`` is the fast lane.
+that compile and run whole training steps or a whole evaluation (about 10 s or more each on 2
+cores): ``-m "not slow"`` is the fast lane.
 """
 
 import os
@@ -32,18 +33,24 @@ _XLA_CACHE = None
 
 
 def pytest_configure(config):
-  """One persistent XLA compilation cache per test session, in a temporary folder: a test
-  that builds the same program twice (the end-to-end test's resumed run compiles the train
-  step again) compiles it once. JAX_COMPILATION_CACHE_DIR, when set, is used instead."""
+  """One persistent XLA compilation cache per test session, in a temporary folder that the
+  test processes share (``-n 2``: the workers start after this and inherit its variable): a
+  program that two tests, or two test processes, build is compiled once (the end-to-end
+  test's resumed run compiles the train step again). JAX_COMPILATION_CACHE_DIR, when set, is
+  used instead."""
+  del config
   global _XLA_CACHE
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _XLA_CACHE = tempfile.mkdtemp(prefix="df2_jax_xla_cache_")
-    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_unconfigure(config):
-  if _XLA_CACHE:
+  del config
+  if _XLA_CACHE:  # the process that made it
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
@@ -51,11 +58,14 @@ SYSTEM = Path(__file__).resolve().parent / "system"
 
 
 def pytest_collection_modifyitems(config, items):
-  """Every test under tests/system is ``slow``."""
+  """Every test under tests/system is ``slow``, and runs first: the long files start while the
+  short ones fill in around them (``-n 2 --dist loadfile`` hands files out in this order)."""
   del config
+  system = {id(item) for item in items if SYSTEM in Path(str(item.fspath)).resolve().parents}
   for item in items:
-    if SYSTEM in Path(str(item.fspath)).resolve().parents:
+    if id(item) in system:
       item.add_marker(pytest.mark.slow)
+  items.sort(key=lambda item: id(item) not in system)  # stable: each file's order is kept
 
 
 def subprocess_env() -> dict[str, str]:

@@ -293,6 +293,7 @@ def test_evaluation_and_training_refuse_in_one_line(tiny, tmp_path):
   evaluator.check_ground_truth(tiny.config, fine)
 
 
+@pytest.mark.slow  # a whole evaluation
 def test_allow_skipped_evaluates_and_records_the_counts(tiny, tmp_path):
   from df2_jax.evaluation import evaluator, summary
   config = copy.deepcopy(tiny.config)

@@ -267,6 +267,7 @@ def test_pair_labels_within_pairs_and_across_the_batch():
   np.testing.assert_array_equal(valid.sum(1), [4, 4, 4, 0])
 
 
+@pytest.mark.slow  # compiles the whole train step
 def test_train_step_compiles_once_and_has_no_host_callbacks():
   model, variables = _model_and_variables()
   tx = train_step.make_optimizer(0.01, variables["params"], freeze_at=0)
@@ -282,6 +283,7 @@ def test_train_step_compiles_once_and_has_no_host_callbacks():
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
+@pytest.mark.slow  # compiles and runs the whole train step
 def test_frozen_stages_do_not_move():
   model = MatchRCNN(TINY, (SIZE, SIZE))
   variables = _model_and_variables()[1]

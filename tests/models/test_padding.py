@@ -132,6 +132,7 @@ def _setup():
   return model, init_variables(model, jax.random.key(0), batch), batch, noisy
 
 
+@pytest.mark.slow  # compiles detect and embed
 def test_detect_and_embed_do_not_see_the_padding_values():
   model, variables, batch, noisy = _setup()
   hw = batch["image_hw"].reshape(-1, 2)
