@@ -15,6 +15,7 @@ import numpy as np
 
 from data_pipeline import annotations, images
 from data_pipeline.records import DataSource, ImageRecord
+from df2_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,17 @@ def source_from_config(data, split: str) -> DataSource:
     return raw_source(os.path.join(ensure_synthetic(data), split), **kw)
   if data.format == "raw":
     if not data.root:
-      raise ValueError("config.data.root is empty: set it to the DeepFashion2 root "
+      raise ConfigError("config.data.root is empty: set it to the DeepFashion2 root "
                        "(holding train/ and validation/), or use config.data.format=synthetic")
     return raw_source(os.path.join(data.root, split), **kw)
   if data.format == "coco":
     which = "train" if split == data.train_split else "eval"
     json_path, image_dir = data[f"coco_json_{which}"], data[f"coco_images_{which}"]
     if not json_path or not image_dir:
-      raise ValueError(f"config.data.coco_json_{which} / coco_images_{which} must be set "
+      raise ConfigError(f"config.data.coco_json_{which} / coco_images_{which} must be set "
                        f"for format=coco")
     return coco_source(json_path, image_dir, **kw)
   if data.format == "tfds":
     from data_pipeline import tfds_deepfashion2
     return tfds_deepfashion2.tfds_source(data.tfds_data_dir, split)
-  raise ValueError(f"config.data.format={data.format!r}: expected one of {FORMATS}")
+  raise ConfigError(f"config.data.format={data.format!r}: expected one of {FORMATS}")

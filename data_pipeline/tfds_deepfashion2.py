@@ -54,6 +54,10 @@ _MARKER_FORMAT = 1
 _COMMAND = "python -m data_pipeline.tfds_deepfashion2 --manual_dir /path/to/deepfashion2"
 
 
+class NotPrepared(Df2Error, FileNotFoundError):
+  """No complete build of the split in the TFDS data folder (one line saying how to prepare)."""
+
+
 class PrepareError(Df2Error, RuntimeError):
   """The release folder gives no usable build, or the existing build is not this folder's.
   The message is one line naming the folder and what is missing."""
@@ -247,15 +251,15 @@ def tfds_source(data_dir: str, split: str) -> DataSource:
   """
   builder = Deepfashion2(data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise NotPrepared(
         f"No prepared DeepFashion2 TFDS data in {data_dir} (config.data.tfds_data_dir). "
         f"Prepare it once from the unpacked release: {_COMMAND} --data_dir {data_dir}")
   marker, why = read_marker(builder)
   if why:
-    raise FileNotFoundError(f"The DeepFashion2 TFDS data in {data_dir} is not a complete build "
+    raise NotPrepared(f"The DeepFashion2 TFDS data in {data_dir} is not a complete build "
                             f"({why}); prepare it again: {_COMMAND} --data_dir {data_dir}")
   if split not in builder.info.splits:
-    raise FileNotFoundError(f"The TFDS data in {data_dir} has no split {split!r} (it has "
+    raise NotPrepared(f"The TFDS data in {data_dir} has no split {split!r} (it has "
                             f"{sorted(builder.info.splits)}); prepare it from a release that "
                             f"holds {split}/")
   data = builder.as_data_source(split=split)

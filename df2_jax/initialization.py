@@ -108,7 +108,7 @@ def warm_start(variables: dict[str, Any], directory: str, step: int | None = Non
   ours = set(_paths(variables))
   unused = sorted(set(theirs) - ours)
   if not loaded:
-    raise ValueError(f"config.model.init_from={directory}: none of its {len(theirs)} arrays "
+    raise ConfigError(f"config.model.init_from={directory}: none of its {len(theirs)} arrays "
                      f"matches this model's names and shapes (e.g. ours: "
                      f"{sorted(ours)[:3]}, theirs: {sorted(theirs)[:3]})")
   short = lambda names: ", ".join(names[:20]) + (f" ... ({len(names)} in all)"
