@@ -6,8 +6,9 @@ stopped by a signal) raises a subclass of ``Df2Error``. Its ``str`` is the whole
 line (one per problem for a config). Its ``exit_code`` is the status a command exits with: the
 one map from failure to status, on the classes themselves:
 
-  2  the command cannot work as given: ``ConfigError`` (``config.rules``), ``config.run_config.RunMismatch``
-     and ``config.run_config.NoSavedConfig`` (another config or none), ``evaluation.evaluator.
+  2  the command cannot work as given: ``ConfigError`` (``config.rules``),
+     ``config.run_config.RunMismatch`` and ``NoSavedConfig`` (another config or none),
+     ``evaluation.evaluator.
      SkippedGroundTruth`` (an override is needed);
   1  everything else: a missing or damaged checkpoint, a folder in use or not usable, bad data,
      diverged params, an export that cannot be written or read;

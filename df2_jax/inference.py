@@ -9,9 +9,9 @@
 Loading (below training: nothing here imports the training loop). ``load_run(path, step=None)``
 reads what a training run saved: the config (``config.run_config.saved_config``: the
 checkpoint's own record, else the workdir's ``config.json``, completed for runs of earlier
-versions) and the
-checkpoint's params (``load_variables``: only params and constants, checked against that
-config's shapes, ``expected_variables``, and against the checkpoint's checksums). ``path`` is a
+versions) and the checkpoint's params (``load_variables``: only params and constants, checked
+against that config's shapes, ``expected_variables``, and against the checkpoint's checksums).
+``path`` is a
 training workdir (its ``checkpoints/``), a checkpoint directory (``WORKDIR/best``,
 ``WORKDIR/checkpoints``, a copy elsewhere) or one step's folder of one
 (``WORKDIR/checkpoints/2000``). A checkpoint of an earlier version, saved without its config,
@@ -113,7 +113,7 @@ def load_variables(workdir: str, *, checkpoint_dir: str | None = None,
     own = not checkpoint_dir or os.path.abspath(checkpoint_dir) == os.path.abspath(
         os.path.join(workdir, "checkpoints"))
     stored = run_config.stored_for(directory, checkpoint.read_extra(directory, step),
-                              workdir if own else None)
+                                   workdir if own else None)
     raise run_config.RunMismatch(run_config.mismatch_line(
         workdir if own else directory, stored, config, e.differences)) from None
   return jax.device_put({"params": params, "constants": constants}), int(step)

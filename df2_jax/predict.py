@@ -199,11 +199,12 @@ def _predict_into(config, variables: Any, input_dir: str, names: list[str], outp
   # <stem>.png, or <name>.png for every file when two files share a stem (a.jpg, a.png).
   drawn_names = ([f"{s}.png" for s in stems] if len(set(stems)) == len(stems)
                  else [f"{n}.png" for n in names])
-  shard = np.array_split(np.arange(len(names)), count)[index]
+  shards = np.array_split(np.arange(len(names)), count)  # the first is the largest
+  shard = shards[index]
   window = detector.batch_size * (1 if detector.spans_processes else WINDOW_BATCHES)
   # Every process steps through as many windows as the largest shard has (each detection
   # step is one program over every device).
-  num_windows = -(-len(np.array_split(np.arange(len(names)), count)[0]) // window)
+  num_windows = -(-len(shards[0]) // window)
   results = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
   skipped: list[dict] = []
   predicted = 0

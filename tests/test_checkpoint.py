@@ -152,7 +152,8 @@ def test_empty_directory_has_no_latest_step(tmp_path):
 
 def test_match_rcnn_train_state_round_trip(tmp_path):
   """The real TrainState of the TINY model (multi_transform optimizer state included)."""
-  from tests.models.test_match_rcnn import _model_and_variables  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tests.models.test_match_rcnn import _model_and_variables
   _, variables = _model_and_variables()
   tx = train_step.make_optimizer(0.01, variables["params"], freeze_at=2)
   state = train_step.create_train_state(variables, tx)

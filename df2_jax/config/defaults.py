@@ -1,4 +1,6 @@
-"""Every config field with its one default: the paper's 1x recipe (configs/match_rcnn_r50_fpn_1x_df2.py).
+"""Every config field with its one default: the paper's 1x recipe.
+
+``configs/match_rcnn_r50_fpn_1x_df2.py`` is these defaults as they are.
 
 ``get_config()`` is the base every config file starts from and overrides; a field exists only
 here (``rules.RULES`` holds its rule, ``models.match_rcnn.MatchRCNNConfig`` reads the model

@@ -21,8 +21,8 @@ means a complete evaluation):
 and returns the metrics: COCO AP/AP50/AP75 for boxes, masks and landmarks (visible only, and
 visible + occluded) with per-category tables, and retrieval top-1/5/10/15/20 with detected
 boxes and with ground-truth boxes. The queries are the consumer-image detections the official
-protocol picks for its GT items (``retrieval_protocol.protocol_queries``: the other detections cannot
-change a number) and each consumer image's best detection (shown in the pictures); the gallery
+protocol picks for its GT items (``retrieval_protocol.protocol_queries``: the other detections
+cannot change a number) and each consumer image's best detection (shown in the pictures); the gallery
 is the detections of the shop images scoring at least ``config.eval.gallery_score_threshold``,
 after a class-agnostic NMS per image (``config.eval.gallery_nms_threshold``; see
 ``retrieval_protocol.dedupe_gallery``).
@@ -134,7 +134,8 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
   Progress with an ETA is logged every ``log_every_s`` seconds.
 
   Returns:
-    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see ``workers_lib.process_image``),
+    {"query", "gallery", "gt_query", "gt_gallery": retrieval entries (see
+     ``workers_lib.process_image``),
      "outputs": {image_id: drawn detections} for ``keep_outputs`` (scoring >= keep_min_score),
      "seconds": wall time, "images": number of images}.
   """
@@ -169,7 +170,8 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
       gt = ({k: batch[k][i] for k in ("boxes", "classes", "instance_valid")}
             if gt_emb is not None else None)
       futures.append((image_id, source, pool.submit(
-          workers_lib.process_image, image_id, source, per_image, batch["image_hw"][i].astype(np.float32),
+          workers_lib.process_image, image_id, source, per_image,
+          batch["image_hw"][i].astype(np.float32),
           batch["orig_hw"][i].astype(np.float32), gt,
           gt_emb[i] if gt_emb is not None else None,
           (query_gt_by_image or {}).get(image_id), gallery_nms, gallery_min_score,
@@ -197,7 +199,8 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
 
 
 def _query_gt_by_image(query_gt: list[dict]) -> dict[int, dict[str, np.ndarray]]:
-  """The GT query items of each consumer image as arrays (``retrieval_protocol.protocol_queries``)."""
+  """The GT query items of each consumer image as arrays
+  (``retrieval_protocol.protocol_queries``)."""
   by_image: dict[int, list[dict]] = collections.defaultdict(list)
   for q in query_gt:
     by_image[int(q["query_image_id"])].append(q)
@@ -387,8 +390,8 @@ def _score(config, variables: Any, eval_source, found: dict[str, Any], staging: 
   k = int(config.eval.retrieval_topk)
   submission = retrieval_protocol.build_submission(found["query"], found["gallery"], score_fn, k=k)
   metrics["retrieval"] = retrieval_protocol.evaluate_retrieval(submission, query_gt, gallery_gt)
-  gt_submission = retrieval_protocol.build_submission(found["gt_query"], found["gt_gallery"], score_fn,
-                                             k=k)
+  gt_submission = retrieval_protocol.build_submission(found["gt_query"], found["gt_gallery"],
+                                                      score_fn, k=k)
   metrics["retrieval_gt_boxes"] = retrieval_protocol.evaluate_retrieval(gt_submission, query_gt,
                                                                gallery_gt)
   files.write_json(os.path.join(staging, "retrieval_submission.json"), submission)
@@ -490,10 +493,7 @@ def found_arrays(found: dict[str, Any]) -> dict[str, np.ndarray]:
   for n, image_id in enumerate(ids):
     for field, value in found["outputs"][image_id].items():
       arrays[f"outputs.{n}.{field}"] = np.asarray(value)
-  for name, value in arrays.items():
-    if value.dtype.kind not in "biuf":
-      raise TypeError(f"found[{name!r}] has dtype {value.dtype}, expected numbers")
-  return arrays
+  return arrays  # parallel.gather_on_process_zero refuses any that is not numbers
 
 
 def found_from_arrays(a: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ Differences from the official script, all where it would crash: a query item who
 style have no gallery item counts as a miss (the script asserts); a submission with fewer than
 20 retrieved items is scored on what it has (the script indexes 20).
 
-  python -m df2_jax.evaluation.retrieval_protocol --results R.json --query_gt Q.json --gallery_gt G.json
+  python -m df2_jax.evaluation.retrieval_protocol --results R.json --query_gt Q.json \
+      --gallery_gt G.json
 """
 
 from __future__ import annotations

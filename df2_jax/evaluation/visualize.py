@@ -55,7 +55,8 @@ def hits_of_entry(entry: dict, query_gt: list[dict], gallery_gt: list[dict], k: 
   items = [q for q in query_gt if int(q["query_image_id"]) == image_id]
   if not items:
     return [False] * k, "no GT item"
-  ious = retrieval_protocol.box_iou(np.asarray(entry["query_bbox"])[None], [q["bbox"] for q in items])
+  ious = retrieval_protocol.box_iou(np.asarray(entry["query_bbox"])[None],
+                                    [q["bbox"] for q in items])
   q = items[int(np.argmax(ious[0]))]
   if int(q["style"]) <= 0:
     return [False] * k, "distractor (style 0)"
@@ -67,8 +68,8 @@ def hits_of_entry(entry: dict, query_gt: list[dict], gallery_gt: list[dict], k: 
   cboxes = np.array([g["bbox"] for g in correct], np.float64).reshape(-1, 4)
   hits = []
   for gid, gbox in zip(entry["gallery_image_id"][:k], entry["gallery_bbox"][:k]):
-    rank = retrieval_protocol._first_hit_rank(np.array([int(gid)]), np.asarray(gbox, np.float64)[None],
-                                     cids, cboxes)
+    rank = retrieval_protocol._first_hit_rank(  # pylint: disable=protected-access
+        np.array([int(gid)]), np.asarray(gbox, np.float64)[None], cids, cboxes)
     hits.append(rank == 0)
   return hits, f"pair {int(q['pair_id'])} style {int(q['style'])}"
 

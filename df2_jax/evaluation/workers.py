@@ -43,11 +43,11 @@ def process_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np
   detections with full masks.
 
   Retrieval entries: of a consumer image only the detections the official protocol can pick
-  as queries (``retrieval_protocol.protocol_queries`` against ``query_gt``, the image's GT query items)
-  and its best-scoring detection (for the pictures);
-  of a shop image the gallery (score >= ``gallery_min_score``, then the class-agnostic NMS of
-  ``retrieval_protocol.dedupe_gallery``). Both are exactly what the protocol scores, and they keep the
-  query x gallery matrix small at the scale of the validation split.
+  as queries (``retrieval_protocol.protocol_queries`` against ``query_gt``, the image's GT query
+  items) and its best-scoring detection (for the pictures); of a shop image the gallery (score
+  >= ``gallery_min_score``, then the class-agnostic NMS of ``retrieval_protocol.dedupe_gallery``).
+  Both are exactly what the protocol scores, and they keep the query x gallery matrix small at
+  the scale of the validation split.
   """
   detections = postprocess.image_detections(out, hw, orig, masks="rle")
   res = results_lib.from_detections(image_id, detections)
@@ -58,15 +58,16 @@ def process_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np
   if source == "user":
     chosen = np.zeros((0,), np.int64)
     if query_gt is not None and len(rows):
-      chosen = retrieval_protocol.protocol_queries(res.boxes, res.classes, res.scores, query_gt["bbox"],
-                                          query_gt["cls"], query_gt["style"])
+      chosen = retrieval_protocol.protocol_queries(res.boxes, res.classes, res.scores,
+                                                   query_gt["bbox"], query_gt["cls"],
+                                                   query_gt["style"])
     # Plus the image's best detection, whose ranked shop items the pictures show (any
     # superset of the protocol's picks scores the same).
     best = [int(np.argmax(res.scores))] if len(rows) else []
     entries = [entry(int(j)) for j in np.unique(np.concatenate([chosen[chosen >= 0], best]))]
   else:
-    entries = retrieval_protocol.dedupe_gallery([entry(j) for j in range(len(rows))], gallery_nms,
-                                       gallery_min_score)
+    entries = retrieval_protocol.dedupe_gallery([entry(j) for j in range(len(rows))],
+                                                gallery_nms, gallery_min_score)
   gt_entries = []
   if gt is not None:
     gt_boxes = postprocess.scale_boxes(gt["boxes"], hw, orig)

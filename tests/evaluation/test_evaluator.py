@@ -37,7 +37,8 @@ def tiny(tmp_path_factory):
   config.eval.host_workers = 1
   sources.ensure_synthetic(config.data)
   variables = init_variables(model_from_config(config), jax.random.key(0),
-                             transforms.zero_train_batch(transforms.geometry_from_config(config.data), 2))
+                             transforms.zero_train_batch(
+                                 transforms.geometry_from_config(config.data), 2))
   return SimpleNamespace(config=config, variables=variables)
 
 

@@ -40,7 +40,8 @@ def exported(tmp_path_factory):
   """The tiny model (untrained) exported for its 3 canvases, batch 2, cpu and cuda."""
   config = _config()
   model = model_from_config(config)
-  batch = synthetic_batches.synthetic_pair_batch(1, geometry_from_config(config.data), image_size=128)
+  batch = synthetic_batches.synthetic_pair_batch(1, geometry_from_config(config.data),
+                                                 image_size=128)
   variables = jax.device_get(init_variables(model, jax.random.key(0), batch))
   out = tmp_path_factory.mktemp("export") / "detector"
   manifest = export.export_model(model, variables, config, str(out), batch_size=BATCH,

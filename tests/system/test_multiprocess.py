@@ -273,5 +273,6 @@ def test_incomplete_cluster_flags_fail_at_start(kwargs, message):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-  sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
+  here = Path(__file__).resolve()
+  sys.path[:0] = [str(here.parents[2]), str(here.parents[1])]  # the repo (configs), tests/
   _worker(json.loads(sys.argv[2]))

@@ -60,7 +60,8 @@ def world(tmp_path_factory):
   synthetic.generate(root / "data", train_pairs=1, val_pairs=3, image_size=128, seed=0)
   config = tiny.get_config()
   model = model_from_config(config)
-  batch = synthetic_batches.synthetic_pair_batch(2, geometry_from_config(config.data), image_size=128)
+  batch = synthetic_batches.synthetic_pair_batch(2, geometry_from_config(config.data),
+                                                 image_size=128)
   variables = jax.device_get(init_variables(model, jax.random.key(0), batch))
   scorer = variables["params"]["scorer"]
   scorer["kernel"] = -np.abs(np.asarray(scorer["kernel"])) - 0.05
