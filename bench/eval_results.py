@@ -120,6 +120,7 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from data_pipeline import convert
+  from data_pipeline.spec import DEEPFASHION2
   from df2_jax.evaluation import evaluator
   from df2_jax.evaluation import results as results_lib
   from df2_jax.evaluation import workers as workers_lib
@@ -139,7 +140,7 @@ def main(argv):
   n1 = min(200, FLAGS.images)
   started = time.perf_counter()
   for i in range(n1):
-    results_lib.image_results(*args(i))
+    results_lib.image_results(*args(i), spec=DEEPFASHION2)
   one = (time.perf_counter() - started) / n1
   workers = workers_lib.host_workers(FLAGS.workers)
   outdir = tempfile.mkdtemp(prefix="df2_bench_eval_results_")
@@ -159,10 +160,10 @@ def main(argv):
     print(f"result files: {writer.num_bytes / 1e6:.1f} MB, "
           f"{writer.num_bytes / 1e6 / FLAGS.images:.4f} MB per image")
     del outputs[:]
-    gt = convert.to_coco(records)
+    gt = convert.to_coco(records, DEEPFASHION2)
     rss = _peak_rss_gb()
     started = time.perf_counter()
-    metrics = evaluator.coco_metrics(outdir, gt, backend=FLAGS.backend)
+    metrics = evaluator.coco_metrics(outdir, gt, DEEPFASHION2, backend=FLAGS.backend)
     coco_s = time.perf_counter() - started
   finally:
     shutil.rmtree(outdir, ignore_errors=True)

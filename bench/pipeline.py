@@ -43,10 +43,11 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
   from data_pipeline import pairs, pipeline, sources, transforms
+  from data_pipeline.spec import DEEPFASHION2
   if FLAGS.root:
     source = sources.raw_source(FLAGS.root)
   else:
-    source = sources.coco_source(FLAGS.coco, FLAGS.images)
+    source = sources.coco_source(FLAGS.coco, FLAGS.images, spec=DEEPFASHION2)
   if FLAGS.canvas:
     canvas = tuple(int(v) for v in FLAGS.canvas.split("x"))
   else:
@@ -54,7 +55,8 @@ def main(argv):
     canvas = (side, side)
   buckets = tuple(tuple(int(v) for v in b.split("x")) for b in FLAGS.buckets)
   geometry = transforms.ImageGeometry(canvas, FLAGS.short_side, FLAGS.max_size,
-                                      FLAGS.max_instances, FLAGS.mask_size, buckets)
+                                      FLAGS.max_instances, FLAGS.mask_size, buckets,
+                                      spec=DEEPFASHION2)
   ds = pipeline.train_dataset(source, pairs.build_pair_index(source.records), geometry,
                               global_batch_pairs=FLAGS.pairs, seed=0, process_index=0,
                               process_count=1, num_parallel_calls=FLAGS.workers)

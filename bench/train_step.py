@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import match_rcnn_r50_fpn_1x_df2, tiny  # pylint: disable=wrong-import-position
 from data_pipeline import deepfashion2 as df2  # pylint: disable=wrong-import-position
 from data_pipeline import transforms  # pylint: disable=wrong-import-position
+from data_pipeline.spec import DEEPFASHION2  # pylint: disable=wrong-import-position
 from df2_jax import train_step  # pylint: disable=wrong-import-position
 from df2_jax.models.match_rcnn import (  # pylint: disable=wrong-import-position
     MatchRCNN, MatchRCNNConfig, init_variables, model_from_config)
@@ -201,7 +202,7 @@ def print_top_ops(trace_dir: str, steps: int, top: int = 15) -> None:
 
 def _geometry(canvas) -> transforms.ImageGeometry:
   return transforms.ImageGeometry(canvas, min(canvas), max(canvas), FLAGS.max_instances,
-                                  FLAGS.mask_size)
+                                  FLAGS.mask_size, spec=DEEPFASHION2)
 
 
 def bench_inference(model, variables, canvas, n: int) -> None:
@@ -244,7 +245,8 @@ def bench_peer(canvas) -> None:
   opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
   n = 2 * FLAGS.pairs
   rng = np.random.default_rng(0)
-  geometry = transforms.ImageGeometry(canvas, canvas[0], canvas[1], FLAGS.items, 28)
+  geometry = transforms.ImageGeometry(canvas, canvas[0], canvas[1], FLAGS.items, 28,
+                                      spec=DEEPFASHION2)
   b = random_batch(rng, FLAGS.pairs, geometry, FLAGS.items)
   images = [torch.rand(3, canvas[0], canvas[1], device=device) for _ in range(n)]
   targets = []

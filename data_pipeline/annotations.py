@@ -41,6 +41,7 @@ import numpy as np
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import images
 from data_pipeline import records
+from data_pipeline import spec as spec_lib
 
 CHECK_IMAGE_MODES = ("decode", "header")
 # Box corners, labelled landmarks and polygon points may lie this many pixels beyond the image
@@ -138,7 +139,7 @@ def _check_numbers(value: Any, path: str, field: str, *, finite: bool = True) ->
 
 def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, height: int,
                 drops: Drops, *, box_key: str, box_format: str, landmark_key: str,
-                landmark_layout: str) -> records.Item:
+                landmark_layout: str, spec: spec_lib.DatasetSpec) -> records.Item:
   """Validates one item of either format.
 
   A problem with the item's own fields raises (the item is dropped, by ``_item_or_drop``); a
@@ -154,8 +155,11 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     box_key: "bounding_box" (raw) or "bbox" (COCO).
     box_format: "xyxy" (raw corners) or "xywh" (COCO).
     landmark_key: "landmarks" (raw) or "keypoints" (COCO).
-    landmark_layout: "local" (3 * n category-local numbers) or "global" (882 numbers, the
-      category's slice used, zeros elsewhere required).
+    landmark_layout: "local" (3 * n category-local numbers), "global" (3 * L numbers, the
+      category's slice used, zeros elsewhere required: the DeepFashion2 conversion's 882) or
+      "coco" (either; missing or empty: unlabelled).
+    spec: the taxonomy: ``category_id`` is a dataset id of it, mapped to its class 1..C; without
+      pairs (``has_pairs`` False) ``style`` is optional (0), without masks the segmentation is.
 
   Returns:
     The validated item: box, labelled landmarks and polygons clipped to the image, and the
@@ -168,13 +172,23 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
   def field(key):
     return f"{prefix}.{key}"
 
-  cat = _check_int(_get(src, "category_id"), path, field("category_id"),
-                   lo=1, hi=df2.NUM_CATEGORIES)
+  original = _check_int(_get(src, "category_id"), path, field("category_id"), lo=1)
+  cat = spec.class_of(original)
+  if cat is None:
+    _fail(path, field("category_id"), f"value {original} is not a category of dataset "
+                                      f"{spec.name!r} (ids {[c.id for c in spec.categories]})")
   name = _get(src, "category_name")
-  if name is not _MISSING and name not in (df2.RAW_NAMES[cat], df2.COCO_NAMES[cat]):
+  names = {spec.category(cat).name}
+  if df2.COCO_NAMES.get(original) == spec.category(cat).name:  # DeepFashion2's raw names too
+    names.add(df2.RAW_NAMES[original])
+  if name is not _MISSING and name not in names:
     _fail(path, field("category_name"),
-          f"{name!r} does not match category_id {cat} ({df2.RAW_NAMES[cat]!r})")
-  style = _check_int(_get(src, "style"), path, field("style"), lo=0)
+          f"{name!r} does not match category_id {original} ({sorted(names)[-1]!r})")
+  style = (0 if not spec.has_pairs and _get(src, "style") is _MISSING
+           else _check_int(_get(src, "style"), path, field("style"), lo=0))
+  iscrowd = _get(src, "iscrowd")
+  iscrowd = False if iscrowd is _MISSING else bool(
+      _check_int(iscrowd, path, field("iscrowd"), lo=0, hi=1))
 
   # Box.
   box = _check_numbers(_get(src, box_key), path, field(box_key))
@@ -196,14 +210,20 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, field(box_key), f"box {(x1, y1, x2, y2)} is empty after clipping to the image")
 
   # The landmark array as a whole (its values are checked one landmark at a time below).
-  count = df2.LANDMARK_COUNTS[cat]
+  count = int(spec.landmark_counts[cat])
   marks_field = field(landmark_key)
-  marks = _check_numbers(_get(src, landmark_key), path, marks_field, finite=False)
+  given = _get(src, landmark_key)
+  if landmark_layout == "coco" and (given is _MISSING or given == []):
+    given = [0] * (3 * count)  # a set or item without landmarks: all unlabelled
+  marks = _check_numbers(given, path, marks_field, finite=False)
+  total = spec.num_landmarks
+  if landmark_layout == "coco" and marks.size != 3 * count and marks.size == 3 * total:
+    landmark_layout = "global"  # the DeepFashion2 conversion's shared layout
   if landmark_layout == "global":
-    if marks.size != 3 * df2.NUM_LANDMARKS:
-      _fail(path, marks_field, f"expected {3 * df2.NUM_LANDMARKS} numbers, got {marks.size}")
-    sl = df2.landmark_slice(cat)
-    inside = np.zeros(3 * df2.NUM_LANDMARKS, bool)
+    if marks.size != 3 * total:
+      _fail(path, marks_field, f"expected {3 * total} numbers, got {marks.size}")
+    sl = spec.landmark_slice(cat)
+    inside = np.zeros(3 * total, bool)
     inside[3 * sl.start:3 * sl.stop] = True
     stray = np.flatnonzero((marks != 0) & ~inside)
     if stray.size:
@@ -242,11 +262,16 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
   # The segmentation list as a whole.
   seg_field = field("segmentation")
   seg = _get(src, "segmentation")
-  if seg is _MISSING:
+  rle = None
+  if not spec.has_masks and (seg is _MISSING or seg == [] or seg == {}):
+    seg = []  # a set without masks: the mask loss and AP_mask are off
+  elif seg is _MISSING:
     _fail(path, seg_field, "missing")
-  if not isinstance(seg, (list, tuple)):
-    _fail(path, seg_field, f"expected a list of polygons, got {type(seg).__name__}")
-  if not seg:
+  elif isinstance(seg, dict):
+    rle, seg = _check_rle(seg, path, seg_field, width, height), []
+  elif not isinstance(seg, (list, tuple)):
+    _fail(path, seg_field, f"expected a list of polygons or an RLE, got {type(seg).__name__}")
+  elif not seg:
     _fail(path, seg_field, "no polygons")
 
   # Each polygon: a bad one is dropped; an item with none left is dropped.
@@ -260,7 +285,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
       continue
     raw_polygons.append(points.astype(np.float32))
     polygons.append(np.clip(points, 0.0, [width, height]).astype(np.float32))
-  if not polygons:
+  if not polygons and seg:
     _fail(path, seg_field, f"no valid polygon: all {len(seg)} are bad (first: "
                            f"{first_bad.field}: {first_bad.message})")
 
@@ -278,7 +303,36 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
       or any(not np.array_equal(p, r) for p, r in zip(polygons, raw_polygons))):
     unclipped = records.Geometry(raw_box, raw_marks, tuple(raw_polygons))
   return records.Item(category_id=cat, style=style, box=box, landmarks=marks,
-                      polygons=tuple(polygons), unclipped=unclipped, **attributes)
+                      polygons=tuple(polygons), unclipped=unclipped, rle=rle, iscrowd=iscrowd,
+                      **attributes)
+
+
+def _check_rle(seg: Mapping[str, Any], path: str, field: str, width: int, height: int) -> dict:
+  """A COCO RLE mask of the image -> {"size": [h, w], "counts": str} (compressed)."""
+  size, counts = seg.get("size"), seg.get("counts")
+  if (not isinstance(size, (list, tuple)) or len(size) != 2
+      or [int(v) if isinstance(v, (int, float)) else v for v in size] != [height, width]):
+    _fail(path, f"{field}.size", f"expected [{height}, {width}] (the image's height, width), "
+                                 f"got {size!r}")
+  from pycocotools import mask as mask_utils
+  if isinstance(counts, list):  # uncompressed
+    if not all(isinstance(v, int) and v >= 0 for v in counts) or sum(counts) != width * height:
+      _fail(path, f"{field}.counts", f"uncompressed counts must be non-negative integers "
+                                     f"summing to {width} x {height}")
+  elif not isinstance(counts, str) or not counts:
+    _fail(path, f"{field}.counts", f"expected a string or a list of run lengths, got "
+                                   f"{type(counts).__name__}")
+  try:
+    rle = (mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+           if isinstance(counts, list) else {"size": [height, width], "counts": counts.encode()})
+    area = float(mask_utils.area(rle))
+  except (ValueError, TypeError) as e:  # pycocotools' own complaint about the counts
+    raise records.DataError(path, f"{field}.counts", f"not a valid RLE: {e}") from e
+  if area <= 0:
+    _fail(path, field, "empty mask")
+  counts = rle["counts"]
+  return {"size": [height, width],
+          "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
 def _check_polygon(poly: Any, path: str, field: str, width: int, height: int,
@@ -395,7 +449,8 @@ def parse_raw_annotation(anno: Any, anno_path: str, image_id: int, image_path: s
   if not keys:
     _fail(path, "items", "the image has no items")
   items = [_item_or_drop(drops, path, key, anno[key], width, height, box_key="bounding_box",
-                         box_format="xyxy", landmark_key="landmarks", landmark_layout="local")
+                         box_format="xyxy", landmark_key="landmarks", landmark_layout="local",
+                         spec=spec_lib.DEEPFASHION2)
            for _, key in keys]
   return _make_record(path, image_id, image_path, width, height, source, pair_id, items)
 
@@ -595,7 +650,8 @@ def scan_raw_root(root: str | os.PathLike, *, strict: bool = False, check_image:
 
 
 def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]],
-                      json_path: str, image_dir: str, check_image: str, *,
+                      json_path: str, image_dir: str, check_image: str,
+                      spec: spec_lib.DatasetSpec, *,
                       drops: Drops | None = None) -> records.ImageRecord:
   """One COCO image entry and its annotations -> a validated record.
 
@@ -619,7 +675,8 @@ def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]
   prefixes = [f"annotations[id={ann.get('id', '?')}]" for ann in anns]
   pair_id = None
   for ann, ann_prefix in zip(anns, prefixes):
-    value = _check_int(_get(ann, "pair_id"), json_path, f"{ann_prefix}.pair_id", lo=-1)
+    value = (-1 if not spec.has_pairs and _get(ann, "pair_id") is _MISSING else
+             _check_int(_get(ann, "pair_id"), json_path, f"{ann_prefix}.pair_id", lo=-1))
     if pair_id is None:
       pair_id = value
     elif value != pair_id:
@@ -640,8 +697,10 @@ def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]
     _fail(json_path, f"{prefix}.width", f"declared size {width}x{height} but {image_path} is "
           f"{actual[0]}x{actual[1]}")
 
+  layout = "global" if spec.categories == spec_lib.DEEPFASHION2.categories else "coco"
   items = [_item_or_drop(drops, json_path, ann_prefix, ann, width, height, box_key="bbox",
-                         box_format="xywh", landmark_key="keypoints", landmark_layout="global")
+                         box_format="xywh", landmark_key="keypoints", landmark_layout=layout,
+                         spec=spec)
            for ann, ann_prefix in zip(anns, prefixes)]
   return _make_record(json_path, image_id, image_path, width, height, source, pair_id, items)
 
@@ -649,16 +708,22 @@ def _parse_coco_image(image: Mapping[str, Any], anns: Sequence[Mapping[str, Any]
 def _coco_task(task: tuple[Any, ...]) -> _Outcome:
   if task[0] == "error":
     return _dropped(*task[1:])
-  _, image, anns, json_path, image_dir, check_image = task
-  return _capture(_parse_coco_image, image, anns, json_path, image_dir, check_image)
+  _, image, anns, json_path, image_dir, check_image, spec = task
+  return _capture(_parse_coco_image, image, anns, json_path, image_dir, check_image, spec)
 
 
-def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, strict: bool = False,
-              check_image: str = "decode", num_workers: int | None = None) -> records.ScanResult:
-  """Reads and validates a COCO-format DeepFashion2 annotation file (the official conversion).
+def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *,
+              spec: spec_lib.DatasetSpec, strict: bool = False, check_image: str = "decode",
+              num_workers: int | None = None) -> records.ScanResult:
+  """Reads and validates a COCO-format annotation file of the taxonomy ``spec``: the official
+  DeepFashion2 conversion (``spec.DEEPFASHION2``) or one's own set (``spec.from_coco``).
 
-  bbox xywh -> box x1y1x2y2; the 882 keypoints -> the category's slice (values elsewhere must
-  be zero); the image's pair_id from its annotations (which must agree); source '' unless the
+  category_id (any ids of the spec) -> the spec's class 1..C; bbox xywh -> box x1y1x2y2;
+  keypoints -> the category's landmarks (DeepFashion2: the 882 numbers' category slice, values
+  elsewhere zero; another spec: the category's own 3 x n numbers, or none: unlabelled);
+  segmentation polygons or an RLE (optional for a spec without masks); ``iscrowd`` kept (crowd
+  items are evaluation-only); the image's pair_id from its annotations (which must agree;
+  optional, -1, and ``style`` optional, 0, for a spec without pairs); source '' unless the
   image or its annotations have a ``source`` key. Images without annotations and bad images
   are dropped, and so are annotations of no image and bad items, polygons and landmarks (see
   the module docstring), each with a warning line, and a summary line gives the counts.
@@ -675,7 +740,8 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
 
   Raises:
     records.DataError: when the file is not valid COCO JSON as a whole (unreadable, no
-      ``images``/``annotations`` lists, wrong ``categories``), or (strict) the first problem.
+      ``images``/``annotations`` lists, ``categories`` not the spec's), or (strict) the first
+      problem.
   """
   if check_image not in CHECK_IMAGE_MODES:
     raise ValueError(f"check_image must be one of {CHECK_IMAGE_MODES}, got {check_image!r}")
@@ -693,10 +759,14 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
     for i, cat in enumerate(categories):
       cid = cat.get("id") if isinstance(cat, dict) else None
       name = cat.get("name") if isinstance(cat, dict) else None
-      if (not isinstance(cid, int) or cid not in df2.CATEGORIES
-          or name not in df2.CATEGORIES[cid]):
+      cls = spec.class_of(cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
+      names = {spec.category(cls).name} if cls else set()
+      if cls and df2.COCO_NAMES.get(cid) == spec.category(cls).name:
+        names.add(df2.RAW_NAMES[cid])
+      if name not in names:
         _fail(json_path, f"categories[{i}]",
-              f"category (id={cid!r}, name={name!r}) is not a DeepFashion2 category")
+              f"category (id={cid!r}, name={name!r}) is not a category of dataset "
+              f"{spec.name!r} (the run's config.data.spec)")
 
   # (sort key, ("error", kind, path, field, message)): image entries that are no image, and
   # annotations that belong to none.
@@ -738,7 +808,7 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, str
   tasks = list(errors)
   for image_id, image in entries.items():
     tasks.append((image_id, ("read", image, anns_by_image.get(image_id, []), json_path,
-                             image_dir, check_image)))
+                             image_dir, check_image, spec)))
   tasks.sort(key=lambda t: t[0])  # Stable: file order among equal keys.
   return _run_tasks(_coco_task, [t for _, t in tasks], strict=strict, num_workers=num_workers,
                     what=json_path)

@@ -32,6 +32,7 @@ import numpy as np
 from data_pipeline import annotations
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import records
+from data_pipeline import spec as spec_lib
 from df2_jax import errors
 from df2_jax import files
 
@@ -62,8 +63,11 @@ def _file_name(record: records.ImageRecord) -> str:
   return f"{record.image_id:06d}.jpg"
 
 
-def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
-  """Records -> a COCO dataset dict with the official DeepFashion2 converter's semantics."""
+def to_coco(image_records: Sequence[records.ImageRecord], spec: spec_lib.DatasetSpec) -> dict:
+  """Records -> a COCO dataset dict with the official DeepFashion2 converter's semantics, in the
+  taxonomy ``spec`` (its category ids and names; every category lists the spec's whole landmark
+  list, each annotation 3 L keypoints, its category's slice filled: DeepFashion2's layout; an
+  RLE mask as its RLE; ``iscrowd`` as read)."""
   out_images, out_anns = [], []
   ann_id = 0
   for record in image_records:
@@ -72,18 +76,19 @@ def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
     for item in record.items:
       ann_id += 1
       bbox, area = _xywh(item.raw_box)
-      keypoints = [0] * (3 * df2.NUM_LANDMARKS)
-      start = 3 * df2.LANDMARK_START[item.category_id]
+      keypoints = [0] * (3 * spec.num_landmarks)
+      start = 3 * int(spec.landmark_start[item.category_id])
       local = _nums(item.raw_landmarks)
       keypoints[start:start + len(local)] = local
       ann = {
           "id": ann_id,
           "image_id": int(record.image_id),
-          "category_id": int(item.category_id),
+          "category_id": int(spec.original_ids[item.category_id]),
           "bbox": bbox,
           "area": area,
-          "iscrowd": 0,
-          "segmentation": [_nums(poly) for poly in item.raw_polygons],
+          "iscrowd": int(item.iscrowd),
+          "segmentation": (dict(item.rle) if item.rle is not None
+                           else [_nums(poly) for poly in item.raw_polygons]),
           "keypoints": keypoints,
           "num_keypoints": int((np.asarray(item.raw_landmarks)[:, 2] > 0).sum()),
           "pair_id": int(record.pair_id),
@@ -96,7 +101,7 @@ def to_coco(image_records: Sequence[records.ImageRecord]) -> dict:
         if value:
           ann[name] = value
       out_anns.append(ann)
-  return {"info": {}, "licenses": [], "categories": df2.coco_categories(),
+  return {"info": {}, "licenses": [], "categories": spec.coco_categories(),
           "images": out_images, "annotations": out_anns}
 
 
@@ -165,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.error("No readable image in %s (%d files skipped): nothing to convert, %s not "
                   "written.", args.root, scan.num_skipped, args.out)
     return 1
-  coco = to_coco(scan.records)
+  coco = to_coco(scan.records, spec_lib.DEEPFASHION2)
   write_json(coco, args.out)
   logging.info("Wrote %s: %d images, %d annotations (dropped as invalid: %s)", args.out,
                len(coco["images"]), len(coco["annotations"]), scan.counts)

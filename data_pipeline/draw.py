@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import cv2
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
 from data_pipeline import transforms
 
 _PALETTE = np.array([
@@ -22,14 +23,14 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
   Args:
     image: [H, W, 3] uint8.
     boxes: [N, 4] (x1, y1, x2, y2) in the image's pixels.
-    classes: [N] category ids 1..13 (colours).
+    classes: [N] the spec's classes 1..C (colours).
     masks: optional [N, H, W] bool, blended in.
-    landmarks: optional [N, 294, 3] (x, y, v) in continuous coordinates like the boxes (the
+    landmarks: optional [N, L, 3] (x, y, v) in continuous coordinates like the boxes (the
       training arrays' and the model's, ``transforms.landmarks_to_continuous``); each is drawn
       on the pixel that holds it, floor(x), floor(y) (an annotated pixel index x sits at
       x + 0.5); v > 0 is drawn, filled for v >= 2 (visible, or a predicted point), hollow for
       v = 1 (occluded).
-    labels: optional text per instance (default: the category name).
+    labels: optional text per instance (default: the class number).
   """
   img = image.copy()
   for k in range(len(boxes)):
@@ -40,7 +41,7 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
       img[m] = (0.5 * img[m] + 0.5 * color).astype(np.uint8)
     x1, y1, x2, y2 = np.round(boxes[k]).astype(int)
     cv2.rectangle(img, (x1, y1), (x2, y2), c, 2)
-    label = labels[k] if labels is not None else df2.COCO_NAMES.get(int(classes[k]), "?")
+    label = labels[k] if labels is not None else str(int(classes[k]))
     for thickness, col in ((2, (255, 255, 255)), (1, c)):
       cv2.putText(img, label, (x1 + 2, max(y1 + 12, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, col,
                   thickness, cv2.LINE_AA)
@@ -52,13 +53,14 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
   return img
 
 
-def draw_image(ex: dict[str, np.ndarray]) -> np.ndarray:
-  """Draws one encoded image (``transforms.image_spec`` arrays) onto a copy of its canvas."""
+def draw_image(ex: dict[str, np.ndarray], names: Mapping[int, str]) -> np.ndarray:
+  """Draws one encoded image (``transforms.image_spec`` arrays) onto a copy of its canvas,
+  each item labelled with its category's name (``names``: ``DatasetSpec.names``)."""
   h, w = ex["image"].shape[:2]
   idx = np.nonzero(ex["instance_valid"])[0]
   masks = np.stack([transforms.paste_mask(ex["masks"][k], ex["boxes"][k], (h, w))
                     for k in idx]) if len(idx) else None
-  labels = [f"{df2.COCO_NAMES[int(ex['classes'][k])]} s{int(ex['style'][k])}" for k in idx]
+  labels = [f"{names.get(int(ex['classes'][k]), '?')} s{int(ex['style'][k])}" for k in idx]
   img = draw_instances(ex["image"], ex["boxes"][idx], ex["classes"][idx], masks=masks,
                        landmarks=ex["landmarks"][idx], labels=labels)
   ch, cw = (int(v) for v in ex["image_hw"])
@@ -69,12 +71,13 @@ def draw_image(ex: dict[str, np.ndarray]) -> np.ndarray:
   return img
 
 
-def draw_batch(batch: dict[str, np.ndarray], max_rows: int | None = None) -> np.ndarray:
+def draw_batch(batch: dict[str, np.ndarray], names: Mapping[int, str],
+               max_rows: int | None = None) -> np.ndarray:
   """[P, 2, ...] training batch -> one RGB image, a row per element, pair lines across."""
   rows = []
   num = batch["image"].shape[0] if max_rows is None else min(max_rows, batch["image"].shape[0])
   for p in range(num):
-    halves = [draw_image({k: v[p, j] for k, v in batch.items() if v.ndim >= 2})
+    halves = [draw_image({k: v[p, j] for k, v in batch.items() if v.ndim >= 2}, names)
               for j in range(2)]
     # Crop the shared canvas padding: each row as tall as its taller image, each half as wide
     # as its image's content.
@@ -104,19 +107,21 @@ def draw_batch(batch: dict[str, np.ndarray], max_rows: int | None = None) -> np.
 
 def draw_detections(pixels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                     classes: np.ndarray, valid: np.ndarray, masks: np.ndarray,
-                    landmarks: np.ndarray, score_threshold: float = 0.3) -> np.ndarray:
+                    landmarks: np.ndarray, score_threshold: float = 0.3, *,
+                    names: Mapping[int, str]) -> np.ndarray:
   """Draws a model's detections (valid and scoring >= score_threshold) onto an RGB image.
 
   Args:
     pixels: [H, W, 3] uint8.
     boxes: [D, 4] in the image's pixels; scores [D]; classes [D]; valid [D] bool.
     masks: [D, H, W] bool, pasted into the image.
-    landmarks: [D, 294, 3] (x, y, score), continuous coordinates (not the exported pixel
+    landmarks: [D, L, 3] (x, y, score), continuous coordinates (not the exported pixel
       indices); points with a nonzero entry (the category's slice) are drawn filled.
+    names: the classes' names (``DatasetSpec.names``).
   """
   shown = np.nonzero(valid & (scores >= score_threshold))[0]
   points = landmarks[shown].copy()
   points[..., 2] = np.where(points[..., 2] != 0, 2, 0)
-  labels = [f"{df2.COCO_NAMES[int(classes[d])]} {scores[d]:.2f}" for d in shown]
+  labels = [f"{names.get(int(classes[d]), '?')} {scores[d]:.2f}" for d in shown]
   return draw_instances(pixels, boxes[shown], classes[shown], masks=masks[shown],
                         landmarks=points, labels=labels)

@@ -47,16 +47,22 @@ class Item:
   converter's output number for number.
 
   Attributes:
-    category_id: 1..13.
+    category_id: the internal class 1..C of the run's ``DatasetSpec`` (DeepFashion2: 1..13, its
+      own ids); readers map a dataset's own ids to it.
     style: >= 0; positive pairs need equal pair_id and equal style > 0.
     box: [4] float32 (x1, y1, x2, y2), clipped to the image.
-    landmarks: [n, 3] float32 category-local (x, y, v), n = LANDMARK_COUNTS[category_id],
+    landmarks: [n, 3] float32 category-local (x, y, v), n = the spec's landmark count of the
+      category (0 for a set without landmarks),
       v in {0, 1, 2} (0: not labelled, x = y = 0); labelled ones clipped to the image.
     polygons: tuple of [k, 2] float32 arrays (k >= 3), the item's segmentation, clipped to
-      the image; at least one (a reader drops an item whose polygons were all bad).
+      the image; at least one (a reader drops an item whose polygons were all bad), unless the
+      mask is ``rle`` or the set has no masks (``DatasetSpec.has_masks``).
     scale, occlusion, zoom_in, viewpoint: 1..3, 0 where the source does not give them.
     unclipped: the annotated geometry where clipping changed any of it; None where the clipped
       values are the annotated ones (most items: this costs nothing for them).
+    rle: the mask as a COCO RLE of the image ({"size": [h, w], "counts": str}) where the
+      annotation gives one instead of polygons; None otherwise.
+    iscrowd: a COCO crowd region: ignored by the evaluation's matching, left out of training.
   """
   category_id: int
   style: int
@@ -68,6 +74,8 @@ class Item:
   zoom_in: int = 0
   viewpoint: int = 0
   unclipped: Geometry | None = None
+  rle: dict | None = None
+  iscrowd: bool = False
 
   @property
   def raw_box(self) -> np.ndarray:

@@ -24,6 +24,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "A split directory in the raw layout (image/, annos/).")
 flags.DEFINE_string("coco", None, "A COCO-format JSON (instead of --root).")
 flags.DEFINE_string("images", None, "The image folder of --coco.")
+flags.DEFINE_string("spec_file", "", "--coco of another taxonomy: its flip pairs and sigmas "
+                    "(data_pipeline/spec.py).")
 flags.DEFINE_string("out", "batch.png", "Output PNG.")
 flags.DEFINE_integer("pairs", 4, "Elements (rows) to draw.")
 flags.DEFINE_integer("seed", 0, "Shuffle/flip seed.")
@@ -38,24 +40,27 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO)
   from data_pipeline import pipeline, pairs, sources  # TensorFlow loads only here.
+  from data_pipeline import spec as spec_lib
   from df2_jax import errors
   try:
     if FLAGS.root:
+      spec = spec_lib.DEEPFASHION2
       source = sources.raw_source(FLAGS.root, strict=FLAGS.strict)
     elif FLAGS.coco and FLAGS.images:
-      source = sources.coco_source(FLAGS.coco, FLAGS.images, strict=FLAGS.strict)
+      spec = spec_lib.from_coco(FLAGS.coco, FLAGS.spec_file)
+      source = sources.coco_source(FLAGS.coco, FLAGS.images, spec=spec, strict=FLAGS.strict)
     else:
       raise app.UsageError("Give --root, or --coco and --images.")
   except errors.Df2Error as e:  # a --strict scan's first bad field: one line
     return errors.report(e)
   size = int(np.ceil(max(FLAGS.short_side, FLAGS.max_size) / 32) * 32)
   geometry = transforms.ImageGeometry((size, size), FLAGS.short_side, FLAGS.max_size,
-                                      FLAGS.max_instances, FLAGS.mask_size)
+                                      FLAGS.max_instances, FLAGS.mask_size, spec=spec)
   ds = pipeline.train_dataset(source, pairs.build_pair_index(source.records), geometry,
                               global_batch_pairs=FLAGS.pairs, seed=FLAGS.seed,
                               start_step=FLAGS.step, process_index=0, process_count=1)
   batch = next(ds.as_numpy_iterator())
-  picture = draw.draw_batch(batch)
+  picture = draw.draw_batch(batch, spec.names)
   parent = os.path.dirname(os.path.abspath(FLAGS.out))
   os.makedirs(parent, exist_ok=True)
   if not cv2.imwrite(FLAGS.out, picture[:, :, ::-1]):

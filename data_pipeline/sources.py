@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline import annotations, images
+from data_pipeline import spec as spec_lib
 from data_pipeline.records import DataSource, ImageRecord
 from df2_jax.errors import ConfigError
 
@@ -34,11 +35,13 @@ def raw_source(root: str, *, strict: bool = False, check_image: str = "decode",
   return DataSource(scan.records, _path_loader(scan.records), str(root), scan.counts)
 
 
-def coco_source(json_path: str, image_dir: str, *, strict: bool = False,
-                check_image: str = "decode", num_workers: int | None = None) -> DataSource:
-  """A DeepFashion2 COCO-format JSON (the official conversion) and its image folder."""
-  scan = annotations.read_coco(json_path, image_dir, strict=strict, check_image=check_image,
-                               num_workers=num_workers)
+def coco_source(json_path: str, image_dir: str, *, spec: spec_lib.DatasetSpec,
+                strict: bool = False, check_image: str = "decode",
+                num_workers: int | None = None) -> DataSource:
+  """A COCO-format JSON of the taxonomy ``spec`` (the official DeepFashion2 conversion, or
+  one's own set) and its image folder."""
+  scan = annotations.read_coco(json_path, image_dir, spec=spec, strict=strict,
+                               check_image=check_image, num_workers=num_workers)
   return DataSource(scan.records, _path_loader(scan.records), str(json_path), scan.counts)
 
 
@@ -71,6 +74,31 @@ def prepare(data) -> None:
     ensure_synthetic(data)
 
 
+def resolve_spec(data) -> spec_lib.DatasetSpec:
+  """The dataset spec of ``config.data``, written into ``data.spec`` (so the run's config and
+  every checkpoint carry it): for format "coco" read from ``coco_json_train`` and
+  ``spec_file`` (``spec.from_coco``); for the others DeepFashion2's, as the config has it.
+
+  Raises:
+    ConfigError: a spec file given for a format other than "coco".
+    DataError: a bad spec (one line naming the file and the field).
+  """
+  if data.format != "coco":
+    if data.spec_file:
+      raise ConfigError(f"config.data.spec_file={data.spec_file!r} is read for "
+                        f"config.data.format='coco' only (got {data.format!r})")
+    return spec_lib.from_config(data)
+  found = spec_lib.from_coco(data.coco_json_train, data.spec_file)
+  if found != spec_lib.from_config(data):
+    data.spec = found.to_dict()
+  log.info("%s (from %s%s)", found.describe(), data.coco_json_train,
+           f" and {data.spec_file}" if data.spec_file else "")
+  if not found.has_pairs:
+    log.info("The dataset has no user/shop pairs: the matching loss and the retrieval metrics "
+             "are off.")
+  return found
+
+
 def source_from_config(data, split: str) -> DataSource:
   """The ``DataSource`` of one split as ``config.data`` describes it.
 
@@ -94,7 +122,7 @@ def source_from_config(data, split: str) -> DataSource:
     if not json_path or not image_dir:
       raise ConfigError(f"config.data.coco_json_{which} / coco_images_{which} must be set "
                        f"for format=coco")
-    return coco_source(json_path, image_dir, **kw)
+    return coco_source(json_path, image_dir, spec=spec_lib.from_config(data), **kw)
   if data.format == "tfds":
     from data_pipeline import tfds_deepfashion2
     return tfds_deepfashion2.tfds_source(data.tfds_data_dir, split)

@@ -23,8 +23,8 @@ import logging
 
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
 from data_pipeline.records import ImageRecord
+from data_pipeline.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ImageGeometry:
       whose resized images all fit one of them is padded onto the smallest such (each canvas
       shape is one compiled program); other batches onto ``canvas_hw``. The resize is the same
       on every canvas, only the padding differs. Empty: every batch on ``canvas_hw``.
+    spec: the dataset's taxonomy (the landmark layout and flip pairs of the instance arrays).
   """
   canvas_hw: tuple[int, int]
   short_side: int
@@ -51,6 +52,7 @@ class ImageGeometry:
   max_instances: int
   mask_size: int
   buckets: tuple[tuple[int, int], ...] = ()
+  spec: DatasetSpec = dataclasses.field(kw_only=True)
 
   @property
   def canvases(self) -> tuple[tuple[int, int], ...]:
@@ -102,21 +104,23 @@ def image_spec(geometry: ImageGeometry, canvas_hw: tuple[int, int] | None = None
       "orig_hw": ((2,), np.dtype(np.int32)),
       "flipped": ((), np.dtype(np.bool_)),
       "boxes": ((m, 4), np.dtype(np.float32)),      # x1, y1, x2, y2 on the canvas
-      "classes": ((m,), np.dtype(np.int32)),        # 1..13, 0 = padding
+      "classes": ((m,), np.dtype(np.int32)),        # 1..C (the spec's order), 0 = padding
       "instance_valid": ((m,), np.dtype(np.bool_)),
       "masks": ((m, s, s), np.dtype(np.uint8)),     # 0/1, cropped to the box
       # x, y (continuous: an annotated pixel index + 0.5, on the canvas), v
-      "landmarks": ((m, df2.NUM_LANDMARKS, 3), np.dtype(np.float32)),
+      "landmarks": ((m, geometry.spec.num_landmarks, 3), np.dtype(np.float32)),
       "pair_id": ((m,), np.dtype(np.int32)),
       "style": ((m,), np.dtype(np.int32)),
   }
 
 
 def geometry_from_config(data) -> ImageGeometry:
-  """The ``ImageGeometry`` of ``config.data``."""
+  """The ``ImageGeometry`` of ``config.data`` (its spec: ``data.spec``)."""
+  from data_pipeline import spec
   return ImageGeometry(tuple(int(v) for v in data.canvas), int(data.short_side),
                        int(data.max_size), int(data.max_instances), int(data.mask_size),
-                       tuple(tuple(int(v) for v in c) for c in data.bucket_canvases))
+                       tuple(tuple(int(v) for v in c) for c in data.bucket_canvases),
+                       spec=spec.from_config(data))
 
 
 def zero_train_batch(geometry: ImageGeometry, pairs: int) -> dict[str, np.ndarray]:
@@ -183,20 +187,20 @@ def landmarks_to_pixel_indices(xy: np.ndarray) -> np.ndarray:
   return np.asarray(xy, np.float32) - np.float32(LANDMARK_PIXEL_CENTRE)
 
 
-def global_landmarks(category_id: int, local: np.ndarray) -> np.ndarray:
-  """Category-local [n, 3] landmarks -> the global [294, 3] layout (zeros elsewhere)."""
-  out = np.zeros((df2.NUM_LANDMARKS, 3), np.float32)
-  out[df2.landmark_slice(category_id)] = local
+def global_landmarks(category_id: int, local: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+  """Category-local [n, 3] landmarks -> the spec's global [L, 3] layout (zeros elsewhere)."""
+  out = np.zeros((spec.num_landmarks, 3), np.float32)
+  out[spec.landmark_slice(category_id)] = local
   return out
 
 
-def flip_landmarks(landmarks: np.ndarray, width: float) -> np.ndarray:
-  """Horizontal flip of [..., 294, 3] landmarks in the global layout.
+def flip_landmarks(landmarks: np.ndarray, width: float, spec: DatasetSpec) -> np.ndarray:
+  """Horizontal flip of [..., L, 3] landmarks in the spec's global layout.
 
-  Left and right landmarks swap (``FLIP_PERM``) and x becomes ``width - x`` (continuous
+  Left and right landmarks swap (``spec.flip_perm``) and x becomes ``width - x`` (continuous
   coordinates: ``landmarks_to_continuous``); unlabelled points (v = 0) keep x = y = 0.
   """
-  out = landmarks[..., df2.FLIP_PERM, :].copy()
+  out = landmarks[..., spec.flip_perm, :].copy()
   labelled = out[..., 2] > 0
   out[..., 0] = np.where(labelled, width - out[..., 0], 0.0)
   return out
@@ -252,6 +256,29 @@ def rasterize_crop(polygons: list[np.ndarray], box: np.ndarray, size: int,
   return (2 * blocks >= supersample * supersample).astype(np.uint8)
 
 
+def rle_crop(rle: dict, box: np.ndarray, size: int, flip: bool = False,
+             supersample: int = 2) -> np.ndarray:
+  """``rasterize_crop`` of a COCO RLE mask of the original image: the S x S grid spanning
+  ``box`` (original pixels), each crop pixel 1 when at least half of its ``supersample``^2
+  sample points fall on mask pixels; mirrored left-right with ``flip`` (the crop of the
+  flipped item in its flipped box).
+
+  Returns: [S, S] uint8 in {0, 1}.
+  """
+  from pycocotools import mask as mask_utils
+  bitmap = mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode()
+                              if isinstance(rle["counts"], str) else rle["counts"]})
+  h, w = bitmap.shape
+  x1, y1, x2, y2 = (float(v) for v in box)
+  fine = size * supersample
+  xs = np.clip(np.floor(x1 + (np.arange(fine) + 0.5) * (x2 - x1) / fine), 0, w - 1).astype(int)
+  ys = np.clip(np.floor(y1 + (np.arange(fine) + 0.5) * (y2 - y1) / fine), 0, h - 1).astype(int)
+  inside = bitmap[ys][:, xs].astype(bool)
+  blocks = inside.reshape(size, supersample, size, supersample).sum(axis=(1, 3))
+  crop = (2 * blocks >= supersample * supersample).astype(np.uint8)
+  return crop[:, ::-1].copy() if flip else crop
+
+
 def encode_pixels(image: np.ndarray, geometry: ImageGeometry,
                   canvas_hw: tuple[int, int] | None = None, *, flip: bool = False,
                   name: str = "image") -> tuple[np.ndarray, tuple[int, int], float]:
@@ -302,7 +329,7 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
   sx, sy = nw / w, nh / h
 
   m, s = geometry.max_instances, geometry.mask_size
-  items = record.items
+  items = tuple(item for item in record.items if not item.iscrowd)  # crowds: evaluation only
   if len(items) > m:
     log.warning("%s: image %d has %d items, more than max_instances=%d; keeping the first %d",
                 record.anno_path or record.image_path, record.image_id, len(items), m, m)
@@ -319,17 +346,19 @@ def encode_image(record: ImageRecord, image: np.ndarray, geometry: ImageGeometry
   for k, item in enumerate(items):
     box = item.box.astype(np.float32) * np.tile(axis_scale, 2)
     # The one place where annotated landmark indices become continuous coordinates.
-    lms = global_landmarks(item.category_id, landmarks_to_continuous(item.landmarks, w, h))
+    lms = global_landmarks(item.category_id, landmarks_to_continuous(item.landmarks, w, h),
+                           geometry.spec)
     lms[:, :2] *= axis_scale
     polys = [p.astype(np.float32) * axis_scale for p in item.polygons]
     if flip:
       box = flip_boxes(box, nw)
-      lms = flip_landmarks(lms, nw)
+      lms = flip_landmarks(lms, nw, geometry.spec)
       polys = [np.stack([nw - p[:, 0], p[:, 1]], axis=1) for p in polys]
     out["boxes"][k] = box
     out["classes"][k] = item.category_id
     out["instance_valid"][k] = True
-    out["masks"][k] = rasterize_crop(polys, box, s)
+    out["masks"][k] = (rle_crop(item.rle, item.box, s, flip) if item.rle is not None
+                       else rasterize_crop(polys, box, s))
     out["landmarks"][k] = lms
     out["pair_id"][k] = record.pair_id
     out["style"][k] = item.style

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -76,11 +77,12 @@ INPUTS = ("images", "image_hw")
 OUTPUT_MEANINGS = {
     "boxes": "x1, y1, x2, y2 on the canvas (content coordinates); 0 where not valid",
     "scores": "class probability; 0 where not valid",
-    "classes": "category id 1..13 (see categories); 0 where not valid",
+    "classes": "class 1..C (see categories: the dataset's own id and name); 0 where not valid",
     "valid": "whether the detection slot holds a detection",
     "masks": "28 x 28 foreground probabilities in the box's frame (paste them into the box)",
-    "landmarks": "x, y (continuous canvas coordinates: a pixel index + 0.5), score of the 294 "
-                 "DeepFashion2 landmarks; only the detection's category slice is filled",
+    "landmarks": "x, y (continuous canvas coordinates: a pixel index + 0.5), score of every "
+                 "landmark of the dataset (DeepFashion2: 294); only the detection's category "
+                 "slice is filled (landmark_slices)",
     "embeddings": "the matching head's embedding of the detection (retrieval)",
 }
 
@@ -176,6 +178,8 @@ def build_manifest(config, exported: dict[tuple[int, int], jax.export.Exported],
                    checksums: dict[str, str], source: dict[str, Any]) -> dict[str, Any]:
   """The manifest of an export (``manifest.json``)."""
   from data_pipeline import deepfashion2 as df2
+  from data_pipeline import spec as spec_lib
+  spec = spec_lib.from_config(config)
   canvases = list(exported)
   max_canvas = [int(v) for v in config.data.canvas]
   first = exported[canvases[0]]
@@ -237,11 +241,19 @@ def build_manifest(config, exported: dict[tuple[int, int], jax.export.Exported],
           "to_original": "boxes and landmark x times w / rw, y times h / rh; landmark pixel "
                          "indices (as annotated) = continuous coordinates - 0.5",
       },
-      "categories": {str(c): {"name": df2.RAW_NAMES[c], "coco_name": df2.COCO_NAMES[c]}
-                     for c in df2.CATEGORY_IDS},
-      "landmark_slices": {str(c): [df2.LANDMARK_START[c],
-                                   df2.LANDMARK_START[c] + df2.LANDMARK_COUNTS[c]]
-                          for c in df2.CATEGORY_IDS},
+      # The output classes 1..C: the dataset's own id, the name (DeepFashion2's raw name for
+      # its categories) and the COCO name; their landmark channels [start, stop). The whole
+      # spec (flip pairs, OKS sigmas, landmark names) is the config's data.spec.
+      "dataset": spec.name,
+      "spec": json.loads(json.dumps(spec.to_dict())),  # lists, as the file reads back
+      "categories": {str(c): {"id": int(spec.original_ids[c]),
+                              "name": (df2.RAW_NAMES[int(spec.original_ids[c])]
+                                       if df2.COCO_NAMES.get(int(spec.original_ids[c]))
+                                       == spec.class_name(c) else spec.class_name(c)),
+                              "coco_name": spec.class_name(c)}
+                     for c in spec.class_ids},
+      "landmark_slices": {str(c): [spec.landmark_slice(c).start, spec.landmark_slice(c).stop]
+                          for c in spec.class_ids},
   }
 
 

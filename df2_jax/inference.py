@@ -238,6 +238,7 @@ class Detector:
                mesh: Any = None):
     self.config = config
     self.geometry = transforms.geometry_from_config(config.data)
+    self.spec = self.geometry.spec  # the run's dataset spec (names, ids, landmark layout)
     self.model = model if model is not None else model_from_config(config)
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
     self.variables = parallel.replicate(variables, self.mesh)
@@ -340,6 +341,7 @@ class Predictor:
     mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
     self.detector = Detector(run.config, run.variables, model=run.model, mesh=mesh)
     self.geometry = self.detector.geometry
+    self.spec = self.detector.spec  # the run's dataset spec: its categories' names and ids
     self.batch_size = self.detector.batch_size
     model = run.model
     self._match = jax.jit(lambda v, q, g: jax.nn.sigmoid(
@@ -368,9 +370,11 @@ class Predictor:
 
     Each dict holds the valid detections only, N of them, in the image's pixels
     (``postprocess.image_detections``): ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``scores``
-    [N], ``classes`` [N] int32 (1..13), ``names`` (N category names, DeepFashion2's COCO
-    names), ``masks`` ([N, H, W] bool with ``mask_format="bitmap"``; N COCO RLEs
-    ``{"size": [H, W], "counts": str}`` with "rle"; absent with None), ``landmarks`` (N float32
+    [N], ``classes`` [N] int32 (the run's classes 1..C), ``category_ids`` (the dataset's own
+    ids), ``names`` (N category names: the run's dataset spec, ``self.spec``; DeepFashion2's
+    COCO names for a DeepFashion2 run), ``masks`` ([N, H, W] bool with
+    ``mask_format="bitmap"``; N COCO RLEs ``{"size": [H, W], "counts": str}`` with "rle";
+    absent with None), ``landmarks`` (N float32
     arrays [K, 3]: x, y, score of the detection's own category's K landmarks, x and y as the
     annotations' pixel indices), ``embeddings`` [N, D] float32 (for ``match``) and
     ``image_hw`` (H, W).
@@ -380,7 +384,8 @@ class Predictor:
                        f"{mask_format!r}")
     single = isinstance(images, np.ndarray) and images.ndim == 3
     arrays = [_check_image(x, i) for i, x in enumerate([images] if single else list(images))]
-    results = [postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], mask_format)
+    results = [postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], mask_format,
+                                            spec=self.spec)
                for pixels, out in zip(arrays, self.detector.detect(arrays))]
     return results[0] if single else results
 

@@ -8,7 +8,11 @@ In this order (each step optional but the first):
    constants, every tensor checked;
 3. ``config.model.init_from``: another run's checkpoint (``init_from_step``, -1 the latest);
    its params and constants replace ours wherever the name and shape agree (fine-tuning, or a
-   warm start from a detection-only model), and one log line lists what was not loaded.
+   warm start from a detection-only model), and one log line lists what was not loaded. From
+   a run of another taxonomy (its saved config's ``data.spec`` has other categories or
+   landmarks: fine-tuning a DeepFashion2 run on one's own set) the class- and landmark-sized
+   layers (``TAXONOMY_LAYERS``) start fresh even where their shapes happen to agree, and a log
+   line lists them.
 
 A resumed run reads its own checkpoint and none of these files. ``check_weight_files`` runs before
 anything slow (data scan, compilation): a recipe whose backbone cannot learn from a random
@@ -73,15 +77,17 @@ def _checkpoint_directory(path: str) -> str:
   return path
 
 
-def warm_start(variables: dict[str, Any], directory: str, step: int | None = None
-               ) -> dict[str, Any]:
+def warm_start(variables: dict[str, Any], directory: str, step: int | None = None, *,
+               reinit: tuple[str, ...] = ()) -> dict[str, Any]:
   """``variables`` with every array of a checkpoint's params and constants whose path and
-  shape agree with ours; the rest keep their values. Logs what was and was not loaded.
+  shape agree with ours, but those under a ``reinit`` prefix; the rest keep their values. Logs
+  what was and was not loaded.
 
   Args:
     variables: {"params", "constants"} of the model being trained.
     directory: a checkpoint directory (``WORKDIR/checkpoints``, ``WORKDIR/best``) or a workdir.
     step: the checkpoint step; None for the latest.
+    reinit: path prefixes (e.g. ``TAXONOMY_LAYERS``) whose arrays keep their fresh values.
 
   Raises:
     ValueError: when not a single array matches (the wrong model or directory).
@@ -89,11 +95,14 @@ def warm_start(variables: dict[str, Any], directory: str, step: int | None = Non
   directory = _checkpoint_directory(directory)
   params, constants = ckpt_lib.restore_params(directory, step)
   theirs = _paths({"params": params, "constants": constants})
-  loaded, fresh, mismatched = 0, [], []
+  loaded, fresh, mismatched, renewed = 0, [], [], []
 
   def take(path, leaf):
     nonlocal loaded
     name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if any(name.startswith(p + "/") for p in reinit):
+      renewed.append(name)
+      return leaf
     value = theirs.get(name)
     if value is None:
       fresh.append(name)
@@ -117,7 +126,27 @@ def warm_start(variables: dict[str, Any], directory: str, step: int | None = Non
            "shape differs (fresh): %s; in the checkpoint but not in this model: %s.",
            directory, loaded, len(ours), short(fresh) or "none",
            short(mismatched) or "none", short(unused) or "none")
+  if renewed:
+    log.info("Re-initialised for the new taxonomy (not loaded): %s.", ", ".join(renewed))
   return out
+
+
+# The layers whose outputs are the taxonomy's: one per class (scores, per-class box deltas and
+# masks) or per landmark. Fine-tuning across taxonomies re-initialises them.
+TAXONOMY_LAYERS = ("params/box_head/cls_score", "params/box_head/bbox_pred",
+                   "params/mask_head/predictor", "params/landmark_head/score_lowres")
+
+
+def _source_spec(directory: str, step: int | None):
+  """The dataset spec of the run ``directory`` holds (its saved config), or None when it has
+  none (a run of an earlier version: then only shapes decide)."""
+  from data_pipeline import spec as spec_lib
+  from df2_jax.config import run_config
+  try:
+    config, _, _ = run_config.saved_config(directory, step)
+  except run_config.NoSavedConfig:
+    return None
+  return spec_lib.from_config(config)
 
 
 def initial_variables(config, variables: dict[str, Any]) -> dict[str, Any]:
@@ -133,8 +162,15 @@ def initial_variables(config, variables: dict[str, Any]) -> dict[str, Any]:
   if m.backbone_weights:
     variables = pretrained.load_backbone_weights(variables, str(m.backbone_weights))
   if m.init_from:
-    step = int(m.init_from_step)
-    variables = warm_start(variables, str(m.init_from), None if step < 0 else step)
+    from data_pipeline import spec as spec_lib
+    step = None if int(m.init_from_step) < 0 else int(m.init_from_step)
+    theirs, ours = _source_spec(str(m.init_from), step), spec_lib.from_config(config)
+    reinit = ()
+    if theirs is not None and (theirs.categories != ours.categories):
+      reinit = TAXONOMY_LAYERS
+      log.info("Fine-tuning across taxonomies: %s -> %s; the class- and landmark-sized layers "
+               "start fresh.", theirs.describe(), ours.describe())
+    variables = warm_start(variables, str(m.init_from), step, reinit=reinit)
   return variables
 
 

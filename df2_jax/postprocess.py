@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
 from data_pipeline import transforms
+from data_pipeline.spec import DatasetSpec
 from df2_jax import masks as mask_lib
 
 MASK_FORMATS = ("bitmap", "rle", None)
@@ -31,21 +31,24 @@ def scale_boxes(boxes: np.ndarray, image_hw: Sequence[float], orig_hw: Sequence[
   return np.asarray(boxes, np.float32) * np.tile(transforms.original_scale(image_hw, orig_hw), 2)
 
 
-def own_landmarks(landmarks: np.ndarray, classes: np.ndarray, scale: np.ndarray
-                  ) -> list[np.ndarray]:
-  """Each detection's own category's landmarks: [n, 294, 3] canvas (x, y, score), continuous
+def own_landmarks(landmarks: np.ndarray, classes: np.ndarray, scale: np.ndarray,
+                  spec: DatasetSpec) -> list[np.ndarray]:
+  """Each detection's own category's landmarks: [n, L, 3] canvas (x, y, score), continuous
   coordinates -> n float32 arrays [K_c, 3] (K_c the category's count) of x, y as the original
   image's pixel indices (scaled by ``scale`` = [sx, sy], then less half a pixel) and the
   score."""
   classes = np.asarray(classes, np.int64)
+  if not spec.has_landmarks:
+    return [np.zeros((0, 3), np.float32) for _ in classes]
   own = np.take_along_axis(np.asarray(landmarks, np.float32),
-                           df2.CATEGORY_CHANNELS[classes][..., None], axis=1)  # [n, 39, 3]
+                           spec.category_channels[classes][..., None], axis=1)  # [n, K, 3]
   own[..., :2] = transforms.landmarks_to_pixel_indices(own[..., :2] * scale)
-  return [own[d, :df2.LANDMARK_COUNTS[int(c)]] for d, c in enumerate(classes)]
+  return [own[d, :spec.landmark_counts[int(c)]] for d, c in enumerate(classes)]
 
 
 def image_detections(out: Mapping[str, np.ndarray], image_hw: Sequence[float],
-                     orig_hw: Sequence[float], masks: str | None = "bitmap") -> dict[str, Any]:
+                     orig_hw: Sequence[float], masks: str | None = "bitmap", *,
+                     spec: DatasetSpec) -> dict[str, Any]:
   """One image's valid detections (``out["valid"]``, in ``detect``'s order) in its pixels.
 
   Args:
@@ -54,9 +57,11 @@ def image_detections(out: Mapping[str, np.ndarray], image_hw: Sequence[float],
     image_hw: the content's (h, w) on the canvas; orig_hw: the original image's (H, W).
     masks: "bitmap" ([N, H, W] bool), "rle" (N COCO RLEs ``{"size": [H, W], "counts": str}``)
       or None (no masks).
+    spec: the run's dataset spec (names, ids and landmark layout).
 
   Returns:
-    ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``scores`` [N] float32, ``classes`` [N] int32,
+    ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``scores`` [N] float32, ``classes`` [N] int32
+    (the spec's classes 1..C), ``category_ids`` [N] int64 (the dataset's own ids),
     ``names`` (the categories' names), ``landmarks`` (N arrays [K, 3]: x, y as pixel indices,
     score; ``own_landmarks``), ``embeddings`` [N, D] float32, ``image_hw`` (H, W), and
     ``masks`` in the format asked (absent with None). Keys of ``out`` that are absent give no
@@ -70,10 +75,12 @@ def image_detections(out: Mapping[str, np.ndarray], image_hw: Sequence[float],
   boxes = np.asarray(out["boxes"], np.float32)[rows] * np.tile(scale, 2)
   classes = np.asarray(out["classes"])[rows].astype(np.int32)
   result = {"boxes": boxes, "scores": np.asarray(out["scores"], np.float32)[rows],
-            "classes": classes, "names": [df2.COCO_NAMES[int(c)] for c in classes],
+            "classes": classes, "category_ids": spec.original_ids[classes],
+            "names": [spec.class_name(int(c)) for c in classes],
             "image_hw": (h, w)}
   if "landmarks" in out:
-    result["landmarks"] = own_landmarks(np.asarray(out["landmarks"])[rows], classes, scale)
+    result["landmarks"] = own_landmarks(np.asarray(out["landmarks"])[rows], classes, scale,
+                                        spec)
   if "embeddings" in out:
     result["embeddings"] = np.asarray(out["embeddings"], np.float32)[rows]
   if masks is not None and "masks" in out:

@@ -38,7 +38,6 @@ import jax
 import numpy as np
 
 from data_pipeline import draw, images, transforms
-from data_pipeline import deepfashion2 as df2
 from df2_jax import files, parallel, postprocess
 from df2_jax.errors import Df2Error
 from df2_jax.evaluation import coco
@@ -220,32 +219,35 @@ def _predict_into(config, variables: Any, input_dir: str, names: list[str], outp
     else:  # grouped by canvas, batched
       outs = detector.detect(arrays)
     for (i, pixels), out in zip(loaded, outs):
-      result = postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], "bitmap")
+      result = postprocess.image_detections(out, out["image_hw"], pixels.shape[:2], "bitmap",
+                                            spec=detector.spec)
       _add_image(results, ids[i], (names[i], drawn_names[i]), pixels, result, output_dir,
-                 score_threshold)
+                 score_threshold, detector.spec)
       predicted += 1
   return results, predicted, len(skipped)
 
 
 def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
                pixels: np.ndarray, result: dict[str, Any], output_dir: str,
-               score_threshold: float) -> None:
+               score_threshold: float, spec) -> None:
   """One image's detections in its pixels (``postprocess.image_detections``, bitmap masks) ->
-  the result lists and the drawn PNG (``names``: the file's name and the PNG's)."""
+  the result lists (the dataset's own category ids) and the drawn PNG (the spec's category
+  names; ``names``: the file's name and the PNG's)."""
   name, drawn_name = names
   h, w = pixels.shape[:2]
   n = len(result["boxes"])
-  # [n, 294, 3]: each detection's own category's landmarks, the rest zero. Exported as the
+  # [n, L, 3]: each detection's own category's landmarks, the rest zero. Exported as the
   # annotations' pixel indices; drawn at continuous coordinates (draw.draw_instances).
-  exported = np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32)
+  exported = np.zeros((n, spec.num_landmarks, 3), np.float32)
   for d, (cat, own) in enumerate(zip(result["classes"], result["landmarks"])):
-    exported[d, df2.landmark_slice(int(cat))] = own
+    exported[d, spec.landmark_slice(int(cat))] = own
   drawn = exported.copy()
-  own_slots = df2.CATEGORY_LANDMARK_MASK[result["classes"]]
+  own_slots = spec.category_landmark_mask[result["classes"]]
   drawn[..., :2] = np.where(own_slots[..., None], exported[..., :2]
                             + np.float32(transforms.LANDMARK_PIXEL_CENTRE), 0.0)
   b, s, k = coco.detections_to_results(image_id, result["boxes"], result["scores"],
-                                       result["classes"], None, result["masks"], exported)
+                                       result["classes"], None, result["masks"], exported,
+                                       spec=spec)
   results["images"].append({"id": int(image_id), "file_name": name, "height": int(h),
                             "width": int(w)})
   results["bbox"] += b
@@ -253,7 +255,8 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   results["keypoints"] += k
   results["embeddings"][str(image_id)] = result["embeddings"].tolist()
   picture = draw.draw_detections(pixels, result["boxes"], result["scores"], result["classes"],
-                                 np.ones(n, bool), result["masks"], drawn, score_threshold)
+                                 np.ones(n, bool), result["masks"], drawn, score_threshold,
+                                 names=spec.names)
   path = os.path.join(output_dir, drawn_name)
   ok, png = cv2.imencode(".png", np.ascontiguousarray(picture[:, :, ::-1]))
   if not ok:

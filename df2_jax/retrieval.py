@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import images
-from data_pipeline.deepfashion2 import COCO_NAMES
+from data_pipeline import spec as spec_lib
 from data_pipeline.records import DataError
 from df2_jax import errors, files, postprocess, progress
 from df2_jax.config import rules, run_config
@@ -141,7 +141,8 @@ class GarmentFinder:
     outs = self.detector.detect([pixels for _, pixels in loaded])
     for (path, pixels), out in zip(loaded, outs):
       h, w = pixels.shape[:2]
-      found = postprocess.image_detections(out, out["image_hw"], (h, w), masks=None)
+      found = postprocess.image_detections(out, out["image_hw"], (h, w), masks=None,
+                                           spec=self.detector.spec)
       dets = [dict(image_id=0, bbox=box.tolist(), score=float(score), row=n)
               for n, (box, score) in enumerate(zip(found["boxes"], found["scores"]))]
       kept = retrieval_protocol.dedupe_gallery(dets, self.nms, self.min_score)
@@ -183,6 +184,8 @@ class GalleryIndex:
       raise IndexFolderError(f"{path}: field 'version' is {self.manifest.get('version')!r}; this "
                         f"code reads version {VERSION}")
     self.parts = [p["name"] for p in self.manifest["parts"]]
+    # The run's dataset spec (its categories' ids and names), from the config it was built with.
+    self.spec = spec_lib.from_config(run_config.config_from_json(self.manifest["config"]))
     self._arrays: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
     for name in self.parts:
       for key in ARRAYS:
@@ -226,10 +229,11 @@ class GalleryIndex:
     part = int(np.searchsorted(self.offsets, i, side="right") - 1)
     row = int(i - self.offsets[part])
     a = {k: v[part] for k, v in self._arrays.items()}
-    cid = int(a["classes"][row])
+    cls = int(a["classes"][row])
     return {"index": int(i), "image": self.part_images(part)[int(a["image"][row])]["path"],
-            "box": [round(float(v), 2) for v in a["boxes"][row]], "category_id": cid,
-            "category": COCO_NAMES.get(cid, "?"),
+            "box": [round(float(v), 2) for v in a["boxes"][row]],
+            "category_id": int(self.spec.original_ids[cls]),
+            "category": self.spec.class_name(cls),
             "detection_score": round(float(a["scores"][row]), 4)}
 
   def scorer_params(self) -> dict[str, np.ndarray]:
@@ -448,9 +452,10 @@ def query_result(g: Garments, index: GalleryIndex, logits: np.ndarray, rows: np.
       item.update(rank=r + 1, logit=round(float(logit), 4),
                   match_score=round(float(1.0 / (1.0 + np.exp(-float(logit)))), 4))
       results.append(item)
-    cid = int(g.classes[n])
-    garments.append({"box": [round(float(v), 2) for v in g.boxes[n]], "category_id": cid,
-                     "category": COCO_NAMES.get(cid, "?"),
+    cls = int(g.classes[n])
+    garments.append({"box": [round(float(v), 2) for v in g.boxes[n]],
+                     "category_id": int(index.spec.original_ids[cls]),
+                     "category": index.spec.class_name(cls),
                      "detection_score": round(float(g.scores[n]), 4), "results": results})
   return {"image": g.path, "height": g.height, "width": g.width, "garments": garments}
 

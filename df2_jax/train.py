@@ -26,11 +26,25 @@ from data_pipeline import transforms
 from df2_jax import checkpoint as ckpt_lib
 from df2_jax import files, initialization, parallel, progress, schedules, train_step
 from df2_jax.config import rules, run_config
-from df2_jax.errors import Df2Error
+from df2_jax.errors import ConfigError, Df2Error
 from df2_jax.evaluation import evaluator, summary
 from df2_jax.models.match_rcnn import LOSS_TERMS, init_variables, model_from_config
 
 log = logging.getLogger(__name__)
+
+
+def with_items(source):
+  """The training split without its images that have no item to train on (every item dropped
+  by the reader, or only crowd regions), as detectron2 (``filter_empty_annotations``) and
+  Detectron filter them; their number in one log line. The evaluation keeps such images (their
+  pixels still hold clothing)."""
+  kept = [i for i, r in enumerate(source.records) if any(not it.iscrowd for it in r.items)]
+  if len(kept) == len(source.records):
+    return source
+  log.warning("%d training images with no item left out (every item dropped as invalid, or "
+              "crowd regions only); %d images train.", len(source.records) - len(kept),
+              len(kept))
+  return source.subset(kept)
 
 
 def train_pair_index(config, records):
@@ -206,6 +220,12 @@ def train_and_evaluate(config, workdir: str, *, train_source=None, eval_source=N
                 evaluate_at_end=True, origin=origin)[1]
 
 
+# Metric kinds (best_metric's first part) and the spec property that must hold for them.
+_METRIC_NEEDS = {"segm": "has_masks", "keypoints": "has_landmarks",
+                 "keypoints_visible": "has_landmarks", "retrieval": "has_pairs",
+                 "retrieval_gt_boxes": "has_pairs"}
+
+
 def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: bool,
            origin: dict[str, Any] | None = None) -> tuple[train_step.TrainState, dict[str, Any]]:
   """``train`` and ``train_and_evaluate``: everything is checked (config, the workdir's
@@ -215,6 +235,11 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
   tc = config.train
   rules.validate(config)
+  spec = sources.resolve_spec(config.data)  # format "coco": the set's own taxonomy, kept
+  kind = str(tc.best_metric).split("/")[0]
+  if kind in _METRIC_NEEDS and not getattr(spec, _METRIC_NEEDS[kind]):
+    raise ConfigError(f"config.train.best_metric={tc.best_metric!r}: dataset {spec.name!r} "
+                      f"has no {_METRIC_NEEDS[kind][4:]}, so no such metric (try 'bbox/AP')")
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.global_batch_pairs, mesh)
   geometry = transforms.geometry_from_config(config.data)
@@ -247,6 +272,7 @@ def _train(config, workdir: str, *, train_source, eval_source, evaluate_at_end: 
 
     if train_source is None:
       train_source = sources.source_from_config(config.data, config.data.train_split)
+    train_source = with_items(train_source)
     pair_index = train_pair_index(config, train_source.records)
     steps_per_epoch = schedules.steps_per_epoch(pair_index.epoch_size, tc.global_batch_pairs)
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.epochs * steps_per_epoch

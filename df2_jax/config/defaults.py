@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from data_pipeline import spec
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The 1x recipe: Match R-CNN, ResNet-50-FPN, on the DeepFashion2 release."""
@@ -52,6 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
       # maximum matching of the partner graph per epoch, every image once) or "all_pairs"
       # (every partner pair once, images may repeat). See data_pipeline.pairs.
       pair_sampling="matching",
+      # The dataset's taxonomy (data_pipeline/spec.py): categories, each one's landmarks, flip
+      # pairs and OKS sigmas, whether the set has masks and user/shop pairs. DeepFashion2's by
+      # default; format "coco" reads it from coco_json_train (+ spec_file, a small JSON with
+      # flip pairs and sigmas) when training starts, and the run's config keeps it.
+      spec=spec.DEEPFASHION2.to_dict(),
+      spec_file="",
   ))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -145,8 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_retrieval_strips=4,    # consumer images whose top-5 shop items are drawn
       host_workers=0,            # processes pasting masks, encoding results; 0: cores - 1
       host_pool="process",       # or "thread" (the GIL serialises them)
-      # Evaluate even when validation images or items were dropped as unreadable or invalid
-      # (their ground truth then missing from every metric); False refuses in one line.
+      # Evaluate even when validation images, items, polygons or landmarks were dropped as
+      # unreadable or invalid (the ground truth then altered or missing); False refuses in one
+      # line.
       allow_skipped=False,
   ))
   return config

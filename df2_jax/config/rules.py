@@ -118,6 +118,21 @@ def metric(v) -> str | None:
   return f"{v!r} is not an evaluation metric{_suggest(str(v), metric_names())}"
 
 
+def spec_categories(v) -> str | None:
+  """The spec's categories, checked as ``data_pipeline.spec.from_dict`` checks them."""
+  from data_pipeline import spec
+  from data_pipeline.records import DataError
+  try:
+    spec.from_dict({"name": "config", "categories": spec._to_plain(v)})
+  except DataError as e:
+    return f"field '{e.field}': {e.message}"
+  return None
+
+
+def name(v) -> str | None:
+  return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
+
+
 POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 FRACTION = number(0.0, 1.0)
@@ -152,6 +167,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.synthetic_val_pairs": POSITIVE,
     "data.synthetic_image_size": integer(32),
     "data.synthetic_seed": NON_NEGATIVE,
+    "data.spec.name": name,
+    "data.spec.categories": spec_categories,
+    "data.spec.has_masks": boolean,
+    "data.spec.has_pairs": boolean,
+    "data.spec_file": text,
     "model.stage_sizes": sequence(4, POSITIVE),
     "model.width": POSITIVE,
     "model.freeze_at": integer(0, 5),
@@ -299,6 +319,10 @@ def problems(config) -> list[str]:
     for field in needs:
       if ok(f"data.{field}") and not config.data[field]:
         found.append(f"config.data.{field} must be set for config.data.format={fmt!r}")
+  if ok("data.format", "data.spec_file") and config.data.spec_file and (
+      config.data.format != "coco"):
+    found.append(f"config.data.spec_file is read for config.data.format='coco' only (got "
+                 f"{config.data.format!r})")
   if ok("model.detection_candidates", "model.detections_per_image"):
     model = config.model
     if model.detection_candidates < model.detections_per_image:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
+from data_pipeline import spec
 from df2_jax import checkpoint, files
 from df2_jax.errors import Df2Error
 
@@ -46,6 +47,11 @@ UPGRADES: dict[str, Any] = {
 }
 # Fields that retrieval indexes built before configs were saved with runs may lack (an index's
 # manifest holds its config since the tool's first version), with their values then.
+# Configs saved before dataset specs (issue 34) trained DeepFashion2's taxonomy.
+UPGRADES.update({
+    **{f"data.spec.{k}": v for k, v in spec.DEEPFASHION2.to_dict().items()},
+    "data.spec_file": "",
+})
 UPGRADES.update({
     "data.bucket_canvases": (),           # one canvas for every image
     "data.category_batches": False,
@@ -197,6 +203,8 @@ def upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
     *parents, leaf = path.split(".")
     node = data
     for key in parents:
+      if key not in node and node is not data:  # a section added since (e.g. data.spec)
+        node[key] = {}
       if not isinstance(node.get(key), dict):
         break
       node = node[key]

@@ -1,10 +1,11 @@
 """DeepFashion2 detection, segmentation and landmark evaluation (COCOeval).
 
 The protocol is stock COCO evaluation with the official DeepFashion2 change (spec section 4 of
-reference/deepfashion2.md): keypoint OKS uses the 294 DeepFashion2 sigmas. bbox/segm use IoU
-.50:.05:.95 with maxDets 1/10/100 and areas all/small/medium/large; keypoints use OKS
-.50:.05:.95 with maxDets 20 and areas all/medium/large; GT with ``num_keypoints`` 0 is ignored
-for keypoints. Landmark AP comes in two flavours:
+reference/deepfashion2.md): keypoint OKS uses the 294 DeepFashion2 sigmas (another dataset:
+its spec's, ``DatasetSpec.oks_sigmas``; result and GT files carry its own category ids).
+bbox/segm use IoU .50:.05:.95 with maxDets 1/10/100 and areas all/small/medium/large;
+keypoints use OKS .50:.05:.95 with maxDets 20 and areas all/medium/large; GT with
+``num_keypoints`` 0 is ignored for keypoints. Landmark AP comes in two flavours:
 
   * "visible + occluded" (``visible_only=False``): the GT as converted, v in {1, 2} labelled;
   * "visible" (``visible_only=True``): in a copy of the GT every occluded landmark (v == 1)
@@ -51,10 +52,7 @@ from pycocotools import coco as coco_api
 from pycocotools import cocoeval
 from pycocotools import mask as mask_utils
 
-from data_pipeline.deepfashion2 import COCO_NAMES
-from data_pipeline.deepfashion2 import NUM_LANDMARKS
-from data_pipeline.deepfashion2 import OKS_SIGMAS
-from data_pipeline.deepfashion2 import landmark_slice
+from data_pipeline import spec as spec_lib
 from df2_jax import errors
 from df2_jax.evaluation import scorer_inputs
 
@@ -158,9 +156,23 @@ def _empty_results(gt: coco_api.COCO, verbose: bool) -> coco_api.COCO:
 
 
 def _category_name(gt: Any, cat_id: int) -> str:
-  if cat_id in COCO_NAMES:
-    return COCO_NAMES[cat_id]
   return str(gt.cats.get(cat_id, {}).get("name", cat_id))
+
+
+def _sigmas(gt_dict: dict, sigmas: np.ndarray | None) -> np.ndarray:
+  """The OKS sigmas of a keypoint evaluation: ``sigmas`` (the run's spec's), or for a
+  DeepFashion2 ground truth its 294; one per keypoint of the GT's categories."""
+  if sigmas is None:
+    if not spec_lib.is_deepfashion2(gt_dict.get("categories", [])):
+      raise ValueError("the keypoint evaluation of a ground truth that is not DeepFashion2's "
+                       "needs its OKS sigmas (the run's dataset spec: --workdir)")
+    sigmas = spec_lib.DEEPFASHION2.oks_sigmas
+  sigmas = np.asarray(sigmas, np.float64)
+  for cat in gt_dict.get("categories", []):
+    if len(cat.get("keypoints", [])) != len(sigmas):
+      raise ValueError(f"category {cat.get('name')!r} of the ground truth has "
+                       f"{len(cat.get('keypoints', []))} keypoints, the sigmas {len(sigmas)}")
+  return sigmas
 
 
 def _per_category_ap(evaluator: Any, gt: Any) -> dict[str, float]:
@@ -220,7 +232,8 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _cocoeval_pycocotools(gt_dict: dict, res_list: list[dict], iou_type: str,
-                          timer: _StageTimer, verbose: bool) -> tuple[Any, Any]:
+                          timer: _StageTimer, verbose: bool, sigmas: np.ndarray | None
+                          ) -> tuple[Any, Any]:
   """pycocotools' COCOeval on a GT dict (owned by the caller's copy) and result entries.
 
   Returns (evaluator after summarize, the GT COCO object). The "loadRes" stage includes
@@ -233,7 +246,7 @@ def _cocoeval_pycocotools(gt_dict: dict, res_list: list[dict], iou_type: str,
   with _quiet(verbose):
     evaluator = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
     if iou_type == "keypoints":
-      evaluator.params.kpt_oks_sigmas = np.asarray(OKS_SIGMAS, np.float64)
+      evaluator.params.kpt_oks_sigmas = sigmas
     for stage in ("evaluate", "accumulate", "summarize"):
       with timer(stage):
         getattr(evaluator, stage)()
@@ -297,7 +310,8 @@ def _load_results_faster(faster_coco_eval: Any, coco_gt: Any, res_list: list[dic
 
 
 def _cocoeval_faster(gt_dict: dict, res_list: list[dict], iou_type: str,
-                     timer: _StageTimer, verbose: bool) -> tuple[Any, Any]:
+                     timer: _StageTimer, verbose: bool, sigmas: np.ndarray | None
+                     ) -> tuple[Any, Any]:
   """faster-coco-eval's COCOeval_faster, set up to reproduce pycocotools' COCOeval.
 
   Results are loaded by ``_load_results_faster`` (stock loadRes's fields, batched). Differences
@@ -318,7 +332,6 @@ def _cocoeval_faster(gt_dict: dict, res_list: list[dict], iou_type: str,
     coco_gt.dataset = gt_dict
     coco_gt.createIndex()
     coco_dt = _load_results_faster(faster_coco_eval, coco_gt, res_list, iou_type, printer)
-  sigmas = np.asarray(OKS_SIGMAS, np.float64) if iou_type == "keypoints" else None
   evaluator = faster_coco_eval.COCOeval_faster(
       coco_gt, coco_dt, iou_type, print_function=printer, extra_calc=False,
       kpt_oks_sigmas=sigmas, lvis_style=False, separate_eval=True)
@@ -339,7 +352,8 @@ def evaluate(gt: dict | str,
              visible_only: bool = False,
              per_category: bool = True,
              verbose: bool = False,
-             backend: str = DEFAULT_BACKEND) -> dict:
+             backend: str = DEFAULT_BACKEND,
+             sigmas: np.ndarray | None = None) -> dict:
   """COCO evaluation of DeepFashion2 results.
 
   Args:
@@ -354,6 +368,8 @@ def evaluate(gt: dict | str,
     verbose: let the backend print its progress and summary.
     backend: "faster" (faster-coco-eval, default) or "pycocotools" (the reference); both give
       the same numbers (tests/test_coco_backends.py).
+    sigmas: keypoints: the OKS sigma of every keypoint (``DatasetSpec.oks_sigmas``); None: the
+      294 DeepFashion2 sigmas, for a DeepFashion2 ground truth only.
 
   Returns:
     {stat name: float} from COCOeval.stats (names in STAT_NAMES[iou_type]: bbox/segm "AP",
@@ -392,7 +408,9 @@ def evaluate(gt: dict | str,
       raise ValueError(f"results for image ids not in the GT: {sorted(unknown)[:10]}")
     what = f"{iou_type}{' visible' if visible_only else ''} [{backend}]"
     timer = _StageTimer(what, len(res_list))
-    evaluator, coco_gt = _BACKEND_FNS[backend](gt_dict, res_list, iou_type, timer, verbose)
+    kpt_sigmas = _sigmas(gt_dict, sigmas) if iou_type == "keypoints" else None
+    evaluator, coco_gt = _BACKEND_FNS[backend](gt_dict, res_list, iou_type, timer, verbose,
+                                               kpt_sigmas)
   out: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES[iou_type], evaluator.stats)}
   out["num_results"] = len(res_list)
   if per_category:
@@ -406,10 +424,12 @@ def evaluate_all(gt: dict | str,
                  keypoint_results: list[dict] | str | None = None,
                  *,
                  verbose: bool = False,
-                 backend: str = DEFAULT_BACKEND) -> dict[str, dict]:
+                 backend: str = DEFAULT_BACKEND,
+                 sigmas: np.ndarray | None = None) -> dict[str, dict]:
   """Every evaluation the paper reports, keyed as format_table expects.
 
-  ``backend`` as in ``evaluate`` ("faster" by default, "pycocotools" the reference).
+  ``backend`` and ``sigmas`` as in ``evaluate`` ("faster" by default, "pycocotools" the
+  reference).
 
   Returns:
     {"bbox": ..., "segm": ..., "keypoints_visible": ..., "keypoints": ...} (each an
@@ -417,7 +437,7 @@ def evaluate_all(gt: dict | str,
   """
   gt = scorer_inputs.load(gt)
   out = {}
-  kw = dict(verbose=verbose, backend=backend)
+  kw = dict(verbose=verbose, backend=backend, sigmas=sigmas)
   if bbox_results is not None:
     out["bbox"] = evaluate(gt, bbox_results, "bbox", **kw)
   if segm_results is not None:
@@ -484,7 +504,8 @@ def detections_to_results(image_id: int,
                           classes: np.ndarray,
                           valid: np.ndarray | None = None,
                           masks: np.ndarray | None = None,
-                          landmarks: np.ndarray | None = None,
+                          landmarks: np.ndarray | None = None, *,
+                          spec: spec_lib.DatasetSpec,
                           ) -> tuple[list[dict], list[dict], list[dict]]:
   """One image's detections -> DeepFashion2 result entries.
 
@@ -492,14 +513,15 @@ def detections_to_results(image_id: int,
     image_id: the COCO image id.
     boxes_xyxy: [D, 4] boxes [x1, y1, x2, y2] in original image pixels.
     scores: [D] detection scores.
-    classes: [D] category ids 1..13.
+    classes: [D] the spec's classes 1..C (the entries carry the dataset's own ids).
     valid: [D] bool, False for padding rows (None: all valid).
     masks: optional [D, H, W] full-image masks, bool (any nonzero value counts as foreground,
       so threshold soft masks before passing them).
-    landmarks: optional [D, 294, 3] (x, y, score) in original image pixels, as pixel indices
+    landmarks: optional [D, L, 3] (x, y, score) in original image pixels, as pixel indices
       like the annotations (a model's continuous coordinates less half a pixel:
       ``transforms.landmarks_to_pixel_indices``); only the detection's own category slice is
       used.
+    spec: the run's dataset spec.
 
   Returns:
     (bbox_results, segm_results, keypoint_results): bbox ``{image_id, category_id, bbox
@@ -523,20 +545,21 @@ def detections_to_results(image_id: int,
       raise ValueError(f"masks must be [D, H, W] with D = {num}, got {masks.shape}")
   if landmarks is not None:
     landmarks = np.asarray(landmarks, np.float64)
-    if landmarks.shape != (num, NUM_LANDMARKS, 3):
-      raise ValueError(f"landmarks must be [{num}, {NUM_LANDMARKS}, 3], got {landmarks.shape}")
+    total = spec.num_landmarks
+    if landmarks.shape != (num, total, 3):
+      raise ValueError(f"landmarks must be [{num}, {total}, 3], got {landmarks.shape}")
   bbox_res, segm_res, kp_res = [], [], []
   for i in np.nonzero(valid)[0]:
     cat = int(classes[i])
     score = float(scores[i])
     x1, y1, x2, y2 = (float(v) for v in boxes[i])
-    base = {"image_id": int(image_id), "category_id": cat}
+    base = {"image_id": int(image_id), "category_id": int(spec.original_ids[cat])}
     bbox_res.append({**base, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
     if masks is not None:
       segm_res.append({**base, "segmentation": _encode_mask(masks[i] != 0), "score": score})
     if landmarks is not None:
-      kps = np.zeros((NUM_LANDMARKS, 3), np.float64)
-      sl = landmark_slice(cat)
+      kps = np.zeros((spec.num_landmarks, 3), np.float64)
+      sl = spec.landmark_slice(cat)
       kps[sl, :2] = landmarks[i, sl, :2]
       kps[sl, 2] = 2.0
       kp_res.append({**base, "keypoints": [float(v) for v in kps.reshape(-1)], "score": score})
@@ -553,14 +576,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--visible_only", action="store_true",
                       help="keypoints: the 'visible' landmark AP (occluded GT unlabelled)")
   parser.add_argument("--verbose", action="store_true", help="show pycocotools' output")
+  parser.add_argument("--workdir", default="",
+                      help="keypoints of another dataset than DeepFashion2: the run whose "
+                           "config.json holds its spec (the OKS sigmas)")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   try:
+    sigmas = None
+    if args.workdir:
+      from df2_jax.config import run_config
+      saved = run_config.read(args.workdir)
+      if saved is None:
+        print(f"error: no {run_config.FILE} in {args.workdir}", file=sys.stderr)
+        return 1
+      sigmas = spec_lib.from_config(
+          run_config.config_from_json(saved[run_config.CONFIG_KEY])).oks_sigmas
     metrics = evaluate(args.gt, args.results, args.iou_type, visible_only=args.visible_only,
-                       verbose=args.verbose)
+                       verbose=args.verbose, sigmas=sigmas)
   except errors.Df2Error as e:
     return errors.report(e)
   key = "keypoints_visible" if args.visible_only else args.iou_type

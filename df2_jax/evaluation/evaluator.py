@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from data_pipeline import convert, draw, transforms
+from data_pipeline import spec as spec_lib
 from df2_jax import files, inference, parallel, progress
 from df2_jax.config import rules
 from df2_jax.errors import Df2Error
@@ -59,32 +60,36 @@ ALLOW_SKIPPED_FLAG = "--config.eval.allow_skipped=True"
 
 
 class SkippedGroundTruth(Df2Error, RuntimeError):
-  """The evaluation split's reader dropped images or items as invalid, and
-  ``config.eval.allow_skipped`` is False. The message is one line naming the split, the
-  counts and the override (run.py exits with it, status 2)."""
+  """The evaluation split's reader dropped images, items, polygons or landmarks as invalid,
+  and ``config.eval.allow_skipped`` is False. The message is one line naming the split, what
+  was dropped and the override (run.py exits with it, status 2)."""
 
   exit_code = 2
 
 
 def check_ground_truth(config, source) -> None:
-  """Refuses to evaluate on ``source`` when its reader dropped images or items.
+  """Refuses to evaluate on ``source`` when its reader dropped any ground truth: images,
+  items, polygons or landmarks.
 
   A dropped image or item is missing from the ground truth: its clothes count for no metric
   (their detections even count as false positives where the image stayed), and a dropped
-  query or gallery item leaves the retrieval denominator. Numbers computed so look comparable
-  with the official ones and are not, so this takes ``config.eval.allow_skipped=True`` to
-  accept. Dropped polygons and landmarks only (every item still there, with its box) are
-  allowed, with a warning. Every evaluation's metrics.json records the counts either way.
+  query or gallery item leaves the retrieval denominator. A dropped polygon or landmark alters
+  the ground truth AP_mask and AP_pt are scored against. Numbers computed so look comparable
+  with the official ones and are not, so any dropped count takes
+  ``config.eval.allow_skipped=True`` to accept (then evaluated, with a warning). Every
+  evaluation's metrics.json records the counts either way.
 
   Raises:
-    SkippedGroundTruth: one line naming the split, the counts and the override.
+    SkippedGroundTruth: one line naming the split, what was dropped (the non-zero counts,
+      e.g. "3 polygons, 2 landmarks") and the override.
   """
   dropped = source.dropped
   if not dropped:
     return
-  if (dropped.images or dropped.items) and not bool(config.eval.allow_skipped):
+  if not bool(config.eval.allow_skipped):
+    named = ", ".join(f"{count} {kind}" for kind, count in dropped.as_dict().items() if count)
     raise SkippedGroundTruth(
-        f"Refusing to evaluate on {source.name}: its reader dropped {dropped} as invalid (the "
+        f"Refusing to evaluate on {source.name}: its reader dropped {named} as invalid (the "
         f"warnings of its scan name them), whose ground truth every metric and the retrieval "
         f"denominator would miss. Fix the data, or pass {ALLOW_SKIPPED_FLAG} to evaluate "
         f"without them.")
@@ -175,7 +180,7 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
           batch["orig_hw"][i].astype(np.float32), gt,
           gt_emb[i] if gt_emb is not None else None,
           (query_gt_by_image or {}).get(image_id), gallery_nms, gallery_min_score,
-          keep_min_score if image_id in keep_outputs else None)))
+          keep_min_score if image_id in keep_outputs else None, spec=detector.spec)))
 
   try:
     previous = None
@@ -248,8 +253,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
   folder, every process writes its result chunks there, and process 0 scores and swaps.
 
   Raises:
-    SkippedGroundTruth: the split's reader dropped images or items and
-      ``config.eval.allow_skipped`` is False (``check_ground_truth``), before anything is
+    SkippedGroundTruth: the split's reader dropped images, items, polygons or landmarks
+      and ``config.eval.allow_skipped`` is False (``check_ground_truth``), before anything is
       written.
   """
   from data_pipeline import pipeline, sources  # TensorFlow is loaded here only.
@@ -318,8 +323,8 @@ def evaluate(config, variables: Any, outdir: str, *, eval_source=None, writer=No
            timing["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()
                                       if k != "total"),
            coco.format_table({k: metrics[k] for k in summary.COCO_TYPES if k in metrics}),
-           summary.topk_line(metrics["retrieval"]),
-           summary.topk_line(metrics["retrieval_gt_boxes"]))
+           *(summary.topk_line(metrics[k]) if k in metrics else "none (no user/shop pairs)"
+             for k in summary.RETRIEVAL_KINDS))
   return metrics
 
 
@@ -379,28 +384,33 @@ def _score(config, variables: Any, eval_source, found: dict[str, Any], staging: 
            found["bytes"] / 1e6 / max(found["images"], 1))
 
   stage = time.perf_counter()
-  gt = convert.to_coco(eval_source.records)
-  metrics: dict[str, Any] = coco_metrics(staging, gt)
+  spec = spec_lib.from_config(config)
+  gt = convert.to_coco(eval_source.records, spec)
+  metrics: dict[str, Any] = coco_metrics(staging, gt, spec)
   timing["coco"] = time.perf_counter() - stage
   metrics["ground_truth"] = write_ground_truth(outdir, eval_source, gt, query_gt, gallery_gt)
 
-  stage = time.perf_counter()
-  scorer = jax.device_get(parallel.one_replica(variables["params"]["scorer"]))
-  score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
-  k = int(config.eval.retrieval_topk)
-  submission = retrieval_protocol.build_submission(found["query"], found["gallery"], score_fn, k=k)
-  metrics["retrieval"] = retrieval_protocol.evaluate_retrieval(submission, query_gt, gallery_gt)
-  gt_submission = retrieval_protocol.build_submission(found["gt_query"], found["gt_gallery"],
-                                                      score_fn, k=k)
-  metrics["retrieval_gt_boxes"] = retrieval_protocol.evaluate_retrieval(gt_submission, query_gt,
-                                                               gallery_gt)
-  files.write_json(os.path.join(staging, "retrieval_submission.json"), submission)
-  timing["retrieval"] = time.perf_counter() - stage
+  submission = None
+  if spec.has_pairs:  # a set without user/shop pairs has no retrieval to score
+    stage = time.perf_counter()
+    scorer = jax.device_get(parallel.one_replica(variables["params"]["scorer"]))
+    score_fn = lambda q, g: np.asarray(matching.pairwise_logits(scorer, q, g))
+    k = int(config.eval.retrieval_topk)
+    submission = retrieval_protocol.build_submission(found["query"], found["gallery"], score_fn,
+                                                     k=k)
+    metrics["retrieval"] = retrieval_protocol.evaluate_retrieval(submission, query_gt,
+                                                                 gallery_gt)
+    gt_submission = retrieval_protocol.build_submission(found["gt_query"], found["gt_gallery"],
+                                                        score_fn, k=k)
+    metrics["retrieval_gt_boxes"] = retrieval_protocol.evaluate_retrieval(
+        gt_submission, query_gt, gallery_gt)
+    files.write_json(os.path.join(staging, "retrieval_submission.json"), submission)
+    timing["retrieval"] = time.perf_counter() - stage
 
   stage = time.perf_counter()
   pictures = draw_pictures(eval_source, found["outputs"], drawn_ids, submission, query_gt,
                            gallery_gt, int(config.eval.num_retrieval_strips),
-                           float(config.eval.draw_score_threshold))
+                           float(config.eval.draw_score_threshold), names=spec.names)
   for name, picture in pictures.items():
     ok, png = cv2.imencode(".png", picture[:, :, ::-1])
     if not ok:
@@ -514,9 +524,11 @@ def found_from_arrays(a: dict[str, np.ndarray]) -> dict[str, Any]:
   return found
 
 
-def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND
+def coco_metrics(directory: str, gt: dict, spec, backend: str = coco.DEFAULT_BACKEND
                  ) -> dict[str, dict]:
-  """``coco.evaluate_all``'s metrics of the result chunks in ``directory`` against ``gt``.
+  """``coco.evaluate_all``'s metrics of the result chunks in ``directory`` against ``gt``, in
+  the taxonomy ``spec`` (its ids and OKS sigmas; no segm without masks, no keypoints without
+  landmarks).
 
   The COCO-format entries are built one kind at a time and dropped after their evaluation, so
   the split's box, mask and landmark entries never sit in memory together (at 100 detections
@@ -524,9 +536,11 @@ def coco_metrics(directory: str, gt: dict, backend: str = coco.DEFAULT_BACKEND
   """
   results = results_lib.load(directory)
   metrics: dict[str, dict] = {}
-  for kind, arg in (("bbox", "bbox_results"), ("segm", "segm_results"),
-                    ("keypoints", "keypoint_results")):
-    metrics.update(coco.evaluate_all(gt, **{arg: results.coco(kind)}, backend=backend))
+  kinds = [("bbox", "bbox_results")] + [("segm", "segm_results")] * spec.has_masks + [
+      ("keypoints", "keypoint_results")] * spec.has_landmarks
+  for kind, arg in kinds:
+    metrics.update(coco.evaluate_all(gt, **{arg: results.coco(kind, spec)}, backend=backend,
+                                     sigmas=spec.oks_sigmas))
   return metrics
 
 
@@ -552,10 +566,11 @@ def _fitted(pixels: np.ndarray, out: dict, min_side: int = 320, max_side: int = 
 
 
 def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
-                  submission: list[dict], query_gt: list[dict], gallery_gt: list[dict],
-                  num_strips: int, score_threshold: float = 0.3, k: int = 5
-                  ) -> dict[str, np.ndarray]:
-  """{"detections": grid of drawn images, "retrieval": strips} (each only when non-empty)."""
+                  submission: list[dict] | None, query_gt: list[dict], gallery_gt: list[dict],
+                  num_strips: int, score_threshold: float = 0.3, k: int = 5, *,
+                  names: dict[int, str]) -> dict[str, np.ndarray]:
+  """{"detections": grid of drawn images, "retrieval": strips} (each only when non-empty);
+  ``names``: the classes' names (``DatasetSpec.names``)."""
   index_of = {r.image_id: i for i, r in enumerate(source.records)}
   cache: dict[int, np.ndarray] = {}
 
@@ -569,12 +584,13 @@ def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
   for i in drawn_ids:
     if i in outputs:
       scaled, out = _fitted(pixels(i), outputs[i])
-      drawn.append(draw.draw_detections(scaled, **out, score_threshold=score_threshold))
+      drawn.append(draw.draw_detections(scaled, **out, score_threshold=score_threshold,
+                                        names=names))
   if drawn:
     pictures["detections"] = visualize.tile_grid(drawn)
   # The best-scoring detection of each of the first consumer images that has one.
   best: dict[int, dict] = {}
-  for entry in submission:
+  for entry in submission or []:
     qid = int(entry["query_image_id"])
     if qid not in best or entry["query_score"] > best[qid]["query_score"]:
       best[qid] = entry
@@ -588,7 +604,7 @@ def draw_pictures(source, outputs: dict[int, dict], drawn_ids: list[int],
     hits, status = visualize.hits_of_entry(entry, query_gt, gallery_gt, k)
     gallery = {int(g): pixels(int(g)) for g in entry["gallery_image_id"][:k]}
     strips.append(visualize.retrieval_strip(pixels(record.image_id), entry, gallery, hits,
-                                            status, k=k))
+                                            status, k=k, names=names))
   if strips:
     pictures["retrieval"] = visualize.stack_rows(strips)
   return pictures

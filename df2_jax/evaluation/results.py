@@ -12,8 +12,10 @@ What is kept, and why it loses nothing:
   * keypoints: COCOeval evaluates keypoints with ``maxDets = [20]``, applied per image and
     category after a stable sort by score (``computeOks`` and ``evaluateImg``), so only the 20
     best-scoring detections of each category in each image can count; the others are not
-    stored. Of a kept detection only its category's landmarks are stored (at most 39 of the
-    294; the official format's other 255 slots are zeros).
+    stored. Of a kept detection only its category's landmarks are stored (DeepFashion2: at
+    most 39 of the 294; the official format's other 255 slots are zeros).
+  * categories: the spec's classes 1..C; the COCO entries (``Results.coco``) and the result
+    files carry the dataset's own category ids (``DatasetSpec.original_ids``).
   * numbers: float32 (a thousandth of a pixel at 10,000 px), ``np.savez_compressed``.
 
 ``ResultWriter`` streams the per-image results to ``detections-NNNNN.npz`` chunks in the
@@ -39,8 +41,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from data_pipeline.deepfashion2 import (LANDMARK_COUNTS, LANDMARK_START, MAX_CATEGORY_LANDMARKS,
-                                         NUM_LANDMARKS)
+from data_pipeline.spec import DatasetSpec
 from df2_jax import files, postprocess
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,19 @@ class ImageResults:
 
 def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
                   valid: np.ndarray, image_hw: Sequence[float], orig_hw: Sequence[float],
-                  masks: np.ndarray | None = None, landmarks: np.ndarray | None = None
-                  ) -> ImageResults:
+                  masks: np.ndarray | None = None, landmarks: np.ndarray | None = None, *,
+                  spec: DatasetSpec) -> ImageResults:
   """The result rows of one image from ``detect``'s outputs (``from_detections`` of
   ``postprocess.image_detections`` with RLE masks).
 
   Args:
     image_id: the image's id.
-    boxes: [D, 4] canvas boxes; scores [D]; classes [D] (1..13); valid [D] bool.
+    boxes: [D, 4] canvas boxes; scores [D]; classes [D] (1..C); valid [D] bool.
     image_hw: the content's (h, w) on the canvas; orig_hw: the original image's (H, W).
     masks: [D, S, S] soft masks in the box frame (probabilities), or None.
-    landmarks: [D, 294, 3] canvas (x, y, score), continuous coordinates (the model's, as
+    landmarks: [D, L, 3] canvas (x, y, score), continuous coordinates (the model's, as
       trained on ``transforms.landmarks_to_continuous``), the category's slice filled, or None.
+    spec: the run's dataset spec.
   """
   out = dict(boxes=boxes, scores=scores, classes=classes, valid=valid)
   if masks is not None:
@@ -110,21 +112,24 @@ def image_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes:
   if landmarks is not None:
     out["landmarks"] = landmarks
   return from_detections(image_id, postprocess.image_detections(
-      out, image_hw, orig_hw, masks="rle" if masks is not None else None))
+      out, image_hw, orig_hw, masks="rle" if masks is not None else None, spec=spec), spec)
 
 
-def from_detections(image_id: int, detections: dict[str, Any]) -> ImageResults:
+def from_detections(image_id: int, detections: dict[str, Any], spec: DatasetSpec
+                    ) -> ImageResults:
   """The result rows of one image's detections in its pixels (``postprocess.image_detections``
-  with ``masks="rle"`` or None): the landmarks of ``keypoint_keep``'s rows only."""
+  with ``masks="rle"`` or None): the landmarks of ``keypoint_keep``'s rows only, as [n, K, 2]
+  (K = ``spec.max_category_landmarks``)."""
+  width = spec.max_category_landmarks
   n = len(detections["scores"])
   classes = np.asarray(detections["classes"]).astype(np.int16)
   rles = [r["counts"].encode() for r in detections.get("masks", [])] if n else []
   kp_rows = np.zeros((0,), np.int32)
-  kps = np.zeros((0, MAX_CATEGORY_LANDMARKS, 2), np.float32)
+  kps = np.zeros((0, width, 2), np.float32)
   if "landmarks" in detections and n:
     kp_rows = np.nonzero(keypoint_keep(detections["scores"], classes, np.ones(n, bool)))[0]
     kp_rows = kp_rows.astype(np.int32)
-    kps = np.zeros((len(kp_rows), MAX_CATEGORY_LANDMARKS, 2), np.float32)
+    kps = np.zeros((len(kp_rows), width, 2), np.float32)
     for i, row in enumerate(kp_rows):
       own = detections["landmarks"][row]
       kps[i, :len(own)] = own[:, :2]
@@ -183,8 +188,8 @@ class ResultWriter:
         rle_bytes=np.frombuffer(b"".join(rles), np.uint8),
         keypoint_rows=_cat([r.keypoint_rows.astype(np.int64) + s
                             for r, s in zip(pending, starts)], (0,), np.int64),
-        keypoints=_cat([r.keypoints for r in pending], (0, MAX_CATEGORY_LANDMARKS, 2),
-                       np.float32))
+        keypoints=_cat([r.keypoints for r in pending],
+                       (0, pending[0].keypoints.shape[1] if pending else 0, 2), np.float32))
     path = os.path.join(self.directory, f"{self._prefix}{self.num_chunks:05d}.npz")
     files.save_npz(path, **arrays)  # whole or absent, never a torn chunk
     self.num_chunks += 1
@@ -212,15 +217,18 @@ class Results:
   def __len__(self) -> int:
     return len(self.scores)
 
-  def coco(self, kind: str) -> list[dict[str, Any]]:
-    """The COCO-format result entries of one kind ("bbox", "segm" or "keypoints").
+  def coco(self, kind: str, spec: DatasetSpec) -> list[dict[str, Any]]:
+    """The COCO-format result entries of one kind ("bbox", "segm" or "keypoints"), with the
+    dataset's own category ids (``spec``).
 
     bbox: ``{image_id, category_id, bbox [x, y, w, h], score}``; segm: the same with
-    ``segmentation`` (compressed RLE) instead of bbox; keypoints: ``keypoints`` (882 numbers:
-    the category's landmarks as (x, y, 2), zeros elsewhere; a float32 array, which COCOeval
-    reads like a list) for the kept detections only.
+    ``segmentation`` (compressed RLE) instead of bbox; keypoints: ``keypoints`` (3 L numbers,
+    DeepFashion2's 882: the category's landmarks as (x, y, 2), zeros elsewhere; a float32
+    array, which COCOeval reads like a list) for the kept detections only.
     """
-    base = lambda i: {"image_id": int(self.image_id[i]), "category_id": int(self.classes[i])}
+    ids = spec.original_ids
+    base = lambda i: {"image_id": int(self.image_id[i]),
+                      "category_id": int(ids[int(self.classes[i])])}
     if kind == "bbox":
       xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], 1)
       return [{**base(i), "bbox": xywh[i].tolist(), "score": float(self.scores[i])}
@@ -232,19 +240,19 @@ class Results:
                                            "counts": self.rle(i)},
                "score": float(self.scores[i])} for i in range(len(self))]
     if kind == "keypoints":
-      return [{**base(i), "keypoints": self.official_keypoints(j),
+      return [{**base(i), "keypoints": self.official_keypoints(j, spec),
                "score": float(self.scores[i])} for j, i in enumerate(self.keypoint_rows)]
     raise ValueError(f"kind must be bbox, segm or keypoints, got {kind!r}")
 
   def rle(self, i: int) -> str:
     return self.rle_bytes[self.rle_offsets[i]:self.rle_offsets[i + 1]].tobytes().decode()
 
-  def official_keypoints(self, j: int) -> np.ndarray:
-    """[882] float32: kept row j's landmarks as (x, y, 2) in its category's slots."""
+  def official_keypoints(self, j: int, spec: DatasetSpec) -> np.ndarray:
+    """[3 L] float32: kept row j's landmarks as (x, y, 2) in its category's slots."""
     i = int(self.keypoint_rows[j])
     cat = int(self.classes[i])
-    out = np.zeros((NUM_LANDMARKS, 3), np.float32)
-    start, count = LANDMARK_START[int(cat)], LANDMARK_COUNTS[int(cat)]
+    out = np.zeros((spec.num_landmarks, 3), np.float32)
+    start, count = int(spec.landmark_start[cat]), int(spec.landmark_counts[cat])
     out[start:start + count, :2] = self.keypoints[j, :count]
     out[start:start + count, 2] = 2.0
     return out.reshape(-1)
@@ -280,6 +288,8 @@ def load(directory: str) -> Results:
         parts[k].append(value)
       rows += len(chunk["scores"])
       rle_base += len(chunk["rle_bytes"])
+  # Chunks without kept landmarks may be [0, 0, 2] (an empty writer's).
+  parts["keypoints"] = [v for v in parts["keypoints"] if len(v)] or parts["keypoints"][:1]
   return Results(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
@@ -292,16 +302,17 @@ def iter_json_array(entries: Iterator[dict]) -> Iterator[str]:
   yield "]"
 
 
-def write_official_json(directory: str) -> list[str]:
+def write_official_json(directory: str, spec: DatasetSpec) -> list[str]:
   """Writes bbox_results.json, segm_results.json and keypoints_results.json (the DeepFashion2
-  result formats) into ``directory`` from its chunks; returns the paths. Each file is written
-  atomically (``files.atomic_write``): an interrupted write leaves the previous file or none."""
+  result formats, with ``spec``'s category ids) into ``directory`` from its chunks; returns the
+  paths. Each file is written atomically (``files.atomic_write``): an interrupted write leaves
+  the previous file or none."""
   results = load(directory)
   paths = []
   for kind, name in (("bbox", "bbox"), ("segm", "segm"), ("keypoints", "keypoints")):
     path = os.path.join(directory, f"{name}_results.json")
     with files.atomic_write(path, "w") as f:
-      for piece in iter_json_array(iter(results.coco(kind))):
+      for piece in iter_json_array(iter(results.coco(kind, spec))):
         f.write(piece)
     paths.append(path)
   return paths
@@ -313,9 +324,21 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Write the DeepFashion2 result JSON files (bbox, segm, keypoints) of an "
                   "evaluation directory from its compact detections-*.npz chunks.")
   parser.add_argument("--eval_dir", required=True, help="an eval_<step>/ directory")
+  parser.add_argument("--workdir", default="",
+                      help="the run whose config.json holds the dataset spec (default: the "
+                           "eval directory's parent)")
   args = parser.parse_args(argv)
+  from df2_jax.config import run_config
+  from data_pipeline import spec as spec_lib
+  workdir = args.workdir or os.path.dirname(os.path.abspath(args.eval_dir))
+  saved = run_config.read(workdir)
+  if saved is None:
+    print(f"error: no {run_config.FILE} in {workdir} (the run's dataset spec): give --workdir",
+          file=sys.stderr)
+    return 1
   try:
-    for path in write_official_json(args.eval_dir):
+    spec = spec_lib.from_config(run_config.config_from_json(saved[run_config.CONFIG_KEY]))
+    for path in write_official_json(args.eval_dir, spec):
       print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
   except FileNotFoundError as e:  # no result chunks in --eval_dir
     print(f"error: {e}", file=sys.stderr)

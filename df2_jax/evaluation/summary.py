@@ -39,10 +39,11 @@ def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def headline(metrics: dict[str, Any], step: int) -> str:
   """One table of the headline numbers (the README's results table has these columns)."""
-  cols = [("AP_box", metrics["bbox"]["AP"]), ("AP_mask", metrics["segm"]["AP"]),
-          ("AP_pt", metrics["keypoints"]["AP"]),
-          ("top-1", metrics["retrieval"]["top1"]), ("top-20", metrics["retrieval"]["top20"]),
-          ("top-20 (GT boxes)", metrics["retrieval_gt_boxes"]["top20"])]
+  named = [("AP_box", "bbox", "AP"), ("AP_mask", "segm", "AP"), ("AP_pt", "keypoints", "AP"),
+           ("top-1", "retrieval", "top1"), ("top-20", "retrieval", "top20"),
+           ("top-20 (GT boxes)", "retrieval_gt_boxes", "top20")]
+  # A dataset without masks, landmarks or pairs has no such metrics: no column.
+  cols = [(c, metrics[kind][key]) for c, kind, key in named if kind in metrics]
   head = " | ".join(["step"] + [c for c, _ in cols])
   row = " | ".join([str(step)] + [f"{v:.3f}".rjust(len(c)) for c, v in cols])
   return f"Results at step {step}:\n| {head} |\n| {row} |"

@@ -13,7 +13,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from data_pipeline.deepfashion2 import COCO_NAMES
 from df2_jax.evaluation import retrieval_protocol
 
 GREEN = (40, 200, 60)
@@ -75,10 +74,11 @@ def hits_of_entry(entry: dict, query_gt: list[dict], gallery_gt: list[dict], k: 
 
 
 def retrieval_strip(query_pixels: np.ndarray, entry: dict, gallery_pixels: dict[int, np.ndarray],
-                    hits: Sequence[bool], status: str, *, k: int = 5, height: int = 96
-                    ) -> np.ndarray:
-  """[H, W, 3] uint8: the query crop (grey frame), then the top-k gallery crops (green = hit)."""
-  name = COCO_NAMES.get(int(entry["query_cls"]), "?")
+                    hits: Sequence[bool], status: str, *, k: int = 5, height: int = 96,
+                    names: dict[int, str]) -> np.ndarray:
+  """[H, W, 3] uint8: the query crop (grey frame), then the top-k gallery crops (green = hit);
+  ``names``: the classes' names (``DatasetSpec.names``)."""
+  name = names.get(int(entry["query_cls"]), "?")
   tiles = [framed(crop_thumbnail(query_pixels, entry["query_bbox"], height), GREY,
                    f"query {name} {entry['query_score']:.2f}")]
   for r, (gid, gbox) in enumerate(zip(entry["gallery_image_id"][:k],

@@ -36,7 +36,8 @@ class ImageOutput:
 def process_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np.ndarray,
                   orig: np.ndarray, gt: dict[str, np.ndarray] | None, gt_emb: np.ndarray | None,
                   query_gt: dict[str, np.ndarray] | None, gallery_nms: float,
-                  gallery_min_score: float, draw_min_score: float | None) -> ImageOutput:
+                  gallery_min_score: float, draw_min_score: float | None, *,
+                  spec) -> ImageOutput:
   """One image's host work, run in a worker process: its detections in its pixels
   (``postprocess.image_detections``, RLE masks), as result rows (``results.from_detections``:
   boxes, mask RLEs, the kept landmarks), its retrieval entries and, for a drawn image, its
@@ -49,8 +50,8 @@ def process_image(image_id: int, source: str, out: dict[str, np.ndarray], hw: np
   Both are exactly what the protocol scores, and they keep the query x gallery matrix small at
   the scale of the validation split.
   """
-  detections = postprocess.image_detections(out, hw, orig, masks="rle")
-  res = results_lib.from_detections(image_id, detections)
+  detections = postprocess.image_detections(out, hw, orig, masks="rle", spec=spec)
+  res = results_lib.from_detections(image_id, detections, spec)
   rows = np.nonzero(out["valid"])[0]
   emb = detections["embeddings"]
   entry = lambda j: dict(image_id=image_id, bbox=res.boxes[j].tolist(), cls=int(res.classes[j]),

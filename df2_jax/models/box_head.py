@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from df2_jax.models.layers import c2_xavier_fill, f32_dot
-from data_pipeline.deepfashion2 import NUM_CATEGORIES
 
 Array = jnp.ndarray
 Dtype = Any
@@ -34,7 +33,8 @@ class BoxHead(nn.Module):
   """Two fcs, then class logits and class-specific box deltas per RoI.
 
   Attributes:
-    num_classes: foreground categories (13); logits get one more column
+    num_classes: foreground categories (the dataset spec's; DeepFashion2: 13); logits get
+      one more column
       (background, index 0).
     fc_dim: width of each fc (1024).
     num_fc: number of hidden fcs (2).
@@ -44,7 +44,7 @@ class BoxHead(nn.Module):
     dtype: compute dtype of the fcs (bfloat16 works); outputs are float32.
     param_dtype: parameter dtype.
   """
-  num_classes: int = NUM_CATEGORIES
+  num_classes: int
   fc_dim: int = 1024
   num_fc: int = 2
   cls_agnostic_bbox_reg: bool = False

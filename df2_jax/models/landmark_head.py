@@ -7,7 +7,7 @@ bilinear upsampling to the 56x56 heatmaps is the separate function
 `upsample_heatmaps`, so a caller can upsample only what it needs (for
 instance the channels of each RoI's category: 294 x 56 x 56 float32 logits
 are 3.7 MB per RoI). Channel `LANDMARK_START[c] + j` is landmark j of
-category c (data_pipeline.deepfashion2).
+category c (data_pipeline.spec).
 
 Init as detectron2: every conv and the deconv use kaiming normal (fan_out,
 ReLU gain) with zero bias (for the deconv "fan_out" is torch's
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from df2_jax.models.layers import SubpixelConvTranspose, c2_msra_fill
-from data_pipeline.deepfashion2 import NUM_LANDMARKS
 
 Array = jnp.ndarray
 Dtype = Any
@@ -44,14 +43,15 @@ class LandmarkHead(nn.Module):
   """Low-resolution landmark logits for every RoI.
 
   Attributes:
-    num_landmarks: K, output channels (294: all categories' landmarks).
+    num_landmarks: K, output channels (the dataset spec's landmarks of all categories;
+      DeepFashion2: 294).
     conv_dim: width of the convs (512).
     num_convs: number of 3x3 convs (8).
     deconv_kernel: kernel of the stride-2 transposed conv (4; even).
     dtype: compute dtype of the convs (bfloat16 works); logits are float32.
     param_dtype: parameter dtype.
   """
-  num_landmarks: int = NUM_LANDMARKS
+  num_landmarks: int
   conv_dim: int = 512
   num_convs: int = 8
   deconv_kernel: int = 4
@@ -65,7 +65,7 @@ class LandmarkHead(nn.Module):
     Args:
       x: [N, h, w, C] pooled RoI features (14x14x256 in Match R-CNN).
       channels: optional [N, M] int32: compute only these output channels of each RoI
-        (its category's, deepfashion2.CATEGORY_CHANNELS), the same values as gathering them
+        (its category's, DatasetSpec.category_channels), the same values as gathering them
         from the full output (see SubpixelConvTranspose).
 
     Returns:

@@ -15,7 +15,6 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from data_pipeline import deepfashion2 as df2
 from df2_jax.models.landmark_head import upsample_heatmaps
 
 Array = jnp.ndarray
@@ -138,48 +137,52 @@ def mask_loss(mask_logits: Array, classes: Array, targets: Array,
 
 def landmark_loss(
     heatmap_logits: Array, indices: Array, valid: Array, classes: Array,
-    upsample: Optional[Callable[[Array], Array]] = None, gathered: bool = False) -> Array:
+    upsample: Optional[Callable[[Array], Array]] = None, gathered: bool = False, *,
+    category_channels: Array, category_channel_valid: Array) -> Array:
   """Landmark heatmap loss on each RoI's own category channels only.
 
-  For every RoI the (at most 39) channels of its class are gathered from
+  For every RoI the (at most K; DeepFashion2: 39) channels of its class are gathered from
   the head's low-resolution logits, upsampled, and scored with a softmax
   cross-entropy over all heatmap positions per landmark (detectron2
   keypoint_rcnn_loss), averaged over the valid (RoI, landmark) entries.
-  Because upsampling acts per channel, this equals the loss on all 294
+  Because upsampling acts per channel, this equals the loss on all L
   upsampled channels; channels outside an RoI's category are ignored even
   if `valid` marks them.
 
   Args:
-    heatmap_logits: [B, R, h, w, 294] head output before its upsampling.
-    indices: [B, R, 294] int32 flat target bins y * W + x of the upsampled
+    heatmap_logits: [B, R, h, w, L] head output before its upsampling.
+    indices: [B, R, L] int32 flat target bins y * W + x of the upsampled
       [H, W] heatmap (landmark_targets).
-    valid: [B, R, 294] bool.
-    classes: [B, R] int32 in 0..13 (0: the RoI has no landmarks).
+    valid: [B, R, L] bool.
+    classes: [B, R] int32 in 0..C (0: the RoI has no landmarks).
     upsample: maps [N, h, w, C] to [N, H, W, C]; default
       `landmark_head.upsample_heatmaps` (torch bilinear x2, align_corners=False).
-    gathered: heatmap_logits is [B, R, h, w, 39]: each RoI's category channels already
-      (df2.CATEGORY_CHANNELS[classes] order, the head's ``channels`` argument).
+    gathered: heatmap_logits is [B, R, h, w, K]: each RoI's category channels already
+      (``category_channels[classes]`` order, the head's ``channels`` argument).
+    category_channels, category_channel_valid: [C + 1, K] the dataset spec's tables
+      (``DatasetSpec.category_channels``, ``category_channel_valid``).
 
   Returns:
     float32 scalar; 0 without valid entries.
   """
   upsample = upsample_heatmaps if upsample is None else upsample
   b, r, h, w, _ = heatmap_logits.shape
-  classes = jnp.clip(jnp.asarray(classes, jnp.int32), 0,
-                     df2.NUM_CATEGORIES)
-  channels = jnp.asarray(df2.CATEGORY_CHANNELS)[classes]  # [B, R, 39]
-  own = jnp.asarray(df2.CATEGORY_CHANNEL_VALID)[classes]  # [B, R, 39]
+  table = jnp.asarray(category_channels)
+  k = table.shape[1]
+  classes = jnp.clip(jnp.asarray(classes, jnp.int32), 0, table.shape[0] - 1)
+  channels = table[classes]  # [B, R, K]
+  own = jnp.asarray(category_channel_valid)[classes]  # [B, R, K]
   logits = heatmap_logits if gathered else jnp.take_along_axis(
       heatmap_logits, channels[:, :, None, None, :], axis=-1)
   logits = logits.astype(jnp.float32).reshape(
-      (b * r, h, w, df2.MAX_CATEGORY_LANDMARKS))
+      (b * r, h, w, k))
   up = upsample(logits)
   big_h, big_w = up.shape[1:3]
-  up = up.reshape((b, r, big_h * big_w, df2.MAX_CATEGORY_LANDMARKS))
+  up = up.reshape((b, r, big_h * big_w, k))
   target = jnp.take_along_axis(jnp.asarray(indices, jnp.int32), channels,
-                               axis=-1)  # [B, R, 39]
+                               axis=-1)  # [B, R, K]
   ok = jnp.take_along_axis(jnp.asarray(valid, bool), channels, axis=-1) & own
-  lse = jax.nn.logsumexp(up, axis=2)  # [B, R, 39]
+  lse = jax.nn.logsumexp(up, axis=2)  # [B, R, K]
   picked = jnp.take_along_axis(up, target[:, :, None, :], axis=2)[:, :, 0]
   ce = lse - picked
   return _safe_div(jnp.sum(jnp.where(ok, ce, 0.0)),

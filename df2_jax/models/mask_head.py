@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from df2_jax.models.layers import SubpixelConvTranspose, c2_msra_fill, f32_conv
-from data_pipeline.deepfashion2 import NUM_CATEGORIES
 
 Array = jnp.ndarray
 Dtype = Any
@@ -31,13 +30,14 @@ class MaskHead(nn.Module):
   """Per-category 28x28 mask logits for every RoI.
 
   Attributes:
-    num_classes: categories (13), one mask channel each.
+    num_classes: categories (the dataset spec's; DeepFashion2: 13), one mask channel
+      each.
     conv_dim: width of the convs and the deconv (256).
     num_convs: number of 3x3 convs (4).
     dtype: compute dtype of the convs (bfloat16 works); logits are float32.
     param_dtype: parameter dtype.
   """
-  num_classes: int = NUM_CATEGORIES
+  num_classes: int
   conv_dim: int = 256
   num_convs: int = 4
   dtype: Dtype = jnp.float32

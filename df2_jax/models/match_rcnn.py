@@ -5,7 +5,7 @@ One Linen module with three entry points, each a static-shape program:
     of data_pipeline.transforms.image_spec with a leading [P, 2] axis); returns the named loss
     terms. Needs the PRNG stream "sampling" (anchor and RoI sampling).
   * ``detect(images, image_hw)``: inference; per image a fixed number of detections with
-    boxes, scores, classes, 28x28 masks, 294 landmarks and an embedding each.
+    boxes, scores, classes, 28x28 masks, landmarks (DeepFashion2: 294) and an embedding each.
   * ``embed(images, image_hw, boxes)``: embeddings of given boxes (retrieval with ground-truth
     boxes).
 Images sit top-left on their canvas with content size ``image_hw``; every entry point sets the
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from data_pipeline import deepfashion2 as df2
+from data_pipeline.spec import DatasetSpec
+from data_pipeline.spec import from_config as spec_from_config
 from df2_jax.models import losses as loss_lib
 from df2_jax.models.box_head import BoxHead
 from df2_jax.models.fpn import FPN
@@ -128,9 +129,13 @@ class MatchRCNN(nn.Module):
       uses. Any input canvas whose sides are multiples of 32 works (orientation buckets: each
       canvas shape is its own compiled program); the anchors are constants of that program,
       computed from the input's shape.
+    spec: the dataset's taxonomy: the box and mask heads' class count, the landmark head's
+      channels and each category's share of them (a spec without landmarks has no landmark
+      head), whether the mask loss trains (``has_masks``).
   """
   config: MatchRCNNConfig
   canvas_hw: tuple[int, int]
+  spec: DatasetSpec
 
   def setup(self):
     c = self.config
@@ -143,11 +148,15 @@ class MatchRCNN(nn.Module):
                            freeze_at=c.freeze_at, norm=c.norm, dtype=dtype)
     self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
     self.rpn = RPNHead(channels=c.fpn_channels, dtype=dtype)
-    self.box_head = BoxHead(fc_dim=c.box_fc_dim,
+    spec = self.spec
+    self.box_head = BoxHead(num_classes=spec.num_categories, fc_dim=c.box_fc_dim,
                            cls_agnostic_bbox_reg=c.cls_agnostic_bbox_reg, dtype=dtype)
-    self.mask_head = MaskHead(conv_dim=c.mask_conv_dim, dtype=dtype)
-    self.landmark_head = LandmarkHead(conv_dim=c.landmark_conv_dim,
-                                      num_convs=c.landmark_num_convs, dtype=dtype)
+    self.mask_head = MaskHead(num_classes=spec.num_categories, conv_dim=c.mask_conv_dim,
+                              dtype=dtype)
+    if spec.has_landmarks:
+      self.landmark_head = LandmarkHead(num_landmarks=spec.num_landmarks,
+                                        conv_dim=c.landmark_conv_dim,
+                                        num_convs=c.landmark_num_convs, dtype=dtype)
     self.matching_head = MatchingHead(embed_dim=c.embed_dim, conv_dim=c.match_conv_dim,
                                       proj_dim=c.match_proj_dim, dtype=dtype)
     self.scorer = PairScorer(embed_dim=c.embed_dim, weight_init=c.match_scorer_init)
@@ -249,21 +258,29 @@ class MatchRCNN(nn.Module):
         threshold=0.5 if c.mask_binary_targets else None))(
         _flatten_pairs(batch["masks"]), gt_boxes, fg_rois, matched)
     mask = loss_lib.mask_loss(mask_logits, jnp.maximum(fg_classes, 1), mask_t, fg)
+    if not self.spec.has_masks:  # no mask annotations: the head is kept, untrained
+      mask = jnp.zeros_like(mask)
 
     # Landmark head on the first L foreground rows (a random subset: sampling is random).
-    n_lm = min(c.landmark_rois_per_image, f)
-    lm_rois, lm_classes = fg_rois[:, :n_lm], fg_classes[:, :n_lm]
-    select = (jnp.asarray(df2.CATEGORY_CHANNELS)[lm_classes.reshape(-1)]
-              if c.landmark_select_channels else None)
-    lm_logits = self.landmark_head(self._pool(feats, lm_rois, 14), select)
-    lm_logits = lm_logits.reshape((b, n_lm) + lm_logits.shape[1:])
-    lm_index, lm_valid = jax.vmap(
-        lambda g, rr, m, cc: target_ops.landmark_targets(
-            g, rr, m, cc, 2 * lm_logits.shape[2], visible_only=c.landmark_visible_only)
-    )(_flatten_pairs(batch["landmarks"]).astype(jnp.float32), lm_rois, matched[:, :n_lm],
-      lm_classes)
-    landmark = loss_lib.landmark_loss(lm_logits, lm_index, lm_valid, lm_classes,
-                                      gathered=c.landmark_select_channels)
+    landmark = jnp.zeros((), jnp.float32)
+    if self.spec.has_landmarks:
+      spec = self.spec
+      n_lm = min(c.landmark_rois_per_image, f)
+      lm_rois, lm_classes = fg_rois[:, :n_lm], fg_classes[:, :n_lm]
+      select = (jnp.asarray(spec.category_channels)[lm_classes.reshape(-1)]
+                if c.landmark_select_channels else None)
+      lm_logits = self.landmark_head(self._pool(feats, lm_rois, 14), select)
+      lm_logits = lm_logits.reshape((b, n_lm) + lm_logits.shape[1:])
+      lm_index, lm_valid = jax.vmap(
+          lambda g, rr, m, cc: target_ops.landmark_targets(
+              g, rr, m, cc, 2 * lm_logits.shape[2], visible_only=c.landmark_visible_only,
+              own_channels=spec.category_landmark_mask)
+      )(_flatten_pairs(batch["landmarks"]).astype(jnp.float32), lm_rois, matched[:, :n_lm],
+        lm_classes)
+      landmark = loss_lib.landmark_loss(
+          lm_logits, lm_index, lm_valid, lm_classes, gathered=c.landmark_select_channels,
+          category_channels=spec.category_channels,
+          category_channel_valid=spec.category_channel_valid)
 
     # Matching: embeddings of the ground-truth items (and of foreground RoIs labelled with
     # their item), scored user item x shop item within each image pair or across the batch.
@@ -341,8 +358,9 @@ class MatchRCNN(nn.Module):
       image_hw: [B, 2] content height, width on the canvas.
 
     Returns (D = detections_per_image):
-      boxes [B, D, 4] canvas coordinates, scores [B, D], classes [B, D] (1..13), valid [B, D],
-      masks [B, D, 28, 28] probabilities in the box frame, landmarks [B, D, 294, 3]
+      boxes [B, D, 4] canvas coordinates, scores [B, D], classes [B, D] (1..C, the spec's
+      order), valid [B, D], masks [B, D, 28, 28] probabilities in the box frame, landmarks
+      [B, D, L, 3]
       (x, y, score; only the detection's category slice is filled, zeros elsewhere),
       embeddings [B, D, embed_dim]. All float32 except classes (int32) and valid.
     """
@@ -353,7 +371,7 @@ class MatchRCNN(nn.Module):
     _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False, canvas_hw)
     k = proposals.shape[1]
     class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7))
-    probs = jax.nn.softmax(class_logits.reshape(b, k, -1), axis=-1)[..., 1:]  # [B, K, 13]
+    probs = jax.nn.softmax(class_logits.reshape(b, k, -1), axis=-1)[..., 1:]  # [B, K, C]
     nc = probs.shape[-1]
     boxes = box_ops.decode(box_deltas.reshape(b, k, nc, 4), proposals[:, :, None, :],
                            box_ops.ROI_BOX_WEIGHTS)
@@ -388,30 +406,33 @@ class MatchRCNN(nn.Module):
 
   def _landmarks(self, feats, boxes: Array, classes: Array, canvas_hw: tuple[int, int]
                  ) -> Array:
-    """[B, D, 294, 3] landmarks of each box's category (others zero).
+    """[B, D, L, 3] landmarks of each box's category (others zero; L = 0 without any).
 
     Decoded as detectron2's heatmaps_to_keypoints (the argmax of each 56x56 heatmap resized
     bicubically to the box), within windows sized for boxes up to the canvas.
     """
     b, d = boxes.shape[:2]
+    spec = self.spec
+    if not spec.has_landmarks:
+      return jnp.zeros((b, d, 0, 3), jnp.float32)
     cls = jnp.maximum(classes, 1).reshape(-1)
-    channels = jnp.asarray(df2.CATEGORY_CHANNELS)[cls]  # [B*D, 39]
-    own = jnp.asarray(df2.CATEGORY_CHANNEL_VALID)[cls]
+    channels = jnp.asarray(spec.category_channels)[cls]  # [B*D, K]
+    own = jnp.asarray(spec.category_channel_valid)[cls]
     pooled = self._pool(feats, boxes, 14)
     if self.config.landmark_select_channels:
-      gathered = self.landmark_head(pooled, channels)  # [B*D, 28, 28, 39]
+      gathered = self.landmark_head(pooled, channels)  # [B*D, 28, 28, K]
     else:
-      logits = self.landmark_head(pooled)  # [B*D, 28, 28, 294]
+      logits = self.landmark_head(pooled)  # [B*D, 28, 28, L]
       gathered = jnp.take_along_axis(logits, channels[:, None, None, :], axis=-1)
     points = heatmaps_to_landmarks(upsample_heatmaps(gathered), boxes.reshape(-1, 4),
                                    tuple(canvas_hw))
-    points = jnp.where(own[..., None], points, 0.0)  # [B*D, 39, 3]
-    out = jnp.zeros((b * d, df2.NUM_LANDMARKS, 3), jnp.float32)
+    points = jnp.where(own[..., None], points, 0.0)  # [B*D, K, 3]
+    out = jnp.zeros((b * d, spec.num_landmarks, 3), jnp.float32)
     rows = jnp.arange(b * d)[:, None]
     # Padded slots of a category all point at its first channel with zeros: add, not set.
     out = out.at[rows, channels].add(points)
     valid = (classes > 0).reshape(-1)[:, None, None]
-    return jnp.where(valid, out, 0.0).reshape(b, d, df2.NUM_LANDMARKS, 3)
+    return jnp.where(valid, out, 0.0).reshape(b, d, spec.num_landmarks, 3)
 
   def embed(self, images: Array, image_hw: Array, boxes: Array) -> Array:
     """Embeddings [B, N, D] of given boxes [B, N, 4] (canvas coordinates) in canvases
@@ -473,7 +494,8 @@ INIT_FIELDS = ("backbone_weights", "init_from", "init_from_step")
 
 
 def model_from_config(config) -> MatchRCNN:
-  """The ``MatchRCNN`` of an ml_collections config (``config.model`` and ``config.data.canvas``).
+  """The ``MatchRCNN`` of an ml_collections config (``config.model``, ``config.data.canvas`` and
+  the dataset spec ``config.data.spec``).
 
   Every ``config.model`` field but ``INIT_FIELDS`` must be a ``MatchRCNNConfig`` field: an
   unknown or misspelt one raises TypeError naming it.
@@ -487,7 +509,7 @@ def model_from_config(config) -> MatchRCNN:
   if unknown:
     raise TypeError(f"unknown config.model field(s) {unknown}; known: {sorted(known)} and "
                     f"{list(INIT_FIELDS)}")
-  return MatchRCNN(MatchRCNNConfig(**fields), canvas)
+  return MatchRCNN(MatchRCNNConfig(**fields), canvas, spec_from_config(config))
 
 
 def init_variables(model: MatchRCNN, rng: Array, batch: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from data_pipeline import deepfashion2 as df2
 from df2_jax.ops import boxes as box_ops
 from df2_jax.ops import roi_align as roi_align_ops
 from df2_jax.ops import sampling
@@ -259,31 +258,33 @@ def mask_targets(gt_masks: Array, gt_boxes: Array, rois: Array,
 
 def landmark_targets(gt_landmarks: Array, rois: Array, matched_gt: Array,
                      classes: Array, heatmap_size: int = 56,
-                     visible_only: bool = False) -> Tuple[Array, Array]:
+                     visible_only: bool = False, *, own_channels: Array
+                     ) -> Tuple[Array, Array]:
   """Heatmap bin of every landmark of every RoI (keypoints_to_heatmap).
 
   x_bin = floor((x - x1) * heatmap_size / (x2 - x1)), likewise y; a point
   exactly on the RoI's right (bottom) edge goes to the last bin. A landmark
   is valid when it is labelled (v > 0, or v == 2 with visible_only), its bin
   lies inside the RoI, and its channel belongs to the RoI's class
-  (CATEGORY_LANDMARK_MASK[class]; class 0 has no channels). Degenerate RoIs
+  (own_channels[class]; class 0 has no channels). Degenerate RoIs
   have no valid landmarks. Per image; vmap over a batch.
 
   Args:
-    gt_landmarks: [M, 294, 3] (x, y, v) in canvas coordinates, v in {0,1,2}.
+    gt_landmarks: [M, L, 3] (x, y, v) in canvas coordinates, v in {0,1,2}.
     rois: [R, 4].
     matched_gt: [R] int32.
-    classes: [R] int32 in 0..13 (0 = background).
+    classes: [R] int32 in 0..C (0 = background).
+    own_channels: [C + 1, L] bool, the dataset spec's ``category_landmark_mask``.
     heatmap_size: static side of the square heatmap.
     visible_only: static; count only v == 2 as labelled.
 
   Returns:
-    indices [R, 294] int32 flat bins y * heatmap_size + x in
-    [0, heatmap_size^2) (0 where invalid); valid [R, 294] bool.
+    indices [R, L] int32 flat bins y * heatmap_size + x in
+    [0, heatmap_size^2) (0 where invalid); valid [R, L] bool.
   """
   rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
   kp = jax.lax.stop_gradient(
-      jnp.asarray(gt_landmarks, jnp.float32))[matched_gt]  # [R, 294, 3]
+      jnp.asarray(gt_landmarks, jnp.float32))[matched_gt]  # [R, L, 3]
   x1, y1, x2, y2 = (rois[:, i:i + 1] for i in range(4))  # [R, 1] each
   w, h = x2 - x1, y2 - y1
   nonempty = (w > 0) & (h > 0)
@@ -295,7 +296,7 @@ def landmark_targets(gt_landmarks: Array, rois: Array, matched_gt: Array,
   yf = jnp.where(y == y2, last, jnp.floor((y - y1) * scale_y))
   inside = (xf >= 0) & (yf >= 0) & (xf < heatmap_size) & (yf < heatmap_size)
   labelled = (v == 2) if visible_only else (v > 0)
-  table = jnp.asarray(df2.CATEGORY_LANDMARK_MASK)  # [14, 294]
+  table = jnp.asarray(own_channels)  # [C + 1, L]
   own = table[jnp.clip(jnp.asarray(classes, jnp.int32), 0,
                        table.shape[0] - 1)]
   valid = inside & labelled & own & nonempty

@@ -8,7 +8,8 @@ from df2_jax import schedules
 from df2_jax.models.match_rcnn import model_from_config
 
 
-@pytest.mark.parametrize("name", ["match_rcnn_r50_fpn_1x_df2", "demo_synthetic", "tiny"])
+@pytest.mark.parametrize("name", ["match_rcnn_r50_fpn_1x_df2", "demo_synthetic", "tiny",
+                                  "own_coco"])
 def test_config_builds(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   model = model_from_config(config)  # an unknown or misspelt model field raises here

@@ -14,6 +14,7 @@ import pytest
 from data_pipeline import annotations
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import records
+from data_pipeline.spec import DEEPFASHION2
 
 from conftest import fixtures_dir
 
@@ -60,7 +61,8 @@ def _parse(anno, width=600, height=500, drops=None):
 
 
 def test_read_coco_real_fixture():
-  result = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1)
+  result = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1,
+                                 spec=DEEPFASHION2)
   assert result.num_skipped == 0
   assert len(result.records) == 16
   assert sum(len(r.items) for r in result.records) == 29
@@ -88,9 +90,10 @@ def test_read_coco_real_fixture():
 
 
 def test_read_coco_header_mode_matches_decode():
-  decoded = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1)
+  decoded = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1,
+                                  spec=DEEPFASHION2)
   header = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1,
-                                 check_image="header")
+                                 check_image="header", spec=DEEPFASHION2)
   assert [(r.image_id, r.width, r.height) for r in decoded.records] == [
       (r.image_id, r.width, r.height) for r in header.records]
 
@@ -159,7 +162,8 @@ def test_training_targets_clipped_conversion_not(tmp_path):
   item = record.items[1]
   assert item.polygons[1][0, 0] == 0 and item.raw_polygons[1][0, 0] == np.float32(-0.2)
 
-  geometry = transforms.ImageGeometry((512, 640), 500, 600, 3, 8)  # scale 1: 600 x 500
+  geometry = transforms.ImageGeometry((512, 640), 500, 600, 3, 8,
+                                      spec=DEEPFASHION2)  # scale 1: 600 x 500
   out = transforms.encode_image(record, np.zeros((500, 600, 3), np.uint8), geometry, flip=False)
   assert out["scale"] == 1
   np.testing.assert_array_equal(out["boxes"][1], [0, 0, 495, 179])
@@ -169,7 +173,7 @@ def test_training_targets_clipped_conversion_not(tmp_path):
                                     flip=True)
   np.testing.assert_array_equal(flipped["boxes"][1], [105, 0, 600, 179])  # not beyond 600
 
-  ann = convert.to_coco([record])["annotations"][1]
+  ann = convert.to_coco([record], DEEPFASHION2)["annotations"][1]
   assert ann["bbox"] == [-0.2, 0, 495.2, 179]  # w = 495 - (-0.2) as the official converter
   assert ann["area"] == (495 - -0.2) * 179
   assert ann["keypoints"][27:30] == [-0.2, 58, 2]
@@ -489,7 +493,7 @@ def _read_coco_dict(tmp_path, data, **kwargs):
   path = tmp_path / "coco.json"
   path.write_text(json.dumps(data))
   return annotations.read_coco(path, FIXTURE / "image", num_workers=1, check_image="header",
-                               **kwargs)
+                               **kwargs, spec=DEEPFASHION2)
 
 
 def _first_ann(data):
@@ -619,5 +623,5 @@ def test_coco_invalid_json_raises(tmp_path):
   path = tmp_path / "coco.json"
   path.write_text('{"images": [')
   with pytest.raises(records.DataError) as info:
-    annotations.read_coco(path, FIXTURE / "image")
+    annotations.read_coco(path, FIXTURE / "image", spec=DEEPFASHION2)
   assert info.value.field == "json"

@@ -18,6 +18,7 @@ from data_pipeline import annotations
 from data_pipeline import convert
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import records
+from data_pipeline.spec import DEEPFASHION2
 
 from conftest import fixtures_dir
 
@@ -230,8 +231,9 @@ def test_training_records_clip_the_point_the_converter_keeps(tmp_path):
 
 def test_real_fixture_round_trip():
   fixture = json.loads((FIXTURE / "coco.json").read_text())
-  result = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1)
-  ours = convert.to_coco(result.records)
+  result = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1,
+                                 spec=DEEPFASHION2)
+  ours = convert.to_coco(result.records, DEEPFASHION2)
   assert len(ours["images"]) == 16 and len(ours["annotations"]) == 29
   assert [a["id"] for a in ours["annotations"]] == list(range(1, 30))
   assert ours["categories"] == fixture["categories"]
@@ -254,8 +256,8 @@ def test_raw_coco_raw_round_trip(tmp_path):
   root = _raw_root(tmp_path / "split", _small_split())
   raw = annotations.scan_raw_root(root, num_workers=1)
   path = tmp_path / "coco.json"
-  path.write_text(json.dumps(convert.to_coco(raw.records)))
-  back = annotations.read_coco(path, root / "image", num_workers=1)
+  path.write_text(json.dumps(convert.to_coco(raw.records, DEEPFASHION2)))
+  back = annotations.read_coco(path, root / "image", num_workers=1, spec=DEEPFASHION2)
   assert back.num_skipped == 0
   assert len(back.records) == len(raw.records) == 4
   for a, b in zip(raw.records, back.records):
@@ -277,12 +279,12 @@ def test_non_integer_values_kept():
                       polygons=(np.array([[1.5, 2], [3, 4], [5, 6.75]], np.float32),))
   record = records.ImageRecord(image_id=3, image_path="", width=100, height=100, source="",
                                pair_id=-1, items=(item,))
-  ann, = convert.to_coco([record])["annotations"]
+  ann, = convert.to_coco([record], DEEPFASHION2)["annotations"]
   assert ann["bbox"] == [10.5, 20, 19.75, 20]
   assert ann["area"] == 395.0
   assert ann["segmentation"] == [[1.5, 2, 3, 4, 5, 6.75]]
   assert ann["num_keypoints"] == 0 and ann["pair_id"] == -1
-  assert convert.to_coco([record])["images"][0]["file_name"] == "000003.jpg"
+  assert convert.to_coco([record], DEEPFASHION2)["images"][0]["file_name"] == "000003.jpg"
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ def test_retrieval_gt_small_split(tmp_path):
 
 def test_retrieval_gt_skips_unknown_source(caplog):
   result = annotations.read_coco(FIXTURE / "coco.json", FIXTURE / "image", num_workers=1,
-                                 check_image="header")
+                                 check_image="header", spec=DEEPFASHION2)
   caplog.set_level(logging.INFO)
   assert convert.retrieval_gt(result.records) == ([], [])
   assert any("16 images with unknown source" in r.getMessage() for r in caplog.records)

@@ -1,6 +1,7 @@
 """One bad field drops only its part (issue 26): a landmark, a polygon, an item or, for
 image-level problems, the image; the counts travel with the split to the evaluation, which
-refuses a split that lost images or items unless ``config.eval.allow_skipped``.
+refuses a split that lost images, items, polygons or landmarks unless
+``config.eval.allow_skipped``.
 
 The faults are injected into copies of the real fixtures (16 images, 29 items), the same ones
 into the raw layout and into the COCO file, so both readers must agree number for number:
@@ -25,6 +26,7 @@ from conftest import fixtures_dir
 from data_pipeline import annotations, convert, records, sources, transforms
 from data_pipeline import deepfashion2 as df2
 from data_pipeline.records import DropCounts
+from data_pipeline.spec import DEEPFASHION2
 
 LANDMARK_IMAGE, LANDMARK_ANN = 2092, 3446
 POLYGON_IMAGE, POLYGON_ANN, BAD_POLYGON = 176771, 287061, 3
@@ -86,7 +88,7 @@ def split(tmp_path_factory):
   coco = base / "coco.json"
   coco.write_text(json.dumps(data))
   clean_scan = annotations.read_coco(fixture / "coco.json", fixture / "image", num_workers=1,
-                                     check_image="header", strict=True)
+                                     check_image="header", strict=True, spec=DEEPFASHION2)
   return SimpleNamespace(root=root, coco=coco, images=root / "image",
                          clean={r.image_id: r for r in clean_scan.records})
 
@@ -157,7 +159,7 @@ def test_raw_scan_drops_only_the_bad_parts_and_logs_each(split, caplog):
 
 
 def test_coco_path_gives_the_same_counts_and_records(split):
-  scan = annotations.read_coco(split.coco, split.images, num_workers=1)
+  scan = annotations.read_coco(split.coco, split.images, num_workers=1, spec=DEEPFASHION2)
   assert scan.counts == ONE_OF_EACH
   assert [(d.kind, d.field) for d in scan.drops] == [
       ("landmark", f"annotations[id={LANDMARK_ANN}].keypoints"),
@@ -184,7 +186,7 @@ def test_strict_raises_the_first_problem_naming_file_and_field(split):
   assert str(info.value) == (f"{split.root}/annos/002092.json: field 'item1.landmarks': landmark "
                              f"1 at (473, 426) outside the 468x702 image (tolerance 1 px)")
   with pytest.raises(records.DataError) as info:
-    annotations.read_coco(split.coco, split.images, strict=True, num_workers=1)
+    annotations.read_coco(split.coco, split.images, strict=True, num_workers=1, spec=DEEPFASHION2)
   assert (info.value.path, info.value.field) == (str(split.coco),
                                                  f"annotations[id={LANDMARK_ANN}].keypoints")
 
@@ -221,10 +223,10 @@ def test_an_image_whose_items_all_fail_stays_without_items(split):
   record = annotations.parse_raw_annotation(anno, "annos/060097.json", BOX_IMAGE,
                                             "image/060097.jpg", 468, 702, drops=drops)
   assert record.items == () and drops.counts == DropCounts(items=2)
-  coco = convert.to_coco([record])
+  coco = convert.to_coco([record], DEEPFASHION2)
   assert [i["id"] for i in coco["images"]] == [BOX_IMAGE] and coco["annotations"] == []
   assert convert.retrieval_gt([record]) == ([], [])
-  geometry = transforms.ImageGeometry((128, 128), 96, 128, 3, 8)
+  geometry = transforms.ImageGeometry((128, 128), 96, 128, 3, 8, spec=DEEPFASHION2)
   out = transforms.encode_image(record, np.zeros((702, 468, 3), np.uint8), geometry, flip=False)
   assert not out["instance_valid"].any()
   index = pairs.build_pair_index([record, record])
@@ -287,10 +289,18 @@ def test_evaluation_and_training_refuse_in_one_line(tiny, tmp_path):
     train.Evaluations(tiny.config, str(workdir), train.MetricsWriter(str(workdir), False),
                       eval_source=tiny.source)
   assert not workdir.exists()
-  # Polygons and landmarks only: every item is there with its box; evaluated, with a warning.
-  fine = records.DataSource(tiny.source.records, tiny.source.loader, "fine",
-                            DropCounts(polygons=3, landmarks=2))
-  evaluator.check_ground_truth(tiny.config, fine)
+  # Polygons or landmarks only: the ground truth of AP_mask and AP_pt is altered: refused
+  # too, naming what was dropped (an audit against detectron2, issue 34).
+  for counts, named in ((DropCounts(polygons=3), "3 polygons"),
+                        (DropCounts(landmarks=2), "2 landmarks"),
+                        (DropCounts(polygons=3, landmarks=2), "3 polygons, 2 landmarks")):
+    altered = records.DataSource(tiny.source.records, tiny.source.loader, "altered", counts)
+    with pytest.raises(evaluator.SkippedGroundTruth) as info:
+      evaluator.check_ground_truth(tiny.config, altered)
+    assert f"its reader dropped {named} as invalid" in str(info.value)
+    allowed = copy.deepcopy(tiny.config)
+    allowed.eval.allow_skipped = True
+    evaluator.check_ground_truth(allowed, altered)  # allowed: evaluated
 
 
 @pytest.mark.slow  # a whole evaluation

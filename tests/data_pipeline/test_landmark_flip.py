@@ -8,6 +8,7 @@ import pytest
 from conftest import fixtures_dir
 from data_pipeline import annotations, convert, draw, images, transforms
 from data_pipeline import deepfashion2 as df2
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.evaluation import results
 
 
@@ -17,7 +18,7 @@ def fixture_records():
   if not (root / "coco.json").exists():
     pytest.fail(f"Real DeepFashion2 fixtures not found at {root}; set DF2_FIXTURES.")
   scan = annotations.read_coco(root / "coco.json", root / "image", num_workers=1,
-                               check_image="header")
+                               check_image="header", spec=DEEPFASHION2)
   assert scan.num_skipped == 0 and len(scan.records) == 16
   return scan.records
 
@@ -29,7 +30,7 @@ def _record(records, image_id):
 def _same_size(record, max_instances=4):
   """No resize: the canvas is the image (scale exactly 1)."""
   h, w = record.height, record.width
-  return transforms.ImageGeometry((h, w), min(h, w), max(h, w), max_instances, 8)
+  return transforms.ImageGeometry((h, w), min(h, w), max(h, w), max_instances, 8, spec=DEEPFASHION2)
 
 
 def _labelled(record):
@@ -52,7 +53,7 @@ def test_to_continuous_by_hand():
                                 local[:2, :2])
   # Flipping pixel centres of width 468: index 0 -> 467, 467 -> 0 (the mirror pixels).
   flipped = transforms.flip_landmarks(transforms.global_landmarks(9, np.concatenate(
-      [got[:2], np.zeros((6, 3), np.float32)])), 468.0)
+      [got[:2], np.zeros((6, 3), np.float32)]), DEEPFASHION2), 468.0, DEEPFASHION2)
   skirt = flipped[df2.landmark_slice(9)]
   # Skirt pairs 1-3, 4-8, 5-7: local 1 lands in slot 3, local 2 (the centre) stays.
   np.testing.assert_array_equal(skirt[2], [467.5, 0.5, 2])
@@ -69,7 +70,7 @@ def test_real_landmark_loads_as_pixel_centre_and_flips_into_its_partner(fixture_
   assert trousers.category_id == 8
   np.testing.assert_array_equal(trousers.landmarks[0], [102, 426, 1])
   image = images.load_image(record.image_path)
-  geometry = transforms.ImageGeometry((352, 352), 234, 400, 4, 8)
+  geometry = transforms.ImageGeometry((352, 352), 234, 400, 4, 8, spec=DEEPFASHION2)
   a = transforms.encode_image(record, image, geometry, flip=False)
   b = transforms.encode_image(record, image, geometry, flip=True)
   np.testing.assert_array_equal(a["image_hw"], [351, 234])
@@ -105,8 +106,10 @@ def test_flip_round_trip_on_every_fixture_image(fixture_records):
     b = transforms.encode_image(record, image, geometry, flip=True)
     h, w = record.height, record.width
     assert a["scale"] == 1.0 and b["scale"] == 1.0
-    np.testing.assert_array_equal(transforms.flip_landmarks(b["landmarks"], w), a["landmarks"])
-    np.testing.assert_array_equal(transforms.flip_landmarks(a["landmarks"], w), b["landmarks"])
+    np.testing.assert_array_equal(transforms.flip_landmarks(b["landmarks"], w, DEEPFASHION2),
+                                  a["landmarks"])
+    np.testing.assert_array_equal(transforms.flip_landmarks(a["landmarks"], w, DEEPFASHION2),
+                                  b["landmarks"])
     for k, slot, x, y, v in _labelled(record):
       x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)  # in the image (all are, here)
       np.testing.assert_array_equal(a["landmarks"][k, slot], [x + 0.5, y + 0.5, v])
@@ -126,15 +129,16 @@ def test_loaded_landmarks_export_as_the_annotated_indices(fixture_records, flip)
   ``results.image_results`` as the annotation's integer indices: exactly at scale 1 and at the
   exact scale 0.5, to float32 rounding at another scale. Flipped predictions, flipped back on
   the canvas first, export the same."""
-  gt = convert.to_coco(fixture_records)
+  gt = convert.to_coco(fixture_records, DEEPFASHION2)
   gt_kps = {a["id"]: np.asarray(a["keypoints"], np.float32).reshape(-1, 3)
             for a in gt["annotations"]}
   ann_ids = iter(a["id"] for a in gt["annotations"])
   for record in fixture_records:
     image = images.load_image(record.image_path)
     exact_half = transforms.ImageGeometry((record.height // 2 + 1, record.width // 2 + 1),
-                                          min(record.height, record.width) / 2, 10_000, 4, 8)
-    other = transforms.ImageGeometry((512, 512), 333, 512, 4, 8)
+                                          min(record.height, record.width) / 2, 10_000, 4, 8,
+                                          spec=DEEPFASHION2)
+    other = transforms.ImageGeometry((512, 512), 333, 512, 4, 8, spec=DEEPFASHION2)
     ids = [next(ann_ids) for _ in record.items]
     for geometry, atol in ((_same_size(record), 0.0), (exact_half, 0.0), (other, 2e-3)):
       enc = transforms.encode_image(record, image, geometry, flip=flip)
@@ -143,11 +147,12 @@ def test_loaded_landmarks_export_as_the_annotated_indices(fixture_records, flip)
         atol = 2e-3  # an odd side: the scale is not exactly 0.5
       lms = enc["landmarks"]
       if flip:
-        lms = transforms.flip_landmarks(lms, nw)
+        lms = transforms.flip_landmarks(lms, nw, DEEPFASHION2)
       n = len(record.items)
       res = results.image_results(
           record.image_id, enc["boxes"][:n], np.linspace(0.9, 0.5, n).astype(np.float32),
-          enc["classes"][:n], np.ones(n, bool), enc["image_hw"], enc["orig_hw"], None, lms[:n])
+          enc["classes"][:n], np.ones(n, bool), enc["image_hw"], enc["orig_hw"], None, lms[:n],
+          spec=DEEPFASHION2)
       assert res.keypoint_rows.tolist() == list(range(n))
       for j, (item, ann_id) in enumerate(zip(record.items, ids)):
         count = df2.LANDMARK_COUNTS[item.category_id]
@@ -165,7 +170,7 @@ def test_predict_exports_the_annotated_indices(fixture_records, tmp_path):
   from df2_jax import postprocess, predict  # jax: only this test needs it
   record = _record(fixture_records, 2092)
   image = images.load_image(record.image_path)
-  geometry = transforms.ImageGeometry((352, 352), 234, 400, 4, 8)
+  geometry = transforms.ImageGeometry((352, 352), 234, 400, 4, 8, spec=DEEPFASHION2)
   enc = transforms.encode_image(record, image, geometry, flip=False)
   m = geometry.max_instances
   lms = enc["landmarks"].copy()
@@ -175,9 +180,10 @@ def test_predict_exports_the_annotated_indices(fixture_records, tmp_path):
              masks=enc["masks"].astype(np.float32), landmarks=lms,
              embeddings=np.zeros((m, 4), np.float32))
   found = {"images": [], "bbox": [], "segm": [], "keypoints": [], "embeddings": {}}
-  result = postprocess.image_detections(out, enc["image_hw"], image.shape[:2])
+  result = postprocess.image_detections(out, enc["image_hw"], image.shape[:2],
+                                        spec=DEEPFASHION2)
   predict._add_image(found, record.image_id, ("002092.jpg", "002092.png"), image, result,
-                     str(tmp_path), 0.3)
+                     str(tmp_path), 0.3, DEEPFASHION2)
   assert (tmp_path / "002092.png").exists()
   assert len(found["keypoints"]) == len(record.items) == 2
   for entry, item in zip(found["keypoints"], record.items):

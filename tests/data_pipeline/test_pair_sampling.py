@@ -11,6 +11,7 @@ import pytest
 
 from data_pipeline import pairs, transforms
 from data_pipeline.records import DataSource
+from data_pipeline.spec import DEEPFASHION2
 from conftest import make_item, make_record
 
 
@@ -249,7 +250,7 @@ def test_all_pairs_stream_resumes_and_shards():
   from data_pipeline import pipeline
   source = _memory_source()
   index = pairs.build_pair_index(source.records, "all_pairs")
-  geometry = transforms.ImageGeometry((48, 48), 32, 48, 2, 8)
+  geometry = transforms.ImageGeometry((48, 48), 32, 48, 2, 8, spec=DEEPFASHION2)
   take = lambda ds, n: [b for _, b in zip(range(n), ds.as_numpy_iterator())]
   kwargs = dict(global_batch_pairs=2, seed=4, num_parallel_calls=2)
   straight = take(pipeline.train_dataset(source, index, geometry, process_index=0,

@@ -8,10 +8,11 @@ import pytest
 from data_pipeline import pairs, pipeline, transforms
 from data_pipeline.records import DataError
 from data_pipeline.records import DataSource
+from data_pipeline.spec import DEEPFASHION2
 from conftest import make_item, make_record
 
 GEOM = transforms.ImageGeometry(canvas_hw=(48, 48), short_side=32, max_size=48,
-                                max_instances=3, mask_size=8)
+                                max_instances=3, mask_size=8, spec=DEEPFASHION2)
 
 
 def _memory_source(num_pairs=6, bad=(), rival_users=0, lone_users=0, lone_shops=0):
@@ -218,7 +219,8 @@ def test_eval_indices_padding():
 
 # Landscape images (30x40, resized to 32x43) fit the 32x64 canvas, portrait ones the 64x32.
 BUCKETS = transforms.ImageGeometry(canvas_hw=(64, 64), short_side=32, max_size=48,
-                                   max_instances=3, mask_size=8, buckets=((32, 64), (64, 32)))
+                                   max_instances=3, mask_size=8, buckets=((32, 64), (64, 32)),
+                                   spec=DEEPFASHION2)
 
 
 def _oriented_source(orientations):
@@ -310,9 +312,10 @@ def test_evaluation_with_buckets_groups_images_by_canvas():
 
 def test_real_fixture_trains_as_singles_and_evaluates_in_file_order(real_fixture, caplog):
   from data_pipeline import sources
-  source = sources.coco_source(str(real_fixture / "coco.json"), str(real_fixture / "image"))
+  source = sources.coco_source(str(real_fixture / "coco.json"), str(real_fixture / "image"),
+                               spec=DEEPFASHION2)
   assert len(source) == 16 and sum(len(r.items) for r in source.records) == 29
-  geometry = transforms.ImageGeometry((320, 320), 200, 320, 4, 16)
+  geometry = transforms.ImageGeometry((320, 320), 200, 320, 4, 16, spec=DEEPFASHION2)
   with caplog.at_level(logging.WARNING):
     index = pairs.build_pair_index(source.records)
   assert not index.match_valid and "matching targets masked" in caplog.text
@@ -351,7 +354,7 @@ def test_flipped_synthetic_landmarks_stay_on_their_garment():
     h, w = r.image.shape[:2]
     record = annotations.parse_raw_annotation(r.annotation, "synthetic", index + 1, "", w, h)
     # No resize (scale 1), and mask crops at least as fine as the image pixels.
-    geometry = transforms.ImageGeometry((160, 160), min(h, w), max(h, w), 6, 160)
+    geometry = transforms.ImageGeometry((160, 160), min(h, w), max(h, w), 6, 160, spec=DEEPFASHION2)
     out = transforms.encode_image(record, r.image[:, :, ::-1].copy(), geometry, flip=True)
     assert out["scale"] == 1.0
     np.testing.assert_array_equal(out["image"][:h, :w], r.image[:, ::-1, ::-1])

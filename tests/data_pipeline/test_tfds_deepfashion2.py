@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import pairs, pipeline, sources, tfds_deepfashion2, transforms
+from data_pipeline.spec import DEEPFASHION2
 
 
 def _raw_root(tmp_path, real_fixture):
@@ -66,7 +67,7 @@ def test_tfds_builder_round_trip(tmp_path, real_fixture):
       np.testing.assert_array_equal(ia.landmarks, ib.landmarks)
   np.testing.assert_array_equal(raw.load_image(1), tf_source.load_image(1))
   # The pipeline reads the TFDS source like any other: one image pair (user 2, shop 1).
-  geometry = transforms.ImageGeometry((128, 128), 96, 128, 3, 8)
+  geometry = transforms.ImageGeometry((128, 128), 96, 128, 3, 8, spec=DEEPFASHION2)
   index = pairs.build_pair_index(tf_source.records)
   np.testing.assert_array_equal(index.pairs, [[1, 0]])
   kwargs = dict(global_batch_pairs=2, seed=0, process_index=0, process_count=1)

@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 
 from data_pipeline import transforms
+from data_pipeline.spec import DEEPFASHION2
 from data_pipeline.transforms import ImageGeometry
 from conftest import make_item, make_record
 
 GEOM = ImageGeometry(canvas_hw=(64, 64), short_side=48, max_size=64, max_instances=3,
-                     mask_size=8)
+                     mask_size=8, spec=DEEPFASHION2)
 
 
 def test_resize_scale_rules():
-  g = ImageGeometry((1344, 1344), 800, 1333, 4, 28)
+  g = ImageGeometry((1344, 1344), 800, 1333, 4, 28, spec=DEEPFASHION2)
   assert transforms.resize_scale(600, 400, g) == 2.0           # shorter side -> 800
   assert transforms.resize_scale(1000, 400, g) == pytest.approx(1.333)  # longer side capped
-  narrow = ImageGeometry((800, 1344), 800, 1333, 4, 28)
+  narrow = ImageGeometry((800, 1344), 800, 1333, 4, 28, spec=DEEPFASHION2)
   assert transforms.resize_scale(1000, 400, narrow) == pytest.approx(0.8)  # canvas height
   assert transforms.resized_hw(1000, 400, 0.8, (800, 1344)) == (800, 320)
 
@@ -34,14 +35,14 @@ def test_global_landmarks_and_flip_by_hand():
   local = np.zeros((10, 3), np.float32)  # shorts: local 1 <-> 3, 2 is the centre
   local[0] = (10, 5, 2)
   local[1] = (20, 6, 1)
-  g = transforms.global_landmarks(7, local)
+  g = transforms.global_landmarks(7, local, DEEPFASHION2)
   assert g.shape == (294, 3)
   np.testing.assert_array_equal(g[158], (10, 5, 2))
-  f = transforms.flip_landmarks(g, 100.0)
+  f = transforms.flip_landmarks(g, 100.0, DEEPFASHION2)
   np.testing.assert_array_equal(f[160], (90, 5, 2))  # left became right, mirrored
   np.testing.assert_array_equal(f[159], (80, 6, 1))  # centre stays the centre
   np.testing.assert_array_equal(f[158], (0, 0, 0))   # unlabelled stays zero
-  np.testing.assert_array_equal(transforms.flip_landmarks(f, 100.0), g)
+  np.testing.assert_array_equal(transforms.flip_landmarks(f, 100.0, DEEPFASHION2), g)
 
 
 def test_flip_boxes_twice_is_identity():
@@ -92,14 +93,16 @@ def test_encode_flip_is_the_mirror_and_flip_twice_is_identity():
   w = int(a["image_hw"][1])
   np.testing.assert_array_equal(b["image"][:, :w], a["image"][:, :w][:, ::-1])
   np.testing.assert_allclose(b["boxes"][:2], transforms.flip_boxes(a["boxes"][:2], w))
-  np.testing.assert_allclose(b["landmarks"], transforms.flip_landmarks(a["landmarks"], w))
+  np.testing.assert_allclose(b["landmarks"], transforms.flip_landmarks(a["landmarks"], w,
+                                                                       DEEPFASHION2))
   # Local landmark 2 moved to local 6 (global 5) at the mirrored x.
   np.testing.assert_allclose(b["landmarks"][0, 5], [48 - 12.75, 15.75, 2])
   # Masks: the crop of the flipped item is the mirrored crop (up to boundary pixels).
   agree = (b["masks"][0] == a["masks"][0][:, ::-1]).mean()
   assert agree >= 0.95
   np.testing.assert_allclose(transforms.flip_boxes(b["boxes"][:2], w), a["boxes"][:2])
-  np.testing.assert_allclose(transforms.flip_landmarks(b["landmarks"], w), a["landmarks"])
+  np.testing.assert_allclose(transforms.flip_landmarks(b["landmarks"], w, DEEPFASHION2),
+                             a["landmarks"])
 
 
 def test_truncation_warns_and_keeps_first_items(caplog):
@@ -122,7 +125,7 @@ def test_paste_mask_inverts_the_crop():
 
 
 def test_batch_canvas_is_the_smallest_holding_every_image():
-  geometry = ImageGeometry((64, 64), 32, 48, 3, 8, buckets=((64, 32), (32, 64)))
+  geometry = ImageGeometry((64, 64), 32, 48, 3, 8, buckets=((64, 32), (32, 64)), spec=DEEPFASHION2)
   # Ties in area keep the given order; the full canvas comes last.
   assert geometry.canvases == ((64, 32), (32, 64), (64, 64))
   # (height, width): a portrait image resizes to 43x32, a landscape one to 32x43, a square one

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_item, make_record
 from data_pipeline import convert
 from data_pipeline import deepfashion2 as df2
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.evaluation import coco as ev
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -30,7 +31,7 @@ def _landmarks(category_id, box, visibility=2):
 
 
 def _gt(records):
-  return convert.to_coco(records)
+  return convert.to_coco(records, DEEPFASHION2)
 
 
 def _simple_gt():
@@ -64,7 +65,7 @@ def _perfect_results(gt):
     lms = np.stack([np.array(a["keypoints"], np.float64).reshape(-1, 3) for a in anns])
     res = ev.detections_to_results(
         image["id"], boxes, np.ones(len(anns)), np.array([a["category_id"] for a in anns]),
-        np.ones(len(anns), bool), masks, lms)
+        np.ones(len(anns), bool), masks, lms, spec=DEEPFASHION2)
     for acc, r in zip(out, res):
       acc.extend(r)
   return out
@@ -171,7 +172,8 @@ def test_shifted_landmarks_oks():
   assert 0.5 < oks < 0.75
   pred = np.zeros((1, df2.NUM_LANDMARKS, 3))
   pred[0, df2.landmark_slice(7), :2] = lm[:, :2] + np.array(shift)
-  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.8], [7], [True], None, pred)
+  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.8], [7], [True], None, pred,
+                                      spec=DEEPFASHION2)
   m = ev.evaluate(gt, kp, "keypoints")
   assert m["AP50"] == pytest.approx(1.0)
   assert m["AP75"] == pytest.approx(0.0)
@@ -179,7 +181,8 @@ def test_shifted_landmarks_oks():
   # The right landmarks in another category's slice do not count: all GT points unmatched.
   pred_wrong = np.zeros((1, df2.NUM_LANDMARKS, 3))
   pred_wrong[0, df2.landmark_slice(8).start:df2.landmark_slice(8).start + 10, :2] = lm[:, :2]
-  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.8], [8], [True], None, pred_wrong)
+  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.8], [8], [True], None, pred_wrong,
+                                      spec=DEEPFASHION2)
   assert ev.evaluate(gt, kp, "keypoints")["AP"] == pytest.approx(0.0)
 
 
@@ -193,7 +196,8 @@ def test_visible_only_drops_occluded_landmarks():
   local = lm[:, :2].astype(np.float64)
   local[vis == 1] += 1000.0
   pred[0, df2.landmark_slice(7), :2] = local
-  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.9], [7], None, None, pred)
+  _, _, kp = ev.detections_to_results(1, np.array([box]), [0.9], [7], None, None, pred,
+                                      spec=DEEPFASHION2)
   visible = ev.evaluate(gt, kp, "keypoints", visible_only=True)
   vis_occ = ev.evaluate(gt, kp, "keypoints")
   assert visible["AP"] == pytest.approx(1.0)  # OKS over the 4 visible points = 1
@@ -232,7 +236,7 @@ def test_detections_to_results_formats():
   lms = np.random.default_rng(0).uniform(0, 30, (3, df2.NUM_LANDMARKS, 3))
   bbox, segm, kp = ev.detections_to_results(
       7, boxes, np.array([0.9, 0.5, 0.1]), np.array([3, 1, 5]), np.array([True, False, True]),
-      masks, lms)
+      masks, lms, spec=DEEPFASHION2)
   assert [r["category_id"] for r in bbox] == [3, 5]
   assert bbox[0] == {"image_id": 7, "category_id": 3, "bbox": [10.0, 20.0, 40.0, 60.0],
                      "score": pytest.approx(0.9)}
@@ -250,7 +254,7 @@ def test_detections_to_results_formats():
   inside[sl] = True
   assert not k[~inside].any()
   assert kp[1]["score"] == pytest.approx(0.1)
-  b, s, p = ev.detections_to_results(1, boxes, [1, 1, 1], [1, 1, 1])
+  b, s, p = ev.detections_to_results(1, boxes, [1, 1, 1], [1, 1, 1], spec=DEEPFASHION2)
   assert len(b) == 3 and s == [] and p == []
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_item, make_record
 from data_pipeline import convert
 from data_pipeline import deepfashion2 as df2
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax import masks
 from df2_jax.evaluation import coco, results
 
@@ -54,18 +55,20 @@ def _scene(seed=0):
 
 def test_keeping_20_landmark_results_per_image_and_category_gives_the_same_ap():
   records, dets = _scene()
-  gt = convert.to_coco(records)
+  gt = convert.to_coco(records, DEEPFASHION2)
   every, kept = [], []
   for image_id, d in dets.items():
     n = len(d["scores"])
     _, _, all_kps = coco.detections_to_results(image_id, d["boxes"], d["scores"], d["classes"],
-                                               np.ones(n, bool), None, d["landmarks"])
+                                               np.ones(n, bool), None, d["landmarks"],
+                                               spec=DEEPFASHION2)
     every += all_kps
     # image_results reads the model's continuous coordinates (pixel index + 0.5).
     continuous = d["landmarks"] + np.float32([0.5, 0.5, 0])
     res = results.image_results(image_id, d["boxes"], d["scores"], d["classes"],
-                                np.ones(n, bool), (160, 200), (160, 200), None, continuous)
-    kept += results.Results(**_arrays([res])).coco("keypoints")
+                                np.ones(n, bool), (160, 200), (160, 200), None, continuous,
+                                spec=DEEPFASHION2)
+    kept += results.Results(**_arrays([res])).coco("keypoints", DEEPFASHION2)
   assert len(every) == 61 and len(kept) == 20 + 6 + 20
   metrics = lambda gt, res, backend: {k: v for k, v in coco.evaluate(
       gt, res, "keypoints", backend=backend).items() if k != "num_results"}
@@ -122,14 +125,15 @@ def test_chunks_round_trip_to_the_official_entries(tmp_path):
     soft = rng.random((d, 28, 28)).astype(np.float32)
     lms = rng.uniform(0, 128, (d, df2.NUM_LANDMARKS, 3)).astype(np.float32)
     hw, orig = np.float32([128, 96]), np.float32([300, 225])
-    res = results.image_results(image_id, boxes, scores, classes, valid, hw, orig, soft, lms)
+    res = results.image_results(image_id, boxes, scores, classes, valid, hw, orig, soft, lms,
+                                spec=DEEPFASHION2)
     writer.add(res)
     scale = np.float32([225 / 96, 300 / 128])
     full_boxes = boxes * np.tile(scale, 2)
     full_lms = lms.copy()
     full_lms[..., :2] = full_lms[..., :2] * scale - 0.5
     b, _, k = coco.detections_to_results(image_id, full_boxes, scores, classes, valid, None,
-                                         full_lms)
+                                         full_lms, spec=DEEPFASHION2)
     expected["bbox"] += b
     keep = results.keypoint_keep(scores[valid], classes[valid], np.ones(valid.sum(), bool))
     expected["keypoints"] += [k[j] for j in np.nonzero(keep)[0]]
@@ -140,7 +144,7 @@ def test_chunks_round_trip_to_the_official_entries(tmp_path):
   writer.close()
   assert writer.num_chunks == 3 and writer.num_images == 5
   loaded = results.load(str(tmp_path))
-  got = {kind: loaded.coco(kind) for kind in expected}
+  got = {kind: loaded.coco(kind, DEEPFASHION2) for kind in expected}
   assert [len(v) for v in got.values()] == [len(v) for v in expected.values()]
   for a, b in zip(got["bbox"], expected["bbox"]):
     assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
@@ -151,7 +155,7 @@ def test_chunks_round_trip_to_the_official_entries(tmp_path):
   for a, b in zip(got["keypoints"], expected["keypoints"]):
     assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
     np.testing.assert_allclose(a["keypoints"], b["keypoints"], rtol=1e-6, atol=1e-3)
-  paths = results.write_official_json(str(tmp_path))
+  paths = results.write_official_json(str(tmp_path), DEEPFASHION2)
   with open(paths[1]) as f:
     segm = json.load(f)
   assert [s["segmentation"] for s in segm] == [s["segmentation"] for s in expected["segm"]]
@@ -172,7 +176,7 @@ def test_shard_writers_load_in_file_order(tmp_path):
     return results.image_results(
         image_id, boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.full(n, 3, np.int32),
         np.ones(n, bool), np.float32([64, 64]), np.float32([64, 64]), None,
-        np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32))
+        np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32), spec=DEEPFASHION2)
   second = results.ResultWriter(str(tmp_path), images_per_chunk=1, shard=1)
   first = results.ResultWriter(str(tmp_path), images_per_chunk=1, shard=0)
   for image_id, n in ((3, 1), (4, 2)):
@@ -196,7 +200,7 @@ def _one_image(image_id: int, n: int = 2) -> results.ImageResults:
   return results.image_results(
       image_id, boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.full(n, 3, np.int32),
       np.ones(n, bool), np.float32([64, 64]), np.float32([64, 64]), None,
-      np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32))
+      np.zeros((n, df2.NUM_LANDMARKS, 3), np.float32), spec=DEEPFASHION2)
 
 
 def _torn_savez(file, **arrays):
@@ -225,7 +229,7 @@ def test_official_json_cut_short_keeps_the_previous_file(tmp_path, monkeypatch):
   writer = results.ResultWriter(str(tmp_path))
   writer.add(_one_image(1))
   writer.close()
-  paths = results.write_official_json(str(tmp_path))
+  paths = results.write_official_json(str(tmp_path), DEEPFASHION2)
   before = {p: open(p, "rb").read() for p in paths}
   assert json.loads(before[paths[0]])  # two boxes
 
@@ -235,7 +239,7 @@ def test_official_json_cut_short_keeps_the_previous_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(results, "iter_json_array", torn)
   with pytest.raises(OSError, match="No space"):
-    results.write_official_json(str(tmp_path))
+    results.write_official_json(str(tmp_path), DEEPFASHION2)
   assert {p: open(p, "rb").read() for p in paths} == before
   assert sorted(os.listdir(tmp_path)) == sorted(
       ["detections-00000.npz", "bbox_results.json", "segm_results.json",

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.evaluation import visualize
 
 QUERY_GT = [
@@ -45,7 +46,7 @@ def test_strip_and_grid_shapes():
   assert thumb.shape == (96, 48, 3)  # a 20 x 40 crop scaled to 96 rows
   entry = _entry([10, 10, 30, 50], 1, [2, 3], [[0, 0, 10, 10], [0, 0, 50, 25]])
   strip = visualize.retrieval_strip(user, entry, shop, [True, False], "pair 7 style 1", k=2,
-                                    height=96)
+                                    height=96, names=DEEPFASHION2.names)
   # A 16-row banner over tiles of 96 rows + 3 + 17 rows of frame.
   assert strip.shape[0] == 16 + 96 + 20
   # The first gallery tile is framed green (a hit), the second red.

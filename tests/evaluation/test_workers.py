@@ -9,6 +9,7 @@ import pytest
 
 from configs import tiny
 from data_pipeline import deepfashion2 as df2
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.config import rules
 from df2_jax.evaluation import workers
 
@@ -44,9 +45,10 @@ def test_worker_processes_give_what_this_process_gives(source):
   hw, orig = np.float32([90, 120]), np.float32([180, 240])
   args = [(image_id, source, _image_outputs(image_id), hw, orig, None, None, None, 0.5, 0.2,
            0.0 if image_id == 1 else None) for image_id in (1, 2, 3)]
-  expected = [workers.process_image(*a) for a in args]
+  expected = [workers.process_image(*a, spec=DEEPFASHION2) for a in args]
   with workers.host_pool(2, "process") as pool:
-    got = [f.result() for f in [pool.submit(workers.process_image, *a) for a in args]]
+    got = [f.result() for f in [pool.submit(workers.process_image, *a,
+                                            spec=DEEPFASHION2) for a in args]]
   for e, g in zip(expected, got):
     assert len(e.results.scores) == 9
     for name in ("boxes", "scores", "classes", "keypoint_rows", "keypoints"):

@@ -70,7 +70,7 @@ def _torch_bilinear_x2(x):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_box_head_shapes_and_dtypes(dtype):
-  head = box_head.BoxHead(fc_dim=32, dtype=dtype)
+  head = box_head.BoxHead(num_classes=13, fc_dim=32, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (3, 7, 7, 8)).astype(dtype)
   variables, (logits, deltas) = _init_apply(head, x)
   assert logits.shape == (3, 14) and logits.dtype == jnp.float32
@@ -81,7 +81,7 @@ def test_box_head_shapes_and_dtypes(dtype):
 
 
 def test_box_head_full_param_shapes():
-  shapes = _param_shapes(box_head.BoxHead(), (2, 7, 7, 256))
+  shapes = _param_shapes(box_head.BoxHead(num_classes=13), (2, 7, 7, 256))
   assert shapes == {
       "fc6": {"kernel": (7 * 7 * 256, 1024), "bias": (1024,)},
       "fc7": {"kernel": (1024, 1024), "bias": (1024,)},
@@ -91,7 +91,7 @@ def test_box_head_full_param_shapes():
 
 
 def test_box_head_init():
-  head = box_head.BoxHead(fc_dim=512)
+  head = box_head.BoxHead(num_classes=13, fc_dim=512)
   params = head.init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))["params"]
   np.testing.assert_allclose(np.std(params["cls_score"]["kernel"]), 0.01,
                              rtol=0.1)
@@ -108,7 +108,7 @@ def test_box_head_init():
 def test_box_head_class_agnostic_regression():
   """One 4-output regressor, its deltas repeated in every class's columns; the loss of RoIs
   of different classes trains that one regressor."""
-  head = box_head.BoxHead(fc_dim=16, cls_agnostic_bbox_reg=True)
+  head = box_head.BoxHead(num_classes=13, fc_dim=16, cls_agnostic_bbox_reg=True)
   x = jax.random.normal(jax.random.key(2), (3, 7, 7, 4))
   variables = head.init(jax.random.key(0), x)
   assert variables["params"]["bbox_pred"]["kernel"].shape == (16, 4)
@@ -134,7 +134,7 @@ def test_box_head_class_agnostic_regression():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mask_head_shapes_and_dtypes(dtype):
-  head = mask_head.MaskHead(conv_dim=16, dtype=dtype)
+  head = mask_head.MaskHead(num_classes=13, conv_dim=16, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (2, 14, 14, 8)).astype(dtype)
   variables, logits = _init_apply(head, x)
   assert logits.shape == (2, 28, 28, 13) and logits.dtype == jnp.float32
@@ -143,7 +143,7 @@ def test_mask_head_shapes_and_dtypes(dtype):
 
 
 def test_mask_head_full_param_shapes():
-  shapes = _param_shapes(mask_head.MaskHead(), (2, 14, 14, 256))
+  shapes = _param_shapes(mask_head.MaskHead(num_classes=13), (2, 14, 14, 256))
   expected = {f"mask_fcn{i}": {"kernel": (3, 3, 256, 256), "bias": (256,)}
               for i in range(1, 5)}
   expected["deconv"] = {"kernel": (2, 2, 256, 256), "bias": (256,)}
@@ -152,7 +152,7 @@ def test_mask_head_full_param_shapes():
 
 
 def test_mask_head_init():
-  head = mask_head.MaskHead(conv_dim=64)
+  head = mask_head.MaskHead(num_classes=13, conv_dim=64)
   params = head.init(jax.random.key(0), jnp.zeros((1, 4, 4, 64)))["params"]
   # kaiming normal, fan_out = 3 * 3 * 64.
   np.testing.assert_allclose(np.std(params["mask_fcn2"]["kernel"]),
@@ -184,7 +184,7 @@ def test_mask_head_deconv_is_torch_conv_transpose():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_landmark_head_shapes_and_dtypes(dtype):
-  head = landmark_head.LandmarkHead(conv_dim=16, num_convs=2, dtype=dtype)
+  head = landmark_head.LandmarkHead(num_landmarks=294, conv_dim=16, num_convs=2, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (2, 14, 14, 8)).astype(dtype)
   variables = head.init(jax.random.key(0), x)
   logits, state = head.apply(variables, x, capture_intermediates=True)
@@ -198,7 +198,7 @@ def test_landmark_head_shapes_and_dtypes(dtype):
 
 
 def test_landmark_head_full_param_shapes():
-  shapes = _param_shapes(landmark_head.LandmarkHead(), (2, 14, 14, 256))
+  shapes = _param_shapes(landmark_head.LandmarkHead(num_landmarks=294), (2, 14, 14, 256))
   expected = {f"conv_fcn{i}": {"kernel": (3, 3, 512, 512), "bias": (512,)}
               for i in range(2, 9)}
   expected["conv_fcn1"] = {"kernel": (3, 3, 256, 512), "bias": (512,)}
@@ -238,7 +238,7 @@ def test_landmark_deconv_is_torch_conv_transpose(kernel, torch_padding):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_landmark_head_selected_channels_equal_full_output(dtype):
   """channels=[N, M] computes exactly those output channels of each RoI."""
-  head = landmark_head.LandmarkHead(conv_dim=16, num_convs=1, dtype=dtype)
+  head = landmark_head.LandmarkHead(num_landmarks=294, conv_dim=16, num_convs=1, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (4, 7, 7, 8)).astype(dtype)
   variables = head.init(jax.random.key(0), x)
   # A non-zero bias, so that its per-channel gather is checked too.
@@ -541,8 +541,8 @@ def test_expanded_square_gradient_matches_reference():
 def test_heads_backward_in_dtype(dtype):
   """Gradients flow through every head in float32 and bfloat16 compute."""
   heads = [
-      (box_head.BoxHead(fc_dim=8, dtype=dtype), (2, 7, 7, 4)),
-      (mask_head.MaskHead(conv_dim=8, num_convs=1, dtype=dtype), (2, 6, 6, 4)),
+      (box_head.BoxHead(num_classes=13, fc_dim=8, dtype=dtype), (2, 7, 7, 4)),
+      (mask_head.MaskHead(num_classes=13, conv_dim=8, num_convs=1, dtype=dtype), (2, 6, 6, 4)),
       (landmark_head.LandmarkHead(conv_dim=8, num_convs=1, num_landmarks=5,
                                   dtype=dtype), (2, 6, 6, 4)),
       (matching.MatchingHead(embed_dim=4, conv_dim=8, proj_dim=8, dtype=dtype),

@@ -1,5 +1,6 @@
 """Tests for df2_jax.models.losses on hand-computable cases."""
 
+import functools
 import math
 
 import jax
@@ -156,6 +157,11 @@ def test_mask_loss_soft_targets():
 
 # ----------------------------------------------------------------- landmarks
 
+# The loss with DeepFashion2's tables (the run's spec's, in the model).
+_landmark_loss = functools.partial(
+    losses.landmark_loss, category_channels=df2.CATEGORY_CHANNELS,
+    category_channel_valid=df2.CATEGORY_CHANNEL_VALID)
+
 
 def _landmark_loss_all_channels(logits, indices, valid, upsample):
   """Reference: upsample all 294 channels, CE per valid (RoI, landmark)."""
@@ -185,13 +191,13 @@ def test_landmark_loss_uniform_logits():
   indices = jnp.full((1, 2, df2.NUM_LANDMARKS), 1234, jnp.int32)
   classes = jnp.array([[1, 4]])
   valid = jnp.asarray(df2.CATEGORY_LANDMARK_MASK[np.asarray(classes)])
-  got = jax.jit(losses.landmark_loss)(logits, indices, valid, classes)
+  got = jax.jit(_landmark_loss)(logits, indices, valid, classes)
   np.testing.assert_allclose(got, math.log(56 * 56), rtol=1e-6)  # ln 3136
 
 
 def test_landmark_loss_equals_all_channel_loss():
   logits, indices, valid, classes = _landmark_case(6)
-  got = jax.jit(losses.landmark_loss)(logits, indices, valid, classes)
+  got = jax.jit(_landmark_loss)(logits, indices, valid, classes)
   want = _landmark_loss_all_channels(logits, indices, valid,
                                      upsample_heatmaps)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -204,9 +210,9 @@ def test_landmark_loss_on_pre_gathered_channels():
   logits, indices, valid, classes = _landmark_case(6, seed=4)
   channels = df2.CATEGORY_CHANNELS[classes]  # [B, R, 39]
   own = np.take_along_axis(logits, channels[:, :, None, None, :], axis=-1)
-  full = jax.jit(jax.value_and_grad(losses.landmark_loss))(logits, indices, valid, classes)
+  full = jax.jit(jax.value_and_grad(_landmark_loss))(logits, indices, valid, classes)
   sel = jax.jit(jax.value_and_grad(
-      lambda x, i, v, c: losses.landmark_loss(x, i, v, c, gathered=True)))(
+      lambda x, i, v, c: _landmark_loss(x, i, v, c, gathered=True)))(
           own, indices, valid, classes)
   np.testing.assert_allclose(sel[0], full[0], rtol=1e-6)
   want_grad = np.take_along_axis(np.asarray(full[1]), channels[:, :, None, None, :], axis=-1)
@@ -219,12 +225,12 @@ def test_landmark_loss_on_pre_gathered_channels():
 def test_landmark_loss_custom_upsample_and_foreign_channels():
   logits, indices, valid, classes = _landmark_case(4, seed=1)
   nearest = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  got = losses.landmark_loss(logits, indices, valid, classes, nearest)
+  got = _landmark_loss(logits, indices, valid, classes, nearest)
   want = _landmark_loss_all_channels(logits, indices, valid, nearest)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Channels outside an RoI's category are ignored even if marked valid.
   noisy = valid | (np.random.default_rng(2).random(valid.shape) < 0.5)
-  again = losses.landmark_loss(logits, indices, noisy, classes, nearest)
+  again = _landmark_loss(logits, indices, noisy, classes, nearest)
   assert not np.array_equal(noisy, valid)
   own = noisy & df2.CATEGORY_LANDMARK_MASK[classes]
   np.testing.assert_allclose(
@@ -235,7 +241,7 @@ def test_landmark_loss_custom_upsample_and_foreign_channels():
 def test_landmark_loss_no_valid_is_zero_with_finite_grad():
   logits, indices, valid, classes = _landmark_case(4, seed=3)
   none = np.zeros_like(valid)
-  loss, grad = jax.value_and_grad(losses.landmark_loss)(
+  loss, grad = jax.value_and_grad(_landmark_loss)(
       jnp.asarray(logits), indices, none, classes)
   assert float(loss) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
@@ -243,7 +249,7 @@ def test_landmark_loss_no_valid_is_zero_with_finite_grad():
 
 def test_landmark_loss_grad_only_on_category_channels():
   logits, indices, valid, classes = _landmark_case(4, seed=4)
-  grad = jax.grad(losses.landmark_loss)(jnp.asarray(logits), indices, valid,
+  grad = jax.grad(_landmark_loss)(jnp.asarray(logits), indices, valid,
                                         classes)
   touched = np.abs(np.asarray(grad)).sum(axis=(2, 3)) > 0   # [B, R, 294]
   assert not np.any(touched & ~df2.CATEGORY_LANDMARK_MASK[classes])

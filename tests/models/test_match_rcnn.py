@@ -12,6 +12,7 @@ import pytest
 from configs import tiny
 from data_pipeline import deepfashion2 as df2
 from data_pipeline import synthetic_batches, transforms
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.models import losses
 from df2_jax import train_step
 from df2_jax.models import match_rcnn, matching
@@ -36,7 +37,7 @@ def _batch(first_pair=0):
 
 @functools.lru_cache(maxsize=None)
 def _model_and_variables():
-  model = MatchRCNN(TINY, (SIZE, SIZE))
+  model = MatchRCNN(TINY, (SIZE, SIZE), DEEPFASHION2)
   return model, init_variables(model, jax.random.key(0), _batch())
 
 
@@ -88,7 +89,7 @@ def test_box_loss_betas_and_binary_mask_targets_reach_the_losses(monkeypatch):
   monkeypatch.setattr(losses, "landmark_loss", landmark_spy)
 
   def terms(**fields):
-    m = MatchRCNN(dataclasses.replace(TINY, **fields), (SIZE, SIZE))
+    m = MatchRCNN(dataclasses.replace(TINY, **fields), (SIZE, SIZE), DEEPFASHION2)
 
     def run(v, b, k):  # the spy's values are this trace's: returned with the terms
       out = m.apply(v, b, rngs={"sampling": k}, method=MatchRCNN.losses)
@@ -157,7 +158,7 @@ def test_batch_negatives_pair_term_is_the_formula():
   # the pair term equals the formula on the embeddings of the GT boxes.
   model, variables = _model_and_variables()
   batch_model = MatchRCNN(dataclasses.replace(TINY, match_negatives="batch",
-                                              match_balanced=True), (SIZE, SIZE))
+                                              match_balanced=True), (SIZE, SIZE), DEEPFASHION2)
   b = _batch()
   terms = jax.jit(lambda v, x, k: batch_model.apply(v, x, rngs={"sampling": k},
                                                     method=MatchRCNN.losses))(
@@ -189,7 +190,7 @@ def test_memory_items_add_their_own_pair_term(negatives, steps, draw):
   model, variables = _model_and_variables()
   cfg = dataclasses.replace(TINY, match_memory_steps=steps, match_memory_draw=draw,
                             match_negatives=negatives, match_balanced=True)
-  mem_model = MatchRCNN(cfg, (SIZE, SIZE))
+  mem_model = MatchRCNN(cfg, (SIZE, SIZE), DEEPFASHION2)
   first, second = _batch(), _batch(2)
   m = first["boxes"].shape[2]
   zeros = lambda shape, dtype: jnp.zeros((steps, 4 * m) + shape, dtype)
@@ -285,7 +286,7 @@ def test_train_step_compiles_once_and_has_no_host_callbacks():
 
 @pytest.mark.slow  # compiles and runs the whole train step
 def test_frozen_stages_do_not_move():
-  model = MatchRCNN(TINY, (SIZE, SIZE))
+  model = MatchRCNN(TINY, (SIZE, SIZE), DEEPFASHION2)
   variables = _model_and_variables()[1]
   tx = train_step.make_optimizer(0.01, variables["params"], freeze_at=2)
   state = _state(variables, tx)
@@ -312,7 +313,7 @@ def test_overfits_two_synthetic_pairs():
   detections' IoU is the evidence on the boxes; every other term ends below 0.35 of its start.
   """
   model = MatchRCNN(dataclasses.replace(TINY, roi_align_method="matmul",
-                                        landmark_select_channels=True), (SIZE, SIZE))
+                                        landmark_select_channels=True), (SIZE, SIZE), DEEPFASHION2)
   variables = init_variables(model, jax.random.key(0), _batch())
   tx = optax.adam(2e-3)
   state = _state(variables, tx)

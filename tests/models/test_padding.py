@@ -10,6 +10,7 @@ import pytest
 
 from configs import tiny
 from data_pipeline import synthetic_batches, transforms
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax.models import resnet
 from df2_jax.models.match_rcnn import LOSS_TERMS, MatchRCNN, init_variables, model_from_config
 from df2_jax.ops import anchors as anchor_ops
@@ -128,7 +129,7 @@ def _setup():
     img[~inside] = rng.integers(0, 256, ((~inside).sum(), 3), dtype=np.uint8)
   noisy = noisy.reshape(batch["image"].shape)
   assert (noisy != batch["image"]).any()
-  model = MatchRCNN(TINY, (SIZE, SIZE))
+  model = MatchRCNN(TINY, (SIZE, SIZE), DEEPFASHION2)
   return model, init_variables(model, jax.random.key(0), batch), batch, noisy
 
 

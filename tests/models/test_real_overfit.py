@@ -17,6 +17,7 @@ import pytest
 
 from configs import tiny
 from data_pipeline import sources, transforms
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax import train_step
 from df2_jax.models.match_rcnn import MatchRCNN, init_variables, model_from_config
 from df2_jax.ops import boxes as box_ops
@@ -45,7 +46,8 @@ LEARNT = dict(rpn_cls=0.1, rpn_box=0.6, cls=0.3, box=0.95, mask=0.85, landmark=0
 def _batches():
   """The 16 fixture images as 4 batches of 2 pairs (4 images); batches 1 and 3 flipped."""
   fixtures = fixtures_dir()
-  source = sources.coco_source(str(fixtures / "coco.json"), str(fixtures / "image"))
+  source = sources.coco_source(str(fixtures / "coco.json"), str(fixtures / "image"),
+                               spec=DEEPFASHION2)
   assert len(source) == 16
   encoded = [transforms.encode_image(r, source.load_image(i), GEOMETRY, flip=(i // 4) % 2 == 1)
              for i, r in enumerate(source.records)]
@@ -67,7 +69,7 @@ def test_the_1x_loss_settings_overfit_the_real_fixtures():
   Measured on the 2-core machine (jax 0.10.2, 2026-12-05): 28 of the 29 items found.
   """
   batches = _batches()
-  model = MatchRCNN(CONFIG, CANVAS)
+  model = MatchRCNN(CONFIG, CANVAS, DEEPFASHION2)
   variables = init_variables(model, jax.random.key(0), batches[0])
   tx = optax.adam(2e-3)
   state = train_step.create_train_state(variables, tx)

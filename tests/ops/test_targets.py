@@ -1,5 +1,6 @@
 """Tests for df2_jax.ops.sampling and df2_jax.ops.targets on hand cases."""
 
+import functools
 import math
 
 import jax
@@ -17,7 +18,8 @@ _match = jax.jit(targets.match, static_argnums=(2, 3, 4))
 _rpn_targets = jax.jit(targets.rpn_targets, static_argnums=(4, 5, 6, 7))
 _roi_targets = jax.jit(targets.roi_targets, static_argnums=(6, 7, 8))
 _mask_targets_jit = jax.jit(targets.mask_targets, static_argnums=(4, 5, 6))
-_landmark_targets = jax.jit(targets.landmark_targets, static_argnums=(4, 5))
+_landmark_targets = jax.jit(functools.partial(  # DeepFashion2's category channels
+    targets.landmark_targets, own_channels=df2.CATEGORY_LANDMARK_MASK), static_argnums=(4, 5))
 _pair_targets = jax.jit(targets.pair_targets)
 
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipeline.spec import DEEPFASHION2
 from df2_jax import parallel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,10 +36,11 @@ def _worker() -> dict:
 
   out = {"devices": jax.device_count(), "threefry_partitionable":
          bool(jax.config.jax_threefry_partitionable)}
-  geometry = transforms.ImageGeometry((CANVAS, CANVAS), 48, CANVAS, 4, 28)
+  geometry = transforms.ImageGeometry((CANVAS, CANVAS), 48, CANVAS, 4, 28, spec=DEEPFASHION2)
   batch = synthetic_batches.synthetic_pair_batch(PAIRS, geometry, image_size=CANVAS)
   # With the pair loss's memory of one step: the second step scores the first step's items too.
-  model = MatchRCNN(dataclasses.replace(TINY, match_memory_steps=1), (CANVAS, CANVAS))
+  model = MatchRCNN(dataclasses.replace(TINY, match_memory_steps=1), (CANVAS, CANVAS),
+                    DEEPFASHION2)
   variables = init_variables(model, jax.random.key(0), batch)
   tx = train_step.make_optimizer(0.01, variables["params"], freeze_at=0)
   host_state = jax.tree_util.tree_map(np.asarray,

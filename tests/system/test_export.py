@@ -155,8 +155,10 @@ def test_manifest(exported):
                                                                       "bool"}
   pre = manifest["preprocessing"]
   assert (pre["short_side"], pre["max_size"], pre["max_canvas_hw"]) == (96, 128, [128, 128])
-  assert manifest["categories"]["1"] == {"name": "short sleeve top",
+  assert manifest["categories"]["1"] == {"id": 1, "name": "short sleeve top",
                                          "coco_name": "short_sleeved_shirt"}
+  assert manifest["dataset"] == "deepfashion2" and manifest["spec"]["categories"][12][
+      "sigmas"][-1] == 0.0173
   assert len(manifest["categories"]) == 13
   assert manifest["landmark_slices"]["13"] == [275, 294]
   # The weights: every "params" and "constants" tensor, in the programs' order.
