@@ -21,8 +21,9 @@ head, 1/9 in the RPN), binary mask targets (the GT mask's RoIAlign thresholded a
 every foreground RoI of the box head's 512-RoI sample (up to 128 per image) trains the landmark
 head. Landmarks are continuous coordinates in training (annotated pixel index + 0.5, so a flip
 maps index x to W - 1 - x) and pixel indices again in the results (-0.5), as in detectron2.
-Validation images or items that fail validation refuse the evaluation (eval.allow_skipped);
-training drops only the bad landmark, polygon or item.
+Validation images, items, polygons or landmarks that fail validation refuse the evaluation
+(eval.allow_skipped); training drops only the bad landmark, polygon or item, and leaves out an
+image left with no item.
 
 Pair sampling (data.pair_sampling): the default "matching" keeps a 1x schedule's epochs in
 images, as Detectron counts them: each epoch one maximum matching of the user-shop partner

@@ -146,7 +146,8 @@ class DropCounts:
   They travel with the split's records (``ScanResult.counts``, ``DataSource.dropped``,
   the TFDS build's marker) so that an evaluation knows which ground truth it is missing: a
   dropped validation image or item is absent from every metric and from the retrieval
-  denominator (``evaluator`` refuses to evaluate then, unless told to).
+  denominator, a dropped polygon or landmark alters AP_mask's or AP_pt's ground truth
+  (``evaluator`` refuses to evaluate then, unless told to).
   """
   images: int = 0
   items: int = 0

@@ -124,8 +124,9 @@ class Evaluations:
   metrics.jsonl and TensorBoard), and the best one's params under ``workdir/best/``.
 
   The evaluation split is scanned once, when this is built (at the start of training: a
-  missing or broken split fails before any step, and so does one whose reader dropped images
-  or items, ``evaluator.SkippedGroundTruth``, unless ``config.eval.allow_skipped``).
+  missing or broken split fails before any step, and so does one whose reader dropped images,
+  items, polygons or landmarks, ``evaluator.SkippedGroundTruth``, unless
+  ``config.eval.allow_skipped``).
   ``workdir/best/`` holds one checkpoint, {"params", "constants"} of the first step that
   reached the best value of ``config.train.best_metric`` (a ``metrics.json`` scalar name
   without "eval/", e.g. "bbox/AP"); its ``extra`` JSON has the step, the metric and every
@@ -143,7 +144,7 @@ class Evaluations:
     self.run_extra = dict(run_extra or {})
     self.source = (eval_source if eval_source is not None
                    else sources.source_from_config(config.data, config.data.eval_split))
-    # A split that lost images or items is refused now, not at the first evaluation.
+    # A split that lost any ground truth is refused now, not at the first evaluation.
     evaluator.check_ground_truth(config, self.source)
     self.best = (ckpt_lib.CheckpointManager(os.path.join(workdir, "best"), 1, max_to_keep=1)
                  if track_best else None)

@@ -159,18 +159,24 @@ def _category_name(gt: Any, cat_id: int) -> str:
   return str(gt.cats.get(cat_id, {}).get("name", cat_id))
 
 
+class MissingSigmas(errors.Df2Error, ValueError):
+  """A keypoint evaluation of another dataset than DeepFashion2 without its OKS sigmas."""
+  exit_code = 2
+
+
 def _sigmas(gt_dict: dict, sigmas: np.ndarray | None) -> np.ndarray:
   """The OKS sigmas of a keypoint evaluation: ``sigmas`` (the run's spec's), or for a
   DeepFashion2 ground truth its 294; one per keypoint of the GT's categories."""
   if sigmas is None:
     if not spec_lib.is_deepfashion2(gt_dict.get("categories", [])):
-      raise ValueError("the keypoint evaluation of a ground truth that is not DeepFashion2's "
-                       "needs its OKS sigmas (the run's dataset spec: --workdir)")
+      raise MissingSigmas("the keypoint evaluation of a ground truth that is not "
+                          "DeepFashion2's needs its OKS sigmas (the run's dataset spec: "
+                          "--workdir WORKDIR)")
     sigmas = spec_lib.DEEPFASHION2.oks_sigmas
   sigmas = np.asarray(sigmas, np.float64)
   for cat in gt_dict.get("categories", []):
     if len(cat.get("keypoints", [])) != len(sigmas):
-      raise ValueError(f"category {cat.get('name')!r} of the ground truth has "
+      raise MissingSigmas(f"category {cat.get('name')!r} of the ground truth has "
                        f"{len(cat.get('keypoints', []))} keypoints, the sigmas {len(sigmas)}")
   return sigmas
 

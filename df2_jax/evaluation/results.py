@@ -74,7 +74,7 @@ class ImageResults:
     image_hw: (H, W) of the original image.
     boxes: [n, 4] float32 [x1, y1, x2, y2].
     scores: [n] float32.
-    classes: [n] int16 category ids 1..13.
+    classes: [n] int16, the spec's classes 1..C.
     rles: n compressed COCO RLE ``counts`` (bytes) of the pasted masks (empty without masks).
     keypoint_rows: [k] int32 rows whose landmarks are kept (``keypoint_keep``).
     keypoints: [k, 39, 2] float32 (x, y) of each kept row's category landmarks, zero-padded,

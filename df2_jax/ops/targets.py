@@ -8,7 +8,7 @@ padded to a fixed instance count M with a validity mask (data_pipeline
 targets. Targets carry no gradient (inputs are wrapped in stop_gradient).
 
 Conventions: boxes are (x1, y1, x2, y2) in continuous canvas coordinates
-(pixel (i, j) covers [j, j + 1) x [i, i + 1)); classes are 1..13 with
+(pixel (i, j) covers [j, j + 1) x [i, i + 1)); classes are 1..C (the spec's) with
 0 = background / padding; GT masks are [M, S, S] crops of each mask to its
 box (crop pixel (i, j) covers [x1 + j * w / S, x1 + (j + 1) * w / S) x
 [y1 + i * h / S, y1 + (i + 1) * h / S)).
@@ -160,7 +160,7 @@ def roi_targets(key: Array, proposals: Array, proposal_valid: Array,
     proposals: [K, 4] RPN proposals.
     proposal_valid: [K] bool.
     gt_boxes: [M, 4].
-    gt_classes: [M] int32 in 1..13 (anything for padding).
+    gt_classes: [M] int32 in 1..C (anything for padding).
     gt_valid: [M] bool.
     num_samples: static ROI_HEADS.BATCH_SIZE_PER_IMAGE.
     positive_fraction: static ROI_HEADS.POSITIVE_FRACTION.

@@ -285,3 +285,22 @@ def test_cli(tmp_path, capsys):
   assert ev.main(["--gt", str(tmp_path / "gt.json"), "--results", str(tmp_path / "kp.json"),
                   "--type", "keypoints", "--visible_only"]) == 0
   assert "landmarks visible" in capsys.readouterr().out
+
+
+def test_another_taxonomy_needs_its_sigmas():
+  """Keypoints of a ground truth that is not DeepFashion2's are scored with the given sigmas
+  (the run's spec); without them the evaluation refuses in one line."""
+  gt = {"images": [{"id": 1, "width": 100, "height": 100}],
+        "categories": [{"id": 30, "name": "top", "keypoints": ["a", "b"]}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 30, "bbox": [10, 10, 50, 50],
+                         "area": 2500, "iscrowd": 0, "num_keypoints": 2,
+                         "keypoints": [20, 20, 2, 40, 40, 2]}]}
+  res = [{"image_id": 1, "category_id": 30, "keypoints": [20, 20, 2, 40, 40, 2], "score": 0.9}]
+  with pytest.raises(ev.MissingSigmas, match="--workdir"):
+    ev.evaluate(gt, res, "keypoints")
+  assert ev.evaluate(gt, res, "keypoints", sigmas=np.array([0.05, 0.05]))["AP"] == 1.0
+  # Moved 5 px in x and y on a 2500 px^2 item: OKS = exp(-50 / (2 * 2500 * (2 * s)^2)) per
+  # point, 0.37 with s = 0.05 (below every threshold), 0.99 with s = 0.5.
+  moved = [dict(res[0], keypoints=[25, 25, 2, 45, 45, 2])]
+  assert ev.evaluate(gt, moved, "keypoints", sigmas=np.array([0.05, 0.05]))["AP"] == 0.0
+  assert ev.evaluate(gt, moved, "keypoints", sigmas=np.array([0.5, 0.5]))["AP50"] == 1.0

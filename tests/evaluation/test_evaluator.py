@@ -95,6 +95,51 @@ def test_reevaluation_replaces_the_folder_whole_and_records_the_checkpoint(tiny,
   assert json.loads((outdir / "retrieval_submission.json").read_text())
 
 
+@pytest.mark.parametrize("dropped, named", [
+    (dict(polygons=3), "3 polygons"),
+    (dict(landmarks=2), "2 landmarks"),
+    (dict(polygons=3, landmarks=2), "3 polygons, 2 landmarks"),
+])
+def test_dropped_polygons_or_landmarks_alone_refuse_the_evaluation(tiny, dropped, named):
+  """Every item still there with its box, but AP_mask / AP_pt would be scored against altered
+  ground truth: refused in one line naming what was dropped and the override, unless
+  config.eval.allow_skipped."""
+  import copy
+  from data_pipeline.records import DropCounts
+  source = SimpleNamespace(name="synthetic/validation", dropped=DropCounts(**dropped))
+  assert tiny.config.eval.allow_skipped is False
+  with pytest.raises(evaluator.SkippedGroundTruth) as info:
+    evaluator.check_ground_truth(tiny.config, source)
+  line = str(info.value)
+  assert "\n" not in line
+  assert f"its reader dropped {named} as invalid" in line
+  assert "images" not in line.split(" as invalid")[0]  # only what was dropped is named
+  assert "--config.eval.allow_skipped=True" in line
+  allowed = copy.deepcopy(tiny.config)
+  allowed.eval.allow_skipped = True
+  evaluator.check_ground_truth(allowed, source)  # evaluated, with a warning
+  evaluator.check_ground_truth(tiny.config, SimpleNamespace(name="x", dropped=DropCounts()))
+
+
+@pytest.mark.slow  # a whole evaluation
+def test_allow_skipped_evaluates_a_split_that_lost_polygons_and_landmarks(tiny, tmp_path):
+  import copy
+  from data_pipeline import records, sources
+  config = copy.deepcopy(tiny.config)
+  full = sources.source_from_config(config.data, config.data.eval_split)
+  source = records.DataSource(full.records, full.loader, full.name,
+                              records.DropCounts(polygons=3, landmarks=2))
+  with pytest.raises(evaluator.SkippedGroundTruth, match="3 polygons, 2 landmarks"):
+    evaluator.evaluate(config, tiny.variables, str(tmp_path / "refused"), eval_source=source)
+  assert not (tmp_path / "refused").exists()
+  config.eval.allow_skipped = True
+  metrics = evaluator.evaluate(config, tiny.variables, str(tmp_path / "eval_1"),
+                               eval_source=source)
+  want = {"images": 0, "items": 0, "polygons": 3, "landmarks": 2}
+  assert metrics[evaluator.DROPPED_KEY] == want
+  assert files.read_json(tmp_path / "eval_1" / "metrics.json")[evaluator.DROPPED_KEY] == want
+
+
 @pytest.mark.parametrize("stage", ["coco_metrics", "draw_pictures"])
 def test_a_failed_evaluation_leaves_the_previous_folder_byte_identical(tiny, tmp_path,
                                                                        monkeypatch, stage):
