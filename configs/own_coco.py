@@ -18,7 +18,7 @@ optional in a set without masks), ``keypoints`` (3 x the category's count; optio
 ``iscrowd`` (crowds are left out of training and ignored by the evaluation), ``style`` and
 ``pair_id`` only where the set has user/shop pairs (``source`` "user"/"shop" per image).
 
-The log says at start what was read, e.g. "dataset 'coarse3': 3 categories, 9 landmarks, no
+The log says at start what was read, e.g. "dataset 'coarse3': 3 categories, 8 landmarks, no
 pairs (from train.json and spec.json)" and, for a set without pairs, that the matching loss and
 the retrieval metrics are off. metrics.json then holds bbox, segm, keypoints and
 keypoints_visible (COCO AP with the spec's sigmas), without retrieval keys; the result files

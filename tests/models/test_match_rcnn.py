@@ -340,3 +340,58 @@ def test_overfits_two_synthetic_pairs():
                                           out["boxes"][i]))
     iou = np.where(np.asarray(out["valid"][i])[None], iou, 0)
     assert (iou.max(axis=1) > 0.5).all(), (i, iou.max(axis=1))
+
+
+def _own_spec(landmarks, has_masks):
+  from data_pipeline import spec as spec_lib
+  return spec_lib.from_dict({"name": "own", "has_masks": has_masks, "has_pairs": False,
+                             "categories": [
+                                 {"id": 5, "name": "top", "landmarks": landmarks,
+                                  "sigmas": [0.05] * len(landmarks)},
+                                 {"id": 9, "name": "skirt"}]})
+
+
+def _own_batch(spec):
+  geometry = dataclasses.replace(GEOMETRY, spec=spec)
+  batch = transforms.zero_train_batch(geometry, 2)
+  batch["image"] = np.random.default_rng(0).integers(0, 255, batch["image"].shape, np.uint8)
+  batch["image_hw"][...] = SIZE
+  batch["boxes"][:, :, 0] = [10, 10, 70, 90]
+  batch["boxes"][:, :, 1] = [60, 20, 110, 100]
+  batch["classes"][:, :, :2] = [1, 2]
+  batch["instance_valid"][:, :, :2] = True
+  if spec.num_landmarks:
+    batch["landmarks"][:, :, 0, :spec.num_landmarks] = [[30, 40, 2], [50, 40, 2], [40, 80, 1]]
+  return batch
+
+
+@pytest.mark.slow  # two models compiled for losses and detect
+@pytest.mark.parametrize("landmarks", [("neck", "l_hem", "r_hem"), ()])
+def test_a_spec_sizes_the_heads_and_switches_terms_off(landmarks):
+  """The heads take their sizes from the run's spec (2 classes here; 3 landmark channels or no
+  landmark head at all); a set without masks trains no mask term, one without landmarks no
+  landmark term, and ``detect`` gives [B, D, 0, 3] landmarks then."""
+  spec = _own_spec(list(landmarks), has_masks=False)
+  model = MatchRCNN(TINY, (SIZE, SIZE), spec)
+  batch = _own_batch(spec)
+  variables = init_variables(model, jax.random.key(0), batch)
+  params = variables["params"]
+  assert params["box_head"]["cls_score"]["kernel"].shape[-1] == 3  # background + 2
+  assert params["mask_head"]["predictor"]["kernel"].shape[-1] == 2
+  if landmarks:
+    assert params["landmark_head"]["score_lowres"]["kernel"].shape[2] == 3
+  else:
+    assert "landmark_head" not in params
+  terms = model.apply(variables, batch, rngs={"sampling": jax.random.key(1)},
+                      method=MatchRCNN.losses)
+  assert all(np.isfinite(float(v)) for v in terms.values())
+  assert float(terms["mask"]) == 0.0 and float(terms["pair"]) == 0.0
+  np.testing.assert_allclose(float(terms["cls"]), np.log(3), atol=0.5)
+  if landmarks:  # the top's 3 labelled landmarks: near ln(56 * 56) at the start
+    np.testing.assert_allclose(float(terms["landmark"]), np.log(56 * 56), atol=0.3)
+  else:
+    assert float(terms["landmark"]) == 0.0
+  out = model.apply(variables, _flat(batch["image"]), _flat(batch["image_hw"]),
+                    method=MatchRCNN.detect)
+  assert out["landmarks"].shape == (4, TINY.detections_per_image, len(landmarks), 3)
+  assert int(out["classes"].max()) <= 2
