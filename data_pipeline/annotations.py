@@ -178,9 +178,7 @@ def _parse_item(src: Mapping[str, Any], path: str, prefix: str, width: int, heig
     _fail(path, field("category_id"), f"value {original} is not a category of dataset "
                                       f"{spec.name!r} (ids {[c.id for c in spec.categories]})")
   name = _get(src, "category_name")
-  names = {spec.category(cat).name}
-  if df2.COCO_NAMES.get(original) == spec.category(cat).name:  # DeepFashion2's raw names too
-    names.add(df2.RAW_NAMES[original])
+  names = spec.accepted_names(cat)
   if name is not _MISSING and name not in names:
     _fail(path, field("category_name"),
           f"{name!r} does not match category_id {original} ({sorted(names)[-1]!r})")
@@ -760,10 +758,7 @@ def read_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *,
       cid = cat.get("id") if isinstance(cat, dict) else None
       name = cat.get("name") if isinstance(cat, dict) else None
       cls = spec.class_of(cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
-      names = {spec.category(cls).name} if cls else set()
-      if cls and df2.COCO_NAMES.get(cid) == spec.category(cls).name:
-        names.add(df2.RAW_NAMES[cid])
-      if name not in names:
+      if name not in (spec.accepted_names(cls) if cls else set()):
         _fail(json_path, f"categories[{i}]",
               f"category (id={cid!r}, name={name!r}) is not a category of dataset "
               f"{spec.name!r} (the run's config.data.spec)")

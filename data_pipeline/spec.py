@@ -111,6 +111,16 @@ class DatasetSpec:
     """Internal class -> name."""
     return {k + 1: c.name for k, c in enumerate(self.categories)}
 
+  def raw_name(self, cls: int) -> str | None:
+    """DeepFashion2's raw name (its per-image JSON's) of a class that is DeepFashion2's
+    category (same id and name); None for another set's."""
+    cid = int(self.original_ids[int(cls)])
+    return df2.RAW_NAMES[cid] if df2.COCO_NAMES.get(cid) == self.class_name(cls) else None
+
+  def accepted_names(self, cls: int) -> set[str]:
+    """The names an annotation may give class ``cls``: its name, and DeepFashion2's raw one."""
+    return {self.class_name(cls)} | ({self.raw_name(cls)} if self.raw_name(cls) else set())
+
   def class_name(self, cls: int, default: str = "?") -> str:
     return self.names.get(int(cls), default)
 

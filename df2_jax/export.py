@@ -177,7 +177,6 @@ def build_manifest(config, exported: dict[tuple[int, int], jax.export.Exported],
                    names: list[str], arrays: list[np.ndarray], batch_size: int,
                    checksums: dict[str, str], source: dict[str, Any]) -> dict[str, Any]:
   """The manifest of an export (``manifest.json``)."""
-  from data_pipeline import deepfashion2 as df2
   from data_pipeline import spec as spec_lib
   spec = spec_lib.from_config(config)
   canvases = list(exported)
@@ -247,9 +246,7 @@ def build_manifest(config, exported: dict[tuple[int, int], jax.export.Exported],
       "dataset": spec.name,
       "spec": json.loads(json.dumps(spec.to_dict())),  # lists, as the file reads back
       "categories": {str(c): {"id": int(spec.original_ids[c]),
-                              "name": (df2.RAW_NAMES[int(spec.original_ids[c])]
-                                       if df2.COCO_NAMES.get(int(spec.original_ids[c]))
-                                       == spec.class_name(c) else spec.class_name(c)),
+                              "name": spec.raw_name(c) or spec.class_name(c),
                               "coco_name": spec.class_name(c)}
                      for c in spec.class_ids},
       "landmark_slices": {str(c): [spec.landmark_slice(c).start, spec.landmark_slice(c).stop]
