@@ -202,6 +202,10 @@ def build_manifest(config, exported: dict[tuple[int, int], jax.export.Exported],
       "calling_convention_version": int(first.calling_convention_version),
       "platforms": list(first.platforms),
       "batch_size": int(batch_size),
+      # The exported program is MatchRCNN.detect in one program: the mask, landmark and
+      # matching heads run on every one of the detections_per_image slots (the Detector of
+      # df2_jax.inference runs them on the first K only, in a second program).
+      "head_slots": int(config.model.detections_per_image),
       "source": source,
       "canvases": [list(c) for c in canvases],
       "artifacts": artifacts,

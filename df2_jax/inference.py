@@ -17,7 +17,9 @@ training workdir (its ``checkpoints/``), a checkpoint directory (``WORKDIR/best`
 (``WORKDIR/checkpoints/2000``). A checkpoint of an earlier version, saved without its config,
 needs the config given: ``load_run(path, config=...)``.
 
-Detecting. ``Detector`` runs ``MatchRCNN.detect`` on every device of a mesh: the one inference
+Detecting. ``Detector`` runs ``MatchRCNN.detect`` on every device of a mesh, in two stages (the
+boxes, then the mask, landmark and matching heads on the first K detections only, K the
+smallest of ``HEAD_SLOTS`` and ``detections_per_image`` that holds them): the one inference
 path that the evaluation, ``--mode predict``, the retrieval tool and the ``Predictor`` share
 (``config.eval.batch_size`` images per device; a short batch is padded). Each image is resized
 as the evaluation resizes it (``config.data.short_side``/``max_size``:
@@ -48,8 +50,9 @@ from df2_jax.config import run_config
 from df2_jax.errors import Df2Error
 from df2_jax.models.match_rcnn import MatchRCNN, init_variables, model_from_config
 
-__all__ = ["Detector", "NonFiniteParams", "Predictor", "Run", "check_finite",
-           "expected_variables", "jitted_detect", "load_run", "load_variables", "read_image"]
+__all__ = ["Detector", "HEAD_SLOTS", "NonFiniteParams", "Predictor", "Run", "check_finite",
+           "expected_variables", "head_slots_for", "jitted_detect", "jitted_stages", "load_run",
+           "load_variables", "read_image"]
 
 
 
@@ -174,6 +177,43 @@ def _embeddings(x: Any, what: str) -> np.ndarray:
   return array
 
 
+# The numbers of detections the heads run on (inference.Detector; and detections_per_image):
+# each is one compiled heads program per canvas, the smallest that holds a batch's valid
+# detections is used. A trained model keeps a few garments per photo.
+HEAD_SLOTS = (8, 32)
+
+
+def head_slots_for(num_valid: int, detections_per_image: int) -> int:
+  """The heads' slots for a batch whose images have at most ``num_valid`` valid detections:
+  the smallest of ``HEAD_SLOTS`` and ``detections_per_image`` that holds them."""
+  for k in HEAD_SLOTS:
+    if num_valid <= k < detections_per_image:
+      return k
+  return int(detections_per_image)
+
+
+@functools.lru_cache(maxsize=4)
+def jitted_stages(model: MatchRCNN, mesh) -> tuple[Any, Any]:
+  """(boxes, heads) of ``model`` on every device of ``mesh`` (``parallel.per_device``):
+  ``boxes(variables, images, image_hw)`` runs ``MatchRCNN.detect_boxes``;
+  ``heads(k)(variables, features, boxes, classes)`` runs ``MatchRCNN.detect_heads`` on the
+  first k of the D detections and returns its outputs padded with zero rows to D (one
+  program per k, built once)."""
+  boxes = parallel.per_device(
+      lambda v, x, hw: model.apply(v, x, hw, method=MatchRCNN.detect_boxes), mesh, 2)
+
+  def heads_fn(k, v, features, det_boxes, classes):
+    out = model.apply(v, features, det_boxes[:, :k], classes[:, :k],
+                      method=MatchRCNN.detect_heads)
+    d = det_boxes.shape[1]
+    return {name: jnp.pad(a, [(0, 0), (0, d - k)] + [(0, 0)] * (a.ndim - 2))
+            for name, a in out.items()}
+
+  heads = functools.lru_cache(maxsize=None)(
+      lambda k: parallel.per_device(functools.partial(heads_fn, k), mesh, 3))
+  return boxes, heads
+
+
 @functools.lru_cache(maxsize=4)
 def jitted_detect(model: MatchRCNN, mesh) -> tuple[Any, Any]:
   """(detect, embed) of ``model`` on every device of ``mesh``, each device on its own images
@@ -209,9 +249,12 @@ def check_finite(variables: Any, what: str = "the params") -> None:
 
 class Detector:
   """The one inference path: ``MatchRCNN.detect`` of a model's variables on every device of a
-  mesh, over decoded images. ``Predictor``, ``--mode predict`` (``predict``), the retrieval tool
-  (``retrieval.GarmentFinder``) and the evaluation (``evaluator.run_detection``, on the input
-  pipeline's encoded batches) all run through it.
+  mesh, over decoded images, in two stages (``dispatch``): the heads run on the detections
+  that exist, in one of a few fixed sizes, so a photo with a few garments costs little more
+  than its boxes, and each canvas has a fixed set of programs. ``Predictor``, ``--mode
+  predict`` (``predict``), the retrieval tool (``retrieval.GarmentFinder``) and the
+  evaluation (``evaluator.run_detection``, on the input pipeline's encoded batches) all run
+  through it.
 
   Each image is resized as the evaluation resizes it (``config.data.short_side``/``max_size``:
   ``transforms.encode_pixels``) and padded onto a canvas of ``config.data.canvas`` and
@@ -244,9 +287,11 @@ class Detector:
     self.variables = parallel.replicate(variables, self.mesh)
     check_finite(self.variables)
     self._detect, self._embed = jitted_detect(self.model, self.mesh)
+    self._boxes, self._heads = jitted_stages(self.model, self.mesh)
     processes = {d.process_index for d in self.mesh.devices.flat}
     local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
     self.spans_processes = len(processes) > 1
+    self.detections_per_image = int(config.model.detections_per_image)
     self.batch_size = int(config.eval.batch_size) * local
 
   def canvas_for(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -275,11 +320,25 @@ class Detector:
                ) -> tuple[Any, Any]:
     """Starts ``detect`` on one batch (this process's ``image``, ``image_hw`` and, with
     ``embed_boxes``, ``boxes``, whose embeddings ``MatchRCNN.embed`` computes as well) and
-    returns (detections, box embeddings or None) as global arrays, not awaited: ``fetch``
-    them."""
+    returns (detections, box embeddings or None) as global arrays: ``fetch`` them.
+
+    In two stages (``MatchRCNN.detect_boxes``, then ``detect_heads`` on the first K
+    detections of each image, K the smallest of ``HEAD_SLOTS`` and D that holds the batch's
+    valid detections; the other rows of masks, landmarks and embeddings are zero): the
+    first stage is awaited, the heads are not. One program per canvas and per K. On a mesh
+    of several processes, one program with the heads on all D (every process must run the
+    same programs)."""
     keys = ("image", "image_hw") + (("boxes",) if embed_boxes else ())
     x = parallel.host_local_to_global({k: batch[k] for k in keys}, self.mesh)
-    out = self._detect(self.variables, x["image"], x["image_hw"])
+    if self.spans_processes:  # every process must run the same programs: heads on all D
+      out = self._detect(self.variables, x["image"], x["image_hw"])
+    else:
+      out = self._boxes(self.variables, x["image"], x["image_hw"])
+      features = out.pop("features")
+      # Waits for the first stage: the heads' size depends on how many detections it found.
+      most = int(np.max(np.sum(jax.device_get(out["valid"]), axis=1), initial=0))
+      k = head_slots_for(most, self.detections_per_image)
+      out.update(self._heads(k)(self.variables, features, out["boxes"], out["classes"]))
     emb = (self._embed(self.variables, x["image"], x["image_hw"], x["boxes"]) if embed_boxes
            else None)
     return out, emb

@@ -185,7 +185,7 @@ def run_detection(detector: inference.Detector, dataset, records_by_id: dict, *,
   try:
     previous = None
     for batch in dataset.as_numpy_iterator():
-      # dispatched, not awaited
+      # dispatched: the first stage awaited (the heads need its count), the heads not
       out, gt_emb = detector.dispatch(batch, embed_boxes=with_gt_embeddings)
       if previous is not None:
         submit(*previous)

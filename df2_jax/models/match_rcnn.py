@@ -6,6 +6,9 @@ One Linen module with three entry points, each a static-shape program:
     terms. Needs the PRNG stream "sampling" (anchor and RoI sampling).
   * ``detect(images, image_hw)``: inference; per image a fixed number of detections with
     boxes, scores, classes, 28x28 masks, landmarks (DeepFashion2: 294) and an embedding each.
+    Also in two stages, ``detect_boxes`` (backbone to NMS, with the FPN features) and
+    ``detect_heads`` (the mask, landmark and matching heads on the first K detections), so
+    that the heads run on the detections that exist (inference.Detector).
   * ``embed(images, image_hw, boxes)``: embeddings of given boxes (retrieval with ground-truth
     boxes).
 Images sit top-left on their canvas with content size ``image_hw``; every entry point sets the
@@ -181,11 +184,18 @@ class MatchRCNN(nn.Module):
     x = normalize_image(images, jnp.dtype(self.config.dtype), image_hw)
     return self.fpn(self.backbone(x))
 
-  def _pool(self, feats: dict[str, Array], boxes: Array, size: int) -> Array:
-    """[B, N, 4] boxes -> [B * N, size, size, C] features from each box's FPN level."""
+  def _pool(self, feats: dict[str, Array], boxes: Array, size: int, *,
+            inference: bool = False) -> Array:
+    """[B, N, 4] boxes -> [B * N, size, size, C] features from each box's FPN level.
+
+    ``inference``: no gradient is taken, so a "gather" model pools with the windowed gather
+    (the same values, much faster on a CPU: ops/roi_align)."""
     levels = [feats[f"P{k}"] for k in (2, 3, 4, 5)]
+    method = self.config.roi_align_method
+    if inference and method == "gather":
+      method = "window"
     pooled = roi_ops.multilevel_roi_align(levels, boxes, size, sampling_ratio=2,
-                                          method=self.config.roi_align_method)
+                                          method=method)
     return pooled.reshape((-1,) + pooled.shape[2:])
 
   def _proposals(self, feats, image_hw, train: bool, canvas_hw: tuple[int, int]):
@@ -198,9 +208,9 @@ class MatchRCNN(nn.Module):
     return logits, deltas, boxes, valid
 
   def _embed(self, feats: dict[str, Array], boxes: Array) -> Array:
-    """[B, N, 4] -> [B, N, D] float32 embeddings."""
+    """[B, N, 4] -> [B, N, D] float32 embeddings (inference)."""
     b, n = boxes.shape[:2]
-    return self.matching_head(self._pool(feats, boxes, 7)).reshape(b, n, -1)
+    return self.matching_head(self._pool(feats, boxes, 7, inference=True)).reshape(b, n, -1)
 
   # ------------------------------------------------------------------------------------------
   # Training.
@@ -350,19 +360,42 @@ class MatchRCNN(nn.Module):
   # ------------------------------------------------------------------------------------------
   # Inference.
 
-  def detect(self, images: Array, image_hw: Array) -> dict[str, Array]:
-    """Detections of a batch of single images.
+  def detect(self, images: Array, image_hw: Array, head_slots: int | None = None
+             ) -> dict[str, Array]:
+    """Detections of a batch of single images: ``detect_boxes`` then ``detect_heads`` in one
+    program.
 
     Args:
       images: [B, H, W, 3] uint8 canvases.
       image_hw: [B, 2] content height, width on the canvas.
+      head_slots: the mask, landmark and matching heads run on the first ``head_slots``
+        detections of each image (default: all D); the other rows of their outputs are
+        zero. The valid detections come first, so any ``head_slots`` at least the number of
+        valid detections gives their outputs.
 
     Returns (D = detections_per_image):
       boxes [B, D, 4] canvas coordinates, scores [B, D], classes [B, D] (1..C, the spec's
-      order), valid [B, D], masks [B, D, 28, 28] probabilities in the box frame, landmarks
-      [B, D, L, 3]
+      order), valid [B, D] (the valid rows first), masks [B, D, 28, 28] probabilities in the
+      box frame, landmarks [B, D, L, 3]
       (x, y, score; only the detection's category slice is filled, zeros elsewhere),
       embeddings [B, D, embed_dim]. All float32 except classes (int32) and valid.
+    """
+    out = self.detect_boxes(images, image_hw)
+    feats = out.pop("features")
+    d = out["boxes"].shape[1]
+    k = d if head_slots is None else min(int(head_slots), d)
+    heads = self.detect_heads(feats, out["boxes"][:, :k], out["classes"][:, :k])
+    if k < d:
+      heads = {name: jnp.pad(v, [(0, 0), (0, d - k)] + [(0, 0)] * (v.ndim - 2))
+               for name, v in heads.items()}
+    return dict(out, **heads)
+
+  def detect_boxes(self, images: Array, image_hw: Array) -> dict[str, Array]:
+    """The first stage of ``detect``: backbone, RPN, box head and class-aware NMS.
+
+    Returns boxes [B, D, 4], scores [B, D], classes [B, D], valid [B, D] (the valid rows
+    first, in decreasing score; invalid rows zero) as ``detect`` returns them, and
+    ``features``: the FPN levels {"P2": ..., "P5": ...} that ``detect_heads`` pools from.
     """
     c = self.config
     b = images.shape[0]
@@ -370,7 +403,7 @@ class MatchRCNN(nn.Module):
     feats = self._features(images, image_hw)
     _, _, proposals, proposal_valid = self._proposals(feats, image_hw, False, canvas_hw)
     k = proposals.shape[1]
-    class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7))
+    class_logits, box_deltas = self.box_head(self._pool(feats, proposals, 7, inference=True))
     probs = jax.nn.softmax(class_logits.reshape(b, k, -1), axis=-1)[..., 1:]  # [B, K, C]
     nc = probs.shape[-1]
     boxes = box_ops.decode(box_deltas.reshape(b, k, nc, 4), proposals[:, :, None, :],
@@ -392,17 +425,25 @@ class MatchRCNN(nn.Module):
     det_scores = jnp.where(keep_valid, jnp.take_along_axis(top_scores, keep, axis=1), 0.0)
     det_classes = jnp.where(keep_valid, jnp.take_along_axis(cand_classes, keep, axis=1), 0)
     det_boxes = jnp.where(keep_valid[..., None], det_boxes, 0.0)
-    d = det_boxes.shape[1]
-    channel = jnp.maximum(det_classes, 1) - 1
+    return dict(boxes=det_boxes, scores=det_scores, classes=det_classes, valid=keep_valid,
+                features={f"P{i}": feats[f"P{i}"] for i in (2, 3, 4, 5)})
 
-    mask_logits = self.mask_head(self._pool(feats, det_boxes, 14)).reshape(b, d, 28, 28, -1)
+  def detect_heads(self, features: dict[str, Array], boxes: Array, classes: Array
+                   ) -> dict[str, Array]:
+    """The second stage of ``detect``: the mask, landmark and matching heads on boxes
+    [B, K, 4] (canvas coordinates) of classes [B, K] (0: no detection) from
+    ``detect_boxes``' features. Returns masks [B, K, 28, 28], landmarks [B, K, L, 3] and
+    embeddings [B, K, embed_dim], each row computed from its own box alone."""
+    b, d = boxes.shape[:2]
+    canvas_hw = tuple(4 * v for v in features["P2"].shape[1:3])
+    channel = jnp.maximum(classes, 1) - 1
+    mask_logits = self.mask_head(self._pool(features, boxes, 14, inference=True))
+    mask_logits = mask_logits.reshape(b, d, 28, 28, -1)
     masks = jax.nn.sigmoid(jnp.take_along_axis(
         mask_logits, channel[:, :, None, None, None], axis=-1)[..., 0])
-
-    landmarks = self._landmarks(feats, det_boxes, det_classes, canvas_hw)
-    embeddings = self._embed(feats, det_boxes)
-    return dict(boxes=det_boxes, scores=det_scores, classes=det_classes, valid=keep_valid,
-                masks=masks, landmarks=landmarks, embeddings=embeddings)
+    landmarks = self._landmarks(features, boxes, classes, canvas_hw)
+    embeddings = self._embed(features, boxes)
+    return dict(masks=masks, landmarks=landmarks, embeddings=embeddings)
 
   def _landmarks(self, feats, boxes: Array, classes: Array, canvas_hw: tuple[int, int]
                  ) -> Array:
@@ -418,7 +459,7 @@ class MatchRCNN(nn.Module):
     cls = jnp.maximum(classes, 1).reshape(-1)
     channels = jnp.asarray(spec.category_channels)[cls]  # [B*D, K]
     own = jnp.asarray(spec.category_channel_valid)[cls]
-    pooled = self._pool(feats, boxes, 14)
+    pooled = self._pool(feats, boxes, 14, inference=True)
     if self.config.landmark_select_channels:
       gathered = self.landmark_head(pooled, channels)  # [B*D, 28, 28, K]
     else:

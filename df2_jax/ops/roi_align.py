@@ -23,6 +23,14 @@ is two einsums (and two in the backward, no scatter), O(oh H W C) per box instea
 gather's O(oh ow 4 s^2 C): the faster choice for small feature maps on a CPU (the demo's
 128 px canvases), the slower one for 800 px images.
 
+`method="window"` computes the same values as "gather" with a windowed gather: the maps
+(each padded by one zero row and column, the widest level's width) are stacked row-wise and
+every sample reads its 2x2 neighbourhood as one [2, 2, C] slice, so the gather moves
+contiguous runs of channels instead of single rows; the weights are applied after it. On a
+CPU it is more than ten times faster than "gather" (1000 RoIs at 7x7 from a 512x512 image's
+pyramid: 0.29 s against 3.6 s, docs/PERFORMANCE.md); detection uses it for every
+"gather" model (``MatchRCNN.detect``). Equal to "gather" up to float32 summation order.
+
 Boxes get no gradient (as in torchvision and detectron2).
 """
 
@@ -196,7 +204,8 @@ def roi_align(features: Array, boxes: Array, output_size: Size,
     method: "gather" (the default: O(N oh ow 4 s^2 C), independent of the map size, a
       scatter-add backward) or "matmul" (two einsums with dense per-box interpolation
       matrices: O(N oh H W C), matmul forward and backward; faster for small maps,
-      e.g. on a CPU at 128 px). Both give the same values.
+      e.g. on a CPU at 128 px) or "window" (2x2 slices; see the module's docstring). All
+      give the same values.
 
   Returns:
     [B, N, oh, ow, C] in features.dtype (accumulated in float32).
@@ -210,6 +219,10 @@ def roi_align(features: Array, boxes: Array, output_size: Size,
     raise ValueError(f'boxes must be [{bsz}, N, 4], got {boxes.shape}')
   cdt = _compute_dtype(features.dtype)
   boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
+  if method == "window":
+    return _window_align([features], boxes, jnp.zeros(boxes.shape[:2], jnp.int32),
+                         [spatial_scale], _pair(output_size), sampling_ratio,
+                         aligned).astype(features.dtype)
   if method == "matmul":
     ys, xs = _sample_coords(boxes, spatial_scale, _pair(output_size), sampling_ratio,
                             aligned)
@@ -224,7 +237,7 @@ def roi_align(features: Array, boxes: Array, output_size: Size,
   return out.astype(features.dtype)
 
 
-METHODS = ("gather", "matmul")
+METHODS = ("gather", "window", "matmul")
 
 
 def _check_method(method: str) -> None:
@@ -275,7 +288,8 @@ def multilevel_roi_align(features_by_level: Sequence[Array], boxes: Array,
       maps to canonical_level.
     min_level, max_level: the levels of features_by_level.
     aligned: see `roi_align`.
-    method: "gather" (one gather over the concatenated pyramid) or "matmul" (per level, the
+    method: "gather" (one gather over the concatenated pyramid), "window" (one gather of
+      2x2 slices over the stacked pyramid) or "matmul" (per level, the
       separable interpolation matrices of the boxes assigned to it, zero rows for the
       others; see `roi_align`).
 
@@ -298,6 +312,13 @@ def multilevel_roi_align(features_by_level: Sequence[Array], boxes: Array,
     return _multilevel_matmul(features_by_level, boxes, _pair(output_size), sampling_ratio,
                               canonical_level, canonical_size, min_level, max_level,
                               aligned).astype(dtype)
+  if method == "window":
+    boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
+    level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_level,
+                                   canonical_size)
+    scales = [math.ldexp(1.0, -k) for k in range(min_level, max_level + 1)]
+    return _window_align(features_by_level, boxes, level, scales, _pair(output_size),
+                         sampling_ratio, aligned).astype(dtype)
   heights, widths, bases, flats = [], [], [], []
   base = 0
   for f in features_by_level:
@@ -353,3 +374,49 @@ def _multilevel_matmul(features_by_level: Sequence[Array], boxes: Array,
   my = _axis_matrix(y_idx, y_w, stacked.shape[1])
   mx = _axis_matrix(x_idx, x_w, wmax)
   return _separable_reduce(stacked, my, mx)
+
+
+def _window_align(features_by_level: Sequence[Array], boxes: Array, level: Array,
+                  scales: Sequence[float], output_hw: Tuple[int, int], sampling_ratio: int,
+                  aligned: bool) -> Array:
+  """RoIAlign (``method="window"``) of boxes [B, N, 4] (float32, no gradient) from maps
+  [B, Hl, Wl, C], each box from map ``level`` [B, N] (index into the list) -> [B, N, oh, ow, C].
+
+  The maps, each with one zero row and column added (bottom, right), are stacked row-wise at
+  the widest width + 1. A sample's low neighbour (y0, x0) is within its map, so the slice
+  [y0:y0 + 2, x0:x0 + 2] stays inside the map's padded block; where the high neighbour is
+  clamped onto the low one (the last row or column) its weight is 0 and the slice reads the
+  zero padding there instead, which adds nothing.
+  """
+  cdt = _compute_dtype(features_by_level[0].dtype)
+  bsz, n = boxes.shape[:2]
+  oh, ow = output_hw
+  s = sampling_ratio
+  wpad = max(f.shape[2] for f in features_by_level) + 1
+  stacked = jnp.concatenate(
+      [jnp.pad(f.astype(cdt), ((0, 0), (0, 1), (0, wpad - f.shape[2]), (0, 0)))
+       for f in features_by_level], axis=1)  # [B, sum (Hl + 1), wpad, C]
+  heights = [f.shape[1] for f in features_by_level]
+  widths = [f.shape[2] for f in features_by_level]
+  starts = np.cumsum([0] + [h + 1 for h in heights[:-1]])
+  table = lambda v, dt: jnp.asarray(v, dt)[level]
+  e = lambda a: a[..., None, None]
+  ys, xs = _sample_coords(boxes, table(scales, cdt), output_hw, s, aligned)
+  y_idx, y_w = _axis_taps(ys, e(table(heights, cdt)))  # [B, N, oh, s, 2]
+  x_idx, x_w = _axis_taps(xs, e(table(widths, cdt)))  # [B, N, ow, s, 2]
+  y0 = y_idx[..., 0] + e(table(starts, jnp.int32))  # [B, N, oh, s]
+  x0 = x_idx[..., 0]
+  shape = (bsz, n, oh, ow, s, s)
+  start = jnp.stack([jnp.broadcast_to(y0[:, :, :, None, :, None], shape),
+                     jnp.broadcast_to(x0[:, :, None, :, None, :], shape)], axis=-1)
+  dims = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(),
+                                        start_index_map=(0, 1))
+  c = stacked.shape[-1]
+  gather = lambda m, st: jax.lax.gather(m, st.reshape(-1, 2), dims, (2, 2, c),
+                                        mode="promise_in_bounds")
+  win = jax.vmap(gather)(stacked, start)  # [B, N * oh * ow * s * s, 2, 2, C]
+  win = win.reshape(shape + (2, 2, c))
+  w = (y_w[:, :, :, None, :, None, :, None] * x_w[:, :, None, :, None, :, None, :]
+       * (1.0 / (s * s)))  # [B, N, oh, ow, s_y, s_x, 2_y, 2_x]
+  # A multiply + reduce (not an einsum) so XLA fuses it with the gather.
+  return jnp.sum(win * w[..., None], axis=(4, 5, 6, 7))

@@ -254,10 +254,12 @@ def test_invalid_arguments():
     ra.multilevel_roi_align([x] * 3, jnp.zeros((1, 2, 4)), 2)
 
 
+@pytest.mark.parametrize("method", ["matmul", "window"])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_matmul_method_equals_loop_reference_and_gather(aligned):
-  """The separable (matmul) RoIAlign gives torchvision's values, border rules included:
-  boxes partly or wholly off the map, tiny and empty boxes, non-square bins."""
+def test_other_methods_equal_loop_reference_and_gather(aligned, method):
+  """The separable (matmul) and the windowed RoIAlign give torchvision's values, border rules
+  included: boxes partly or wholly off the map, on the last row and column, tiny and empty
+  boxes, non-square bins."""
   rng = np.random.default_rng(11)
   feats = rng.normal(size=(2, 9, 12, 3)).astype(np.float32)
   boxes = np.array([[[1.0, 2.0, 7.5, 6.0], [-4.0, -3.0, 5.0, 4.0], [10.0, 6.0, 16.0, 14.0],
@@ -265,14 +267,15 @@ def test_matmul_method_equals_loop_reference_and_gather(aligned):
                     [[0.0, 0.0, 12.0, 9.0], [11.5, 8.5, 13.0, 10.0], [-8.0, -8.0, -3.0, -2.0],
                      [2.0, 1.0, 2.0, 1.0]]], np.float32)
   run = jax.jit(ra.roi_align, static_argnums=(2, 3, 4, 5, 6))
-  got = run(jnp.asarray(feats), jnp.asarray(boxes), (3, 4), 1.0, 2, aligned, "matmul")
+  got = run(jnp.asarray(feats), jnp.asarray(boxes), (3, 4), 1.0, 2, aligned, method)
   want = _roi_align_ref(feats, boxes, (3, 4), 1.0, 2, aligned)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   gather = run(jnp.asarray(feats), jnp.asarray(boxes), (3, 4), 1.0, 2, aligned, "gather")
   np.testing.assert_allclose(got, gather, rtol=1e-5, atol=1e-6)
 
 
-def test_multilevel_matmul_equals_gather_values_and_gradients():
+@pytest.mark.parametrize("method", ["matmul", "window"])
+def test_multilevel_methods_equal_gather_values_and_gradients(method):
   rng = np.random.default_rng(12)
   feats = [jnp.asarray(rng.normal(size=(2, 128 // s, 96 // s, 4)), jnp.float32)
            for s in (4, 8, 16, 32)]
@@ -290,13 +293,13 @@ def test_multilevel_matmul_equals_gather_values_and_gradients():
     return out, vjp(cot)[0]
 
   out_g, grads_g = jax.jit(functools.partial(pooled_and_grads, "gather"))()
-  out_m, grads_m = jax.jit(functools.partial(pooled_and_grads, "matmul"))()
+  out_m, grads_m = jax.jit(functools.partial(pooled_and_grads, method))()
   np.testing.assert_allclose(out_m, out_g, rtol=1e-5, atol=1e-5)
   for gm, gg in zip(grads_m, grads_g):
     assert float(jnp.abs(gg).sum()) > 0
     np.testing.assert_allclose(gm, gg, rtol=1e-4, atol=1e-5)
   # bfloat16 features: bfloat16 out, computed in float32.
-  bf = jax.jit(lambda fs: ra.multilevel_roi_align(fs, boxes, 5, method="matmul"))(
+  bf = jax.jit(lambda fs: ra.multilevel_roi_align(fs, boxes, 5, method=method))(
       [f.astype(jnp.bfloat16) for f in feats])
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf.astype(jnp.float32), out_g, rtol=0.05, atol=0.05)

@@ -134,6 +134,7 @@ def test_manifest(exported):
   assert manifest["jax_version"] == jax.__version__
   assert manifest["platforms"] == ["cpu", "cuda"]  # cuda lowered on this CPU-only machine
   assert manifest["batch_size"] == BATCH and manifest["source"] == {"step": 3}
+  assert manifest["head_slots"] == exported["config"].model.detections_per_image
   assert manifest["canvases"] == [[96, 128], [128, 96], [128, 128]]
   want_out = jax.eval_shape(
       lambda v, x, hw: exported["model"].apply(v, x, hw, method=MatchRCNN.detect),

@@ -400,3 +400,69 @@ def test_readme_python_example_runs_as_written(world, predictor, tmp_path, monke
   assert printed[0].startswith(f"{want['names'][0]} {want['scores'][0]:.2f} at x1,y1,x2,y2 = ")
   assert len(printed) == len(want["scores"]) + 2
   assert printed[-1].startswith("best shop garment per user garment: [")
+
+
+def test_heads_run_on_the_first_k_detections_with_the_same_outputs(predictor):
+  """detect in two stages: the heads on the first K rows give those rows' masks, landmarks
+  and embeddings of the one-program detect, to the bit; the rows past K are zero."""
+  detector = predictor.detector
+  rng = np.random.default_rng(3)
+  batch = detector.encode([rng.integers(0, 255, (100, 128, 3), np.uint8)], (128, 128))
+  whole = detector.fetch(detector._detect(detector.variables, batch["image"],
+                                          batch["image_hw"]))
+  boxes, heads = inference.jitted_stages(detector.model, detector.mesh)
+  first = boxes(detector.variables, batch["image"], batch["image_hw"])
+  features = first.pop("features")
+  d = detector.detections_per_image
+  assert int(whole["valid"][0].sum()) > 8  # rows past 8 hold detections to leave out
+  for key in ("boxes", "scores", "classes", "valid"):
+    np.testing.assert_array_equal(detector.fetch(first[key]), whole[key])
+  for k in sorted({8, d}):
+    out = detector.fetch(heads(k)(detector.variables, features, first["boxes"],
+                                  first["classes"]))
+    for key in ("masks", "landmarks", "embeddings"):
+      assert out[key].shape == whole[key].shape
+      np.testing.assert_array_equal(out[key][:, :k], whole[key][:, :k])
+      assert not out[key][:, k:].any()
+  # detect(head_slots=8) in one program: the same as the two stages.
+  one = detector.fetch(jax.jit(lambda v, x, hw: detector.model.apply(
+      v, x, hw, 8, method=MatchRCNN.detect))(detector.variables, batch["image"],
+                                             batch["image_hw"]))
+  for key in ("boxes", "masks", "landmarks", "embeddings"):
+    np.testing.assert_allclose(one[key][:, :8], whole[key][:, :8], rtol=1e-5, atol=1e-6)
+    assert not one[key][:, 8:].any() or key == "boxes"
+  assert inference.head_slots_for(0, 100) == 8 and inference.head_slots_for(9, 100) == 32
+  assert inference.head_slots_for(33, 100) == 100 and inference.head_slots_for(5, 6) == 6
+
+
+def test_detector_compiles_one_program_per_canvas_and_head_size(predictor, monkeypatch):
+  """A long prediction keeps a fixed set of programs: one first stage per canvas and one
+  heads program per canvas and K, whatever the images hold; a second pass compiles
+  nothing."""
+  config = predictor.config.copy_and_resolve_references()
+  config.data.bucket_canvases = ((96, 128), (128, 96))
+  detector = inference.Detector(config, predictor.run.variables, model=predictor.model,
+                                mesh=predictor.detector.mesh)
+  sizes = []
+  real = inference.head_slots_for
+  # Valid counts vary with the images; here every K is asked for in turn.
+  monkeypatch.setattr(inference, "head_slots_for",
+                      lambda n, d: sizes.append(real(n, d)) or [8, d][len(sizes) % 2])
+  rng = np.random.default_rng(5)
+  photos = [rng.integers(0, 255, s + (3,), np.uint8) for s in SIZES * 3]
+  boxes, heads = inference.jitted_stages(detector.model, detector.mesh)
+  d = detector.detections_per_image
+
+  def programs():
+    return boxes._cache_size() + sum(heads(k)._cache_size() for k in {8, d})
+
+  before = programs()
+  first = detector.detect(photos)
+  compiled = programs() - before
+  canvases = {detector.canvas_for([p.shape]) for p in photos}
+  assert len(canvases) == 2 and len(sizes) >= 4
+  assert compiled <= len(canvases) * (1 + 2)
+  second = detector.detect(photos)
+  assert programs() - before == compiled
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a["boxes"], b["boxes"])
