@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
       rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=1000,
       rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000, rpn_nms_threshold=0.7,
       rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
-      roi_align_method="gather",  # or "matmul": faster for small feature maps on a CPU
+      # RoIAlign in training: "gather", "window" (2x2 slices) or "matmul" (faster for small
+      # feature maps on a CPU); inference pools a "gather" model with "window" (ops/roi_align).
+      roi_align_method="gather",
       roi_batch_size_per_image=512, roi_positive_fraction=0.25,
       # cls_agnostic_bbox_reg: one box regressor for every class.
       box_fc_dim=1024, cls_agnostic_bbox_reg=False, mask_conv_dim=256, landmark_conv_dim=512,
