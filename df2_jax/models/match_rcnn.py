@@ -360,18 +360,13 @@ class MatchRCNN(nn.Module):
   # ------------------------------------------------------------------------------------------
   # Inference.
 
-  def detect(self, images: Array, image_hw: Array, head_slots: int | None = None
-             ) -> dict[str, Array]:
+  def detect(self, images: Array, image_hw: Array) -> dict[str, Array]:
     """Detections of a batch of single images: ``detect_boxes`` then ``detect_heads`` in one
     program.
 
     Args:
       images: [B, H, W, 3] uint8 canvases.
       image_hw: [B, 2] content height, width on the canvas.
-      head_slots: the mask, landmark and matching heads run on the first ``head_slots``
-        detections of each image (default: all D); the other rows of their outputs are
-        zero. The valid detections come first, so any ``head_slots`` at least the number of
-        valid detections gives their outputs.
 
     Returns (D = detections_per_image):
       boxes [B, D, 4] canvas coordinates, scores [B, D], classes [B, D] (1..C, the spec's
@@ -382,13 +377,7 @@ class MatchRCNN(nn.Module):
     """
     out = self.detect_boxes(images, image_hw)
     feats = out.pop("features")
-    d = out["boxes"].shape[1]
-    k = d if head_slots is None else min(int(head_slots), d)
-    heads = self.detect_heads(feats, out["boxes"][:, :k], out["classes"][:, :k])
-    if k < d:
-      heads = {name: jnp.pad(v, [(0, 0), (0, d - k)] + [(0, 0)] * (v.ndim - 2))
-               for name, v in heads.items()}
-    return dict(out, **heads)
+    return dict(out, **self.detect_heads(feats, out["boxes"], out["classes"]))
 
   def detect_boxes(self, images: Array, image_hw: Array) -> dict[str, Array]:
     """The first stage of ``detect``: backbone, RPN, box head and class-aware NMS.

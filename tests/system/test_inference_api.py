@@ -424,13 +424,6 @@ def test_heads_run_on_the_first_k_detections_with_the_same_outputs(predictor):
       assert out[key].shape == whole[key].shape
       np.testing.assert_array_equal(out[key][:, :k], whole[key][:, :k])
       assert not out[key][:, k:].any()
-  # detect(head_slots=8) in one program: the same as the two stages.
-  one = detector.fetch(jax.jit(lambda v, x, hw: detector.model.apply(
-      v, x, hw, 8, method=MatchRCNN.detect))(detector.variables, batch["image"],
-                                             batch["image_hw"]))
-  for key in ("boxes", "masks", "landmarks", "embeddings"):
-    np.testing.assert_allclose(one[key][:, :8], whole[key][:, :8], rtol=1e-5, atol=1e-6)
-    assert not one[key][:, 8:].any() or key == "boxes"
   assert inference.head_slots_for(0, 100) == 8 and inference.head_slots_for(9, 100) == 32
   assert inference.head_slots_for(33, 100) == 100 and inference.head_slots_for(5, 6) == 6
 
@@ -449,7 +442,7 @@ def test_detector_compiles_one_program_per_canvas_and_head_size(predictor, monke
   monkeypatch.setattr(inference, "head_slots_for",
                       lambda n, d: sizes.append(real(n, d)) or [8, d][len(sizes) % 2])
   rng = np.random.default_rng(5)
-  photos = [rng.integers(0, 255, s + (3,), np.uint8) for s in SIZES * 3]
+  photos = [rng.integers(0, 255, s + (3,), np.uint8) for s in SIZES * 2]
   boxes, heads = inference.jitted_stages(detector.model, detector.mesh)
   d = detector.detections_per_image
 
@@ -460,8 +453,9 @@ def test_detector_compiles_one_program_per_canvas_and_head_size(predictor, monke
   first = detector.detect(photos)
   compiled = programs() - before
   canvases = {detector.canvas_for([p.shape]) for p in photos}
-  assert len(canvases) == 2 and len(sizes) >= 4
+  assert len(canvases) == 2 and len(sizes) >= 3
   assert compiled <= len(canvases) * (1 + 2)
+  sizes.clear()  # the same K for the same batches
   second = detector.detect(photos)
   assert programs() - before == compiled
   for a, b in zip(first, second):
