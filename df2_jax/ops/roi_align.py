@@ -312,11 +312,11 @@ def multilevel_roi_align(features_by_level: Sequence[Array], boxes: Array,
     return _multilevel_matmul(features_by_level, boxes, _pair(output_size), sampling_ratio,
                               canonical_level, canonical_size, min_level, max_level,
                               aligned).astype(dtype)
+  boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
+  level = assign_boxes_to_levels(boxes, min_level, max_level,
+                                 canonical_level, canonical_size)  # [B, N]
+  scales = [math.ldexp(1.0, -k) for k in range(min_level, max_level + 1)]
   if method == "window":
-    boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
-    level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_level,
-                                   canonical_size)
-    scales = [math.ldexp(1.0, -k) for k in range(min_level, max_level + 1)]
     return _window_align(features_by_level, boxes, level, scales, _pair(output_size),
                          sampling_ratio, aligned).astype(dtype)
   heights, widths, bases, flats = [], [], [], []
@@ -329,12 +329,7 @@ def multilevel_roi_align(features_by_level: Sequence[Array], boxes: Array,
     base += h * w
     flats.append(f.astype(cdt).reshape(bsz, h * w, c))
   flat = jnp.concatenate(flats, axis=1)  # [B, sum Hl * Wl, C]
-
-  boxes = jax.lax.stop_gradient(jnp.asarray(boxes, cdt))
-  level = assign_boxes_to_levels(boxes, min_level, max_level,
-                                 canonical_level, canonical_size)  # [B, N]
   table = lambda v, dt: jnp.asarray(v, dt)[level]
-  scales = [math.ldexp(1.0, -k) for k in range(min_level, max_level + 1)]
   idx, w = _bilinear_taps(boxes, table(scales, cdt), table(heights, cdt),
                           table(widths, cdt), table(bases, jnp.int32),
                           _pair(output_size), sampling_ratio, aligned)
