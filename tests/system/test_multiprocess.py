@@ -29,6 +29,7 @@ from df2_jax.evaluation import results as results_lib
 
 STEPS = 4
 GLOBAL_PAIRS = 4
+READY = "Ready to be killed."
 
 
 def _config(data_dir: str, steps: int = STEPS, eval_every_steps: int = 0):
@@ -44,10 +45,10 @@ def _config(data_dir: str, steps: int = STEPS, eval_every_steps: int = 0):
 
 def _worker(args: dict) -> None:
   """One process of a run: optionally evaluates a checkpoint first (``eval_step``), trains,
-  then process 0 writes the final params to ``out``; with ``kill`` every process then kills
-  itself with SIGKILL (no orderly exit, as a preempted job)."""
+  then process 0 writes the final params to ``out``; with ``kill`` every process then says it
+  is ready and waits for the test to kill the job with SIGKILL (no orderly exit, as a
+  preempted job)."""
   import logging
-  import signal
   import jax
   from df2_jax import train
   from df2_jax.evaluation import evaluator
@@ -68,8 +69,8 @@ def _worker(args: dict) -> None:
     np.savez(args["out"], **flat)
   if args.get("kill"):
     parallel.barrier("kill")
-    print("Killing this process.", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    print(READY, flush=True)
+    time.sleep(600)
 
 
 def _free_port() -> int:
@@ -95,19 +96,37 @@ def _start(args: dict) -> subprocess.Popen:
                           cwd=str(Path(__file__).resolve().parents[2]))
 
 
+def _kill_when_ready(procs, args) -> None:
+  """Kills each ``kill`` run once all of its processes have said they are ready, as a
+  scheduler preempts a job: SIGKILL from outside, the processes that do not host the
+  coordination service first (the service's host going first would let another process
+  see it gone and abort before its own SIGKILL: a race seen once in CI)."""
+  runs = {}
+  for p, a in zip(procs, args):
+    if a.get("kill"):
+      runs.setdefault(a["port"], []).append((a["process_id"], p, a))
+  for members in runs.values():
+    ended = any(p.poll() is not None for _, p, _ in members)  # one failed: end the others
+    if ended or all(READY in Path(a["log"]).read_text() for _, _, a in members):
+      for _, p, _ in sorted(members, key=lambda m: m[0], reverse=True):
+        if p.poll() is None:
+          p.send_signal(signal.SIGKILL)
+          p.wait()
+
+
 def _wait(procs, args, timeout_s=600):
   deadline = time.time() + timeout_s
-  for p in procs:
-    try:
-      p.wait(timeout=max(1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
+  while any(p.poll() is None for p in procs):
+    if time.time() > deadline:
       for q in procs:
         q.kill()
-      raise
+      raise TimeoutError(f"the runs did not end in {timeout_s} s")
+    _kill_when_ready(procs, args)
+    time.sleep(0.5)
   for p, a in zip(procs, args):
     text = Path(a["log"]).read_text()
     if a.get("kill"):
-      assert p.returncode == -signal.SIGKILL and "Killing this process." in text, text[-4000:]
+      assert p.returncode == -signal.SIGKILL and READY in text, text[-4000:]
     else:
       assert p.returncode == 0, text[-4000:]
 
