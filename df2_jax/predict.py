@@ -227,6 +227,33 @@ def _predict_into(config, variables: Any, input_dir: str, names: list[str], outp
   return results, predicted, len(skipped)
 
 
+def all_landmarks(result: dict[str, Any], spec) -> np.ndarray:
+  """[N, L, 3] of a ``Predictor`` result (bitmap masks or not): each detection's own
+  category's landmarks (x, y, score as the annotations' pixel indices) in its category's
+  slots of the spec's L, the rest zero."""
+  n = len(result["boxes"])
+  exported = np.zeros((n, spec.num_landmarks, 3), np.float32)
+  for d, (cat, own) in enumerate(zip(result["classes"], result["landmarks"])):
+    exported[d, spec.landmark_slice(int(cat))] = own
+  return exported
+
+
+def draw_prediction(pixels: np.ndarray, result: dict[str, Any], spec, score_threshold: float,
+                    *, exported: np.ndarray | None = None) -> np.ndarray:
+  """[H, W, 3] uint8 RGB: a ``Predictor`` result (bitmap masks) drawn on its image, the
+  detections scoring at least ``score_threshold`` (mask, box with the spec's category name and
+  score, landmarks); ``exported``: ``all_landmarks`` of the result, when already computed."""
+  exported = all_landmarks(result, spec) if exported is None else exported
+  # Drawn at continuous coordinates (draw.draw_instances), the exports' indices + 0.5.
+  drawn = exported.copy()
+  own_slots = spec.category_landmark_mask[result["classes"]]
+  drawn[..., :2] = np.where(own_slots[..., None], exported[..., :2]
+                            + np.float32(transforms.LANDMARK_PIXEL_CENTRE), 0.0)
+  return draw.draw_detections(pixels, result["boxes"], result["scores"], result["classes"],
+                              np.ones(len(result["boxes"]), bool), result["masks"], drawn,
+                              score_threshold, names=spec.names)
+
+
 def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
                pixels: np.ndarray, result: dict[str, Any], output_dir: str,
                score_threshold: float, spec) -> None:
@@ -235,16 +262,7 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   names; ``names``: the file's name and the PNG's)."""
   name, drawn_name = names
   h, w = pixels.shape[:2]
-  n = len(result["boxes"])
-  # [n, L, 3]: each detection's own category's landmarks, the rest zero. Exported as the
-  # annotations' pixel indices; drawn at continuous coordinates (draw.draw_instances).
-  exported = np.zeros((n, spec.num_landmarks, 3), np.float32)
-  for d, (cat, own) in enumerate(zip(result["classes"], result["landmarks"])):
-    exported[d, spec.landmark_slice(int(cat))] = own
-  drawn = exported.copy()
-  own_slots = spec.category_landmark_mask[result["classes"]]
-  drawn[..., :2] = np.where(own_slots[..., None], exported[..., :2]
-                            + np.float32(transforms.LANDMARK_PIXEL_CENTRE), 0.0)
+  exported = all_landmarks(result, spec)
   b, s, k = coco.detections_to_results(image_id, result["boxes"], result["scores"],
                                        result["classes"], None, result["masks"], exported,
                                        spec=spec)
@@ -254,9 +272,7 @@ def _add_image(results: dict[str, Any], image_id: int, names: tuple[str, str],
   results["segm"] += s
   results["keypoints"] += k
   results["embeddings"][str(image_id)] = result["embeddings"].tolist()
-  picture = draw.draw_detections(pixels, result["boxes"], result["scores"], result["classes"],
-                                 np.ones(n, bool), result["masks"], drawn, score_threshold,
-                                 names=spec.names)
+  picture = draw_prediction(pixels, result, spec, score_threshold, exported=exported)
   path = os.path.join(output_dir, drawn_name)
   ok, png = cv2.imencode(".png", np.ascontiguousarray(picture[:, :, ::-1]))
   if not ok:

@@ -99,6 +99,17 @@ def image_files(path: str, source: str | None = None) -> list[str]:
   return kept
 
 
+def garment_rows(found: dict[str, Any], *, min_score: float, nms: float) -> np.ndarray:
+  """The rows of an image's detections (``postprocess.image_detections``: ``boxes``,
+  ``scores``) that are garments by the gallery rule (``retrieval_protocol.dedupe_gallery``:
+  score >= ``min_score``, class-agnostic NMS at ``nms``), best first: [n] int64."""
+  dets = [dict(image_id=0, bbox=box.tolist(), score=float(score), row=n)
+          for n, (box, score) in enumerate(zip(found["boxes"], found["scores"]))]
+  kept = retrieval_protocol.dedupe_gallery(dets, nms, min_score)
+  kept.sort(key=lambda d: -d["score"])
+  return np.array([d["row"] for d in kept], np.int64)
+
+
 class GarmentFinder:
   """The garments of image files (``garments``): ``inference.Detector`` (the one inference
   path, on every local device) and ``postprocess.image_detections``, then the gallery rule
@@ -143,11 +154,7 @@ class GarmentFinder:
       h, w = pixels.shape[:2]
       found = postprocess.image_detections(out, out["image_hw"], (h, w), masks=None,
                                            spec=self.detector.spec)
-      dets = [dict(image_id=0, bbox=box.tolist(), score=float(score), row=n)
-              for n, (box, score) in enumerate(zip(found["boxes"], found["scores"]))]
-      kept = retrieval_protocol.dedupe_gallery(dets, self.nms, self.min_score)
-      kept.sort(key=lambda d: -d["score"])
-      take = np.array([d["row"] for d in kept], np.int64)
+      take = garment_rows(found, min_score=self.min_score, nms=self.nms)
       n = len(take)
       yield Garments(
           path=path, height=int(h), width=int(w),
@@ -235,6 +242,16 @@ class GalleryIndex:
             "category_id": int(self.spec.original_ids[cls]),
             "category": self.spec.class_name(cls),
             "detection_score": round(float(a["scores"][row]), 4)}
+
+  def check_model(self, variables: Any, what: str) -> None:
+    """Raises ``IndexFolderError`` unless ``variables`` (``what``, named in the error) hold the
+    scorer this index was built with: a query of another model's embeddings is meaningless."""
+    stored = self.scorer_params()
+    got = {k: np.asarray(v, np.float32) for k, v in variables["params"]["scorer"].items()}
+    if not (np.array_equal(stored["kernel"], got["kernel"])
+            and np.array_equal(stored["bias"], got["bias"])):
+      raise IndexFolderError(f"{what} is not the one {self.directory} was built with (their "
+                             f"scorers differ)")
 
   def scorer_params(self) -> dict[str, np.ndarray]:
     s = self.manifest["scorer"]
@@ -421,13 +438,16 @@ class GalleryScorer:
     del padded
     self.chunk_sq = _gallery_terms(self.kernel, self.chunks)
 
-  def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [Q, k'], gallery indices [Q, k']) best first, k' = min(k, gallery size)."""
+  def top_k(self, queries: np.ndarray, k: int, *, min_rows: int = 1
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [Q, k'], gallery indices [Q, k']) best first, k' = min(k, gallery size).
+    The queries are padded to a power of two of at least ``min_rows`` rows (one program for
+    every query count up to it)."""
     queries = np.asarray(queries, np.float32).reshape(-1, self.dim)
     num_q, k = len(queries), min(int(k), self.size)
     if num_q == 0 or k == 0:
       return np.zeros((num_q, 0), np.float32), np.zeros((num_q, 0), np.int64)
-    bucket = 1 << (num_q - 1).bit_length()
+    bucket = 1 << (max(num_q, int(min_rows)) - 1).bit_length()
     padded = np.zeros((bucket, self.dim), np.float32)
     padded[:num_q] = queries
     values, indices = _scan_top_k(self.kernel, self.bias, self.center, jnp.asarray(padded),
@@ -608,13 +628,8 @@ def query_main(index_dir: str, image: str, top: int, out: str | None, json_path:
   m = index.manifest
   config = run_config.config_from_json(m["config"])
   variables, _ = _load_model(checkpoint_dir or m["checkpoint_dir"], int(m["step"]))
-  stored = index.scorer_params()
-  got = {k: np.asarray(v, np.float32) for k, v in variables["params"]["scorer"].items()}
-  if not (np.array_equal(stored["kernel"], got["kernel"])
-          and np.array_equal(stored["bias"], got["bias"])):
-    raise IndexFolderError(f"the checkpoint (step {m['step']} of "
-                      f"{checkpoint_dir or m['checkpoint_dir']}) is not the one {index_dir} was "
-                      f"built with (their scorers differ)")
+  index.check_model(variables, f"the checkpoint (step {m['step']} of "
+                    f"{checkpoint_dir or m['checkpoint_dir']})")
   finder = GarmentFinder(config, variables,
                          min_score=float(m["min_score"]) if min_score is None else min_score,
                          nms=float(m["nms"]))

@@ -110,3 +110,38 @@ def make_record(image_id=1, items=None, width=100, height=120, source="user", pa
   items = items if items is not None else [make_item()]
   return ImageRecord(image_id, f"/nonexistent/{image_id:06d}.jpg", width, height, source,
                      pair_id, tuple(items), f"/nonexistent/{image_id:06d}.json")
+
+
+def make_app_world(root: Path) -> dict:
+  """A run for the web app's tests (``df2_jax.app``), without training: the tiny model's
+  initial params (its matching weights made negative, so that an identical embedding scores
+  highest) saved as a checkpoint with its config, three synthetic image pairs at 128 px, and
+  a shop index of the three shop images. {workdir, images, index, config}."""
+  import optax
+  from configs import tiny
+  from data_pipeline import synthetic, synthetic_batches
+  from data_pipeline.transforms import geometry_from_config
+  from df2_jax import checkpoint, retrieval, train_step
+  from df2_jax.config import run_config
+  from df2_jax.models.match_rcnn import init_variables, model_from_config
+  config = tiny.get_config()
+  config.data.update(dict(synthetic_dir=str(root / "data"), synthetic_train_pairs=1,
+                          synthetic_val_pairs=3, synthetic_image_size=128, synthetic_seed=0))
+  data = Path(synthetic.cache_root(str(root / "data"), 1, 3, 128, 0))  # where runs find it
+  synthetic.generate(data, train_pairs=1, val_pairs=3, image_size=128, seed=0)
+  model = model_from_config(config)
+  batch = synthetic_batches.synthetic_pair_batch(2, geometry_from_config(config.data),
+                                                 image_size=128)
+  variables = jax.device_get(init_variables(model, jax.random.key(0), batch))
+  scorer = variables["params"]["scorer"]
+  scorer["kernel"] = -np.abs(np.asarray(scorer["kernel"])) - 0.05
+  state = train_step.create_train_state(variables, optax.sgd(0.1))
+  workdir = root / "run"
+  with checkpoint.CheckpointManager(workdir / "checkpoints") as mgr:
+    mgr.save(3, state, extra={run_config.CONFIG_KEY: run_config.as_dict(config)}, force=True)
+  images = data / "validation" / "image"
+  index = root / "index"
+  retrieval.build_index(config, variables, str(images), str(index),
+                        checkpoint_dir=str(workdir / "checkpoints"), step=3, min_score=0.0,
+                        source="shop")
+  return dict(workdir=workdir, images=images, index=index, config=config)
