@@ -46,6 +46,7 @@ DEFAULT_MAX_MEGAPIXELS = 40.0  # a 40 MP photo decodes to 120 MB of RGB
 DEFAULT_MAX_FILE_MB = 25  # the upload limit (Gradio refuses larger files before they land)
 EXAMPLES = 6  # example photos shown under the upload
 THUMB_HEIGHT = 128  # the shop crops' height in pixels
+DRAW_SIZE = 512  # a smaller photo is drawn scaled up by a whole factor to about this size
 TABLE_HEADERS = ["garment", "category", "score", "box (x1, y1, x2, y2)", "landmarks",
                  "best match"]
 
@@ -69,6 +70,11 @@ def compiled_programs() -> int:
       monitoring.register_event_duration_secs_listener(_count_compile)
       compiled_programs.registered = True
   return _COMPILED[0]
+
+
+def _rounded(values: np.ndarray, decimals: int) -> list:
+  """Nested lists of Python floats rounded to ``decimals`` (for JSON: 65.66, not 65.66000366)."""
+  return np.round(np.asarray(values, np.float64), decimals).tolist()
 
 
 def _reason(error: DataError, path: str, name: str) -> str:
@@ -185,6 +191,10 @@ class PhotoApp:
     except DataError as e:  # a header that decodes but pixels that do not (truncated)
       log.info("Refused %s: %s", name, e)
       return Answer(f"{name} is not an image this server can read: {_reason(e, path, name)}.")
+    except Exception as e:  # pylint: disable=broad-except  (the server answers the next one)
+      log.exception("Could not answer %s", name)
+      return Answer(f"{name}: this server could not answer it ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}); the server log has the details.")
 
   def _answer(self, path: str, name: str) -> Answer:
     start = time.perf_counter()
@@ -196,7 +206,7 @@ class PhotoApp:
     rows = retrieval.garment_rows(found, min_score=self.min_score, nms=self.nms)
     garments = {k: (v[rows] if isinstance(v, np.ndarray) else [v[int(r)] for r in rows])
                 for k, v in found.items() if k != "image_hw"}
-    picture = predict.draw_prediction(pixels, garments, self.spec, 0.0)
+    picture = self._draw(pixels, garments)
     matched = self._matches(name, h, w, garments)
     seconds = time.perf_counter() - start
     compiled = compiled_programs() - compiled
@@ -221,6 +231,20 @@ class PhotoApp:
                  f"{timing}.")
     thumbs = [self._strip(g) for g in matched["garments"]] if matched else []
     return Answer(message, picture, table, choices, thumbs, result, seconds, compiled, ok=True)
+
+  def _draw(self, pixels: np.ndarray, garments: dict[str, Any]) -> np.ndarray:
+    """The photo with its garments drawn (``predict.draw_prediction``), a small photo scaled up
+    by a whole factor first so that its labels can be read (``DRAW_SIZE``)."""
+    h, w = pixels.shape[:2]
+    s = max(1, DRAW_SIZE // max(h, w))
+    if s == 1:
+      return predict.draw_prediction(pixels, garments, self.spec, 0.0)
+    scaled = dict(garments, boxes=garments["boxes"] * s,
+                  masks=garments["masks"].repeat(s, axis=1).repeat(s, axis=2),
+                  landmarks=[np.concatenate([(lm[:, :2] + 0.5) * s - 0.5, lm[:, 2:]], axis=1)
+                             for lm in garments["landmarks"]])
+    return predict.draw_prediction(pixels.repeat(s, axis=0).repeat(s, axis=1), scaled,
+                                   self.spec, 0.0)
 
   def _matches(self, name: str, h: int, w: int, garments: dict[str, Any]
                ) -> dict[str, Any] | None:
@@ -250,8 +274,8 @@ class PhotoApp:
         self._thumbs[item["index"]] = thumb
         while len(self._thumbs) > 512:  # a bounded cache of the shop crops shown
           self._thumbs.popitem(last=False)
-      out.append((thumb, f"#{item['rank']} p={item['match_score']:.3f} "
-                         f"{os.path.basename(item['image'])} ({item['category']})"))
+      out.append((thumb, f"#{item['rank']} {item['match_score']:.3f} "
+                         f"{os.path.basename(item['image'])}"))
     return out
 
   def _json(self, name: str, h: int, w: int, garments: dict[str, Any],
@@ -262,14 +286,14 @@ class PhotoApp:
     return {
         "image": name, "image_hw": [h, w], "seconds": round(seconds, 3),
         "compiled_programs": compiled, "min_score": self.min_score,
-        "boxes": np.round(garments["boxes"], 2).tolist(),
-        "scores": np.round(garments["scores"], 4).tolist(),
+        "boxes": _rounded(garments["boxes"], 2),
+        "scores": _rounded(garments["scores"], 4),
         "classes": garments["classes"].tolist(),
         "category_ids": np.asarray(garments["category_ids"]).tolist(),
         "names": list(garments["names"]),
         "masks": [masks.region_to_rle(m, (0, 0), (h, w)) for m in garments["masks"]],
-        "landmarks": [np.round(lm, 2).tolist() for lm in garments["landmarks"]],
-        "embeddings": np.round(garments["embeddings"], 5).tolist(),
+        "landmarks": [_rounded(lm, 2) for lm in garments["landmarks"]],
+        "embeddings": _rounded(garments["embeddings"], 5),
         "matches": ([g["results"] for g in matched["garments"]] if matched
                     else None if self.index is None else [[] for _ in range(n)]),
     }
@@ -345,20 +369,22 @@ def build_page(app: PhotoApp):
     with gr.Row():
       with gr.Column(scale=1):
         photo = gr.File(label="Photo (JPEG or PNG)", type="filepath", elem_id="photo")
-        status = gr.Markdown("Upload a photo, or pick an example.", elem_id="status")
+        status = gr.Markdown("Upload a photo, or pick an example.", elem_id="status",
+                             label="Status")
         if app.examples:
           gr.Examples(app.examples, inputs=photo, label="Examples")
       with gr.Column(scale=2):
-        drawn = gr.Image(label="Garments: mask, box, category and score, landmarks",
-                         type="numpy", interactive=False, elem_id="drawn", format="png")
+        drawn = gr.Image(label="Photo: each garment's mask, box, category, score, landmarks",
+                         type="numpy", interactive=False, elem_id="drawn", format="png",
+                         height=440)
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Garments", interactive=False,
                          elem_id="garments")
     garment = gr.Dropdown(choices=[], label="Garment", elem_id="garment", interactive=True)
-    matches = gr.Gallery(label="Best shop matches (match probability, shop photo)",
-                         columns=8, height=THUMB_HEIGHT + 120, object_fit="contain",
+    matches = gr.Gallery(label="Shop matches (rank, match probability, shop photo)",
+                         columns=8, height=THUMB_HEIGHT + 80, object_fit="contain",
                          elem_id="matches", format="png")
     with gr.Accordion("The result as JSON", open=False):
-      result = gr.JSON(elem_id="result")
+      result = gr.JSON(label="Result", elem_id="result")
     photo.change(detect, inputs=photo,
                  outputs=[drawn, table, garment, matches, result, status, strips],
                  api_name="detect", concurrency_limit=1)

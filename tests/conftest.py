@@ -145,3 +145,20 @@ def make_app_world(root: Path) -> dict:
                         checkpoint_dir=str(workdir / "checkpoints"), step=3, min_score=0.0,
                         source="shop")
   return dict(workdir=workdir, images=images, index=index, config=config)
+
+
+def write_huge_png(path: Path, width: int, height: int) -> None:
+  """A valid grey PNG of width x height, written row by row (a few hundred KB on disk)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  squeeze = zlib.compressobj(9)
+  row = b"\x00" * (width + 1)  # filter byte 0, then the row's samples
+  data = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
+                                                                 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))

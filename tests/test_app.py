@@ -5,8 +5,6 @@ photo compiles nothing; every bad upload is a message and the next photo is answ
 import json
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import make_app_world
+from conftest import make_app_world, write_huge_png
 from data_pipeline import images
 from df2_jax import app as app_lib
 from df2_jax import inference, retrieval
@@ -31,26 +29,15 @@ def app(world):
                                        top=3, min_score=0.0)
 
 
-def _huge_png(path: Path, width: int, height: int) -> None:
-  """A valid grey PNG of width x height, written row by row (a few hundred KB on disk)."""
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-  squeeze = zlib.compressobj(9)
-  row = b"\x00" * (width + 1)  # filter byte 0, then the row's samples
-  data = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
-                                                                 0, 0, 0))
-            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-
-
 def test_a_photo_is_drawn_tabled_and_matched_as_the_retrieval_tool_matches_it(world, app):
   photo = str(world["images"] / "000002.jpg")  # pair 1's user photo
   a = app.answer(photo)
   pixels = images.read_image(photo)
-  assert a.ok and a.picture.shape == pixels.shape and a.picture.dtype == np.uint8
-  assert not np.array_equal(a.picture, pixels)  # something was drawn
+  scale = app_lib.DRAW_SIZE // max(pixels.shape)  # a small photo is drawn scaled up
+  h, w = pixels.shape[:2]
+  assert a.ok and a.picture.shape == (h * scale, w * scale, 3) and a.picture.dtype == np.uint8
+  upscaled = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+  assert (a.picture != upscaled).any(axis=2).mean() > 0.05  # masks, boxes and labels drawn
   n = len(a.table)
   assert n > 0 and a.message.startswith(f"000002.jpg: {n} garment(s) in ")
   assert len(a.choices) == n and len(a.matches) == n
@@ -65,8 +52,8 @@ def test_a_photo_is_drawn_tabled_and_matched_as_the_retrieval_tool_matches_it(wo
   assert r["matches"] == [g["results"] for g in want["garments"]]
   assert [len(m) for m in a.matches] == [min(3, len(app.index))] * n
   first = want["garments"][0]["results"][0]
-  assert a.matches[0][0][1].startswith(f"#1 p={first['match_score']:.3f} "
-                                       f"{os.path.basename(first['image'])}")
+  assert a.matches[0][0][1] == (f"#1 {first['match_score']:.3f} "
+                                f"{os.path.basename(first['image'])}")
   assert a.table[0][:3] == [1, r["names"][0], round(r["scores"][0], 3)]
 
   # The JSON holds the Predictor's fields of those garments; masks as COCO RLE.
@@ -101,7 +88,7 @@ def test_bad_uploads_are_messages_and_the_next_photo_is_answered(world, app, tmp
   empty = tmp_path / "empty.png"
   empty.write_bytes(b"")
   huge = tmp_path / "huge.png"
-  _huge_png(huge, 20000, 20000)
+  write_huge_png(huge, 20000, 20000)
   truncated = tmp_path / "truncated.jpg"
   truncated.write_bytes(Path(good).read_bytes()[:700])
   cases = {text: "notes.jpg is not an image this server can read",
@@ -125,12 +112,13 @@ def test_bad_uploads_are_messages_and_the_next_photo_is_answered(world, app, tmp
   cmyk = tmp_path / "cmyk.jpg"
   Image.open(good).convert("CMYK").save(cmyk, quality=100)
   a = app.answer(str(cmyk))
-  assert a.ok and a.picture.shape == (h, w, 3) and a.table
+  assert a.ok and a.picture.shape[0] == h * (app_lib.DRAW_SIZE // max(h, w)) and a.table
   # No garment above min_score: a message, the photo shown undrawn, an empty table.
   strict = app_lib.PhotoApp(app.predictor, top=1, min_score=0.999)
   a = strict.answer(good)
   assert a.ok and a.table == [] and "no garment found (none scores 0.999 or more)" in a.message
-  np.testing.assert_array_equal(a.picture, images.read_image(good))
+  s = app_lib.DRAW_SIZE // max(h, w)
+  np.testing.assert_array_equal(a.picture, images.read_image(good).repeat(s, 0).repeat(s, 1))
   assert a.result["matches"] is None and "No shop index" in strict.describe()
 
 
@@ -148,3 +136,18 @@ def test_an_index_of_another_model_is_refused(world, tmp_path):
 def test_demo_examples_are_the_synthetic_validation_user_photos(world):
   examples = app_lib.demo_examples(world["config"], count=2)
   assert [os.path.basename(p) for p in examples] == ["000002.jpg", "000004.jpg"]
+
+
+def test_an_unexpected_failure_is_a_message_and_the_next_photo_is_answered(world, app,
+                                                                           monkeypatch):
+  good = str(world["images"] / "000004.jpg")
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("drawing failed")
+
+  monkeypatch.setattr(app_lib.predict, "draw_prediction", broken)
+  a = app.answer(good)
+  assert not a.ok and a.message == ("000004.jpg: this server could not answer it (RuntimeError: "
+                                    "drawing failed); the server log has the details.")
+  monkeypatch.undo()
+  assert app.answer(good).ok

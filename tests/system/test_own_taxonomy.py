@@ -26,14 +26,14 @@ sys.path.insert(0, str(ROOT / "tests" / "data"))
 import relabel_fixtures  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NAMES = {"top", "bottom", "dress"}
-STEPS = 400
-# The fine-tuned model on its own 16 training images (2-core CPU, jax 0.10.2, 2026-12-06):
-# AP_box 0.599, AP_mask 0.429, AP_pt 0.584 with the spec's sigmas (from a fresh init instead of
-# the DeepFashion2 run: 0.706, 0.535, 0.503); the same steps with the tiny schedule's decays
+STEPS = 200
+# The fine-tuned model on its own 16 training images, 200 steps at 0.004 (2-core CPU, jax
+# 0.10.2, 2026-12-06): AP_box 0.347, AP_mask 0.254, AP_pt 0.269 with the spec's sigmas (400
+# steps at 0.002 gave 0.599, 0.429, 0.584 in twice the suite's time); the tiny schedule's decays
 # after 44 steps stay at 0.020, 0.006, 0.007 (untrained). The thresholds sit at about two
 # thirds of the measured values: far above an untrained model, robust to another machine's
 # summation order.
-THRESHOLDS = {"bbox": 0.4, "segm": 0.28, "keypoints": 0.38}
+THRESHOLDS = {"bbox": 0.23, "segm": 0.17, "keypoints": 0.18}
 
 
 def _env():
@@ -57,7 +57,7 @@ def own(tmp_path_factory):
   # this 4-step epoch), Adam, every detection scoring 0.05 or more.
   flags = [f"--config.data.{k}={v}" for k, v in data.items()] + [
       f"--config.train.num_steps={STEPS}", "--config.train.decay_epochs=(1000,)",
-      "--config.train.optimizer=adamw", "--config.train.base_lr=0.002",
+      "--config.train.optimizer=adamw", "--config.train.base_lr=0.004",
       "--config.train.warmup_steps=20", "--config.train.log_every_steps=100",
       "--config.model.score_threshold=0.05", "--config.model.landmark_rois_per_image=16",
       f"--config.model.init_from={root / 'df2'}"]
