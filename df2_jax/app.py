@@ -301,18 +301,20 @@ class PhotoApp:
   # ------------------------------------------------------------------------------------------
 
   def describe(self) -> str:
-    """The page's heading: the run, and the index or how to build one."""
+    """The page's heading: the run."""
     run = self.predictor.run
-    text = (f"**Run:** step {run.step} of `{run.checkpoint_dir}` "
-            f"({len(self.spec.names)} categories). ")
+    return (f"**Run:** step {run.step} of `{run.checkpoint_dir}` ({len(self.spec.names)} "
+            f"categories); garments scoring {self.min_score:g} or more.")
+
+  def retrieval_note(self) -> str:
+    """The retrieval panel's line: the index, or how to build one."""
     if self.index is None:
-      text += ("**No shop index:** build one with `python -m df2_jax.retrieval index "
-               f"--checkpoint_dir {run.checkpoint_dir} --images SHOP_PHOTOS --out INDEX` and "
-               "start the app with `--index INDEX` to see each garment's best shop matches.")
-    else:
-      text += (f"**Shop index:** `{self.index.directory}`, {len(self.index)} garments; the "
-               f"{self.top} best matches of the selected garment are shown.")
-    return text
+      return ("**No shop index:** build one with `python -m df2_jax.retrieval index "
+              f"--checkpoint_dir {self.predictor.run.checkpoint_dir} --images SHOP_PHOTOS "
+              "--out INDEX` and start the app with `--index INDEX` to see each garment's best "
+              "shop matches here.")
+    return (f"**Shop index:** `{self.index.directory}`, {len(self.index)} garments; the "
+            f"{self.top} best matches of the selected garment.")
 
 
 def demo_examples(config, count: int = EXAMPLES) -> list[str]:
@@ -379,6 +381,7 @@ def build_page(app: PhotoApp):
                          height=440)
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Garments", interactive=False,
                          elem_id="garments")
+    gr.Markdown(app.retrieval_note(), elem_id="retrieval_note")
     garment = gr.Dropdown(choices=[], label="Garment", elem_id="garment", interactive=True)
     matches = gr.Gallery(label="Shop matches (rank, match probability, shop photo)",
                          columns=8, height=THUMB_HEIGHT + 80, object_fit="contain",

@@ -3,6 +3,7 @@ drawn, tabled and matched against the shop index as ``retrieval query`` matches 
 photo compiles nothing; every bad upload is a message and the next photo is answered."""
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_bad_uploads_are_messages_and_the_next_photo_is_answered(world, app, tmp
   assert a.ok and a.table == [] and "no garment found (none scores 0.999 or more)" in a.message
   s = app_lib.DRAW_SIZE // max(h, w)
   np.testing.assert_array_equal(a.picture, images.read_image(good).repeat(s, 0).repeat(s, 1))
-  assert a.result["matches"] is None and "No shop index" in strict.describe()
+  assert a.result["matches"] is None and "No shop index" in strict.retrieval_note()
+  assert f"--checkpoint_dir {app.predictor.run.checkpoint_dir} " in strict.retrieval_note()
 
 
 def test_an_index_of_another_model_is_refused(world, tmp_path):
@@ -151,3 +153,12 @@ def test_an_unexpected_failure_is_a_message_and_the_next_photo_is_answered(world
                                     "drawing failed); the server log has the details.")
   monkeypatch.undo()
   assert app.answer(good).ok
+
+
+def test_the_command_refuses_a_missing_run_in_one_line(tmp_path, caplog):
+  with caplog.at_level(logging.ERROR):
+    assert app_lib.main(["--workdir", str(tmp_path / "nothing")]) == 1
+  errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+  assert len(errors) == 1 and str(tmp_path / "nothing") in errors[0], errors
+  with pytest.raises(SystemExit):
+    app_lib.main(["--workdir", str(tmp_path), "--top", "0"])
