@@ -134,28 +134,28 @@ def six_steps(data_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("damage", ["array", "metadata", "empty"])
-def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_step_resumes(
-    data_dir, reference, six_steps, tmp_path, damage, caplog):
+def test_damaged_latest_checkpoints_are_moved_aside_and_the_intact_step_resumes(
+    data_dir, reference, six_steps, tmp_path, caplog):
+  """Three kinds of damage at once, newest first (one resumed run checks them all): an empty
+  step directory whose writer died before anything was in it (8), a truncated array file (6)
+  and truncated metadata (4); each is moved aside in turn and step 2 resumes."""
   workdir = str(tmp_path / "run")
   shutil.copytree(six_steps, workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   assert _steps(ckpts) == [2, 4, 6]
-  if damage == "empty":  # a step directory whose writer died before anything was in it
-    os.makedirs(os.path.join(ckpts, "8"))
-    bad, resumed = "8", 6
-  else:
-    (_damage_array if damage == "array" else _damage_metadata)(os.path.join(ckpts, "6"))
-    bad, resumed = "6", 4
+  os.makedirs(os.path.join(ckpts, "8"))
+  _damage_array(os.path.join(ckpts, "6"))
+  _damage_metadata(os.path.join(ckpts, "4"))
   caplog.set_level(logging.INFO)
   state = train.train(_config(data_dir, checkpoint_every_steps=2), workdir)
-  assert f"Resumed from {ckpts} at step {resumed}." in caplog.text
+  assert f"Resumed from {ckpts} at step 2." in caplog.text
   assert int(state.step) == STEPS
   _assert_bitwise_equal(reference, _flat(state.params))
-  assert f"Checkpoint step {bad} in {ckpts} does not restore" in caplog.text
-  assert os.path.isdir(os.path.join(ckpts, f"{bad}.damaged"))  # kept, renamed
-  if damage != "empty":
-    assert os.listdir(os.path.join(ckpts, f"{bad}.damaged"))
+  for bad in ("8", "6", "4"):
+    assert f"Checkpoint step {bad} in {ckpts} does not restore" in caplog.text, bad
+    assert os.path.isdir(os.path.join(ckpts, f"{bad}.damaged"))  # kept, renamed
+  assert os.listdir(os.path.join(ckpts, "6.damaged")) and os.listdir(
+      os.path.join(ckpts, "4.damaged"))
 
 
 def test_a_diverging_run_never_saves_a_non_finite_state(data_dir, tmp_path):
