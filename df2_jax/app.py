@@ -208,6 +208,7 @@ class PhotoApp:
                 for k, v in found.items() if k != "image_hw"}
     picture = self._draw(pixels, garments)
     matched = self._matches(name, h, w, garments)
+    thumbs = [self._strip(g) for g in matched["garments"]] if matched else []
     seconds = time.perf_counter() - start
     compiled = compiled_programs() - compiled
     self.photos += 1
@@ -229,7 +230,6 @@ class PhotoApp:
     else:
       message = (f"{name}: no garment found (none scores {self.min_score:g} or more) in "
                  f"{timing}.")
-    thumbs = [self._strip(g) for g in matched["garments"]] if matched else []
     return Answer(message, picture, table, choices, thumbs, result, seconds, compiled, ok=True)
 
   def _draw(self, pixels: np.ndarray, garments: dict[str, Any]) -> np.ndarray:
