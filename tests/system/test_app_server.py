@@ -118,8 +118,9 @@ def _chromium() -> tuple[str, str] | None:
 
 def browse(url: str, photo: str, screenshot: str, timeout_s: float = 180) -> dict:
   """Opens the page in headless Chromium, uploads ``photo``, waits for the drawn photo and the
-  shop strip, saves a screenshot (PNG, or JPEG by its extension); returns what the page shows:
-  {status, table, captions, drawn}."""
+  shop strip, saves a screenshot (PNG, or JPEG by its extension), then selects the second
+  garment; returns what the page shows: {status, table, captions, drawn, second_captions (the
+  second garment's strip; None with one garment)}."""
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
   from selenium.webdriver.common.by import By
@@ -154,6 +155,16 @@ def browse(url: str, photo: str, screenshot: str, timeout_s: float = 180) -> dic
         image.convert("RGB").save(screenshot, quality=85, optimize=True)
     else:
       Path(screenshot).write_bytes(png)
+    # The second garment selected: its own shop strip replaces the first's.
+    shown["second_captions"] = None
+    driver.find_element(By.CSS_SELECTOR, "#garment input").click()
+    options = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#garment ul li"))
+    if len(options) > 1:
+      options[1].click()
+      wait.until(lambda d: [e.get_attribute("alt") for e in d.find_elements(
+          By.CSS_SELECTOR, "#matches img")] != shown["captions"])
+      shown["second_captions"] = [e.get_attribute("alt") for e in driver.find_elements(
+          By.CSS_SELECTOR, "#matches img")]
     return shown
   finally:
     driver.quit()
@@ -174,6 +185,9 @@ def test_a_browser_uploads_a_photo_and_sees_its_garments_and_matches(served, tmp
       f"#{r['rank']} {r['match_score']:.3f} {os.path.basename(r['image'])}"
       for r in want["matches"][0]]
   assert shown["drawn"] and shown["drawn"][0]
+  assert len(want["matches"]) > 1 and shown["second_captions"][:3] == [
+      f"#{r['rank']} {r['match_score']:.3f} {os.path.basename(r['image'])}"
+      for r in want["matches"][1]]
   from PIL import Image
   with Image.open(shot) as image:
     assert image.size[0] >= 1000 and image.getextrema() != ((0, 0), (0, 0), (0, 0))
