@@ -33,10 +33,11 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from data_pipeline import images
 from data_pipeline.records import DataError
-from df2_jax import errors, inference, masks, predict, retrieval
+from df2_jax import errors, inference, predict, retrieval
 from df2_jax.errors import Df2Error
 
 log = logging.getLogger(__name__)
@@ -201,12 +202,16 @@ class PhotoApp:
     compiled = compiled_programs()
     pixels = images.read_image(path)
     h, w = pixels.shape[:2]
-    found = self.predictor(pixels, mask_format="bitmap")
+    # Masks as RLEs, each pasted in its box's region only: a full-photo bitmap for every
+    # detection (up to 100 of a 40 MP photo) would be built to keep a few.
+    found = self.predictor(pixels, mask_format="rle")
     detected = time.perf_counter()
     rows = retrieval.garment_rows(found, min_score=self.min_score, nms=self.nms)
     garments = {k: (v[rows] if isinstance(v, np.ndarray) else [v[int(r)] for r in rows])
                 for k, v in found.items() if k != "image_hw"}
-    picture = self._draw(pixels, garments)
+    bitmaps = (np.stack([mask_utils.decode(rle) for rle in garments["masks"]]).astype(bool)
+               if len(rows) else np.zeros((0, h, w), bool))
+    picture = self._draw(pixels, dict(garments, masks=bitmaps))
     matched = self._matches(name, h, w, garments)
     thumbs = [self._strip(g) for g in matched["garments"]] if matched else []
     seconds = time.perf_counter() - start
@@ -282,7 +287,6 @@ class PhotoApp:
             matched: dict[str, Any] | None, seconds: float, compiled: int) -> dict[str, Any]:
     """The raw result: the Predictor's fields of the garments (masks as COCO RLE, landmarks
     [K, 3] x, y, score) and, with an index, each garment's shop matches."""
-    n = len(garments["boxes"])
     return {
         "image": name, "image_hw": [h, w], "seconds": round(seconds, 3),
         "compiled_programs": compiled, "min_score": self.min_score,
@@ -291,11 +295,10 @@ class PhotoApp:
         "classes": garments["classes"].tolist(),
         "category_ids": np.asarray(garments["category_ids"]).tolist(),
         "names": list(garments["names"]),
-        "masks": [masks.region_to_rle(m, (0, 0), (h, w)) for m in garments["masks"]],
+        "masks": list(garments["masks"]),
         "landmarks": [_rounded(lm, 2) for lm in garments["landmarks"]],
         "embeddings": _rounded(garments["embeddings"], 5),
-        "matches": ([g["results"] for g in matched["garments"]] if matched
-                    else None if self.index is None else [[] for _ in range(n)]),
+        "matches": [g["results"] for g in matched["garments"]] if matched else None,
     }
 
   # ------------------------------------------------------------------------------------------

@@ -112,23 +112,18 @@ def make_record(image_id=1, items=None, width=100, height=120, source="user", pa
                      pair_id, tuple(items), f"/nonexistent/{image_id:06d}.json")
 
 
-def make_app_world(root: Path) -> dict:
-  """A run for the web app's tests (``df2_jax.app``), without training: the tiny model's
-  initial params (its matching weights made negative, so that an identical embedding scores
-  highest) saved as a checkpoint with its config, three synthetic image pairs at 128 px, and
-  a shop index of the three shop images. {workdir, images, index, config}."""
+def save_matching_checkpoint(config, checkpoint_dir: Path, step: int, *,
+                             with_config: bool) -> dict:
+  """Saves the initial params of ``config``'s model at ``step``, without training, its matching
+  weights made negative so that an identical embedding scores highest (a retrieval that can be
+  reasoned about); with ``with_config`` the checkpoint carries its config, as a training run's
+  does. Returns the variables."""
   import optax
-  from configs import tiny
-  from data_pipeline import synthetic, synthetic_batches
+  from data_pipeline import synthetic_batches
   from data_pipeline.transforms import geometry_from_config
-  from df2_jax import checkpoint, retrieval, train_step
+  from df2_jax import checkpoint, train_step
   from df2_jax.config import run_config
   from df2_jax.models.match_rcnn import init_variables, model_from_config
-  config = tiny.get_config()
-  config.data.update(dict(synthetic_dir=str(root / "data"), synthetic_train_pairs=1,
-                          synthetic_val_pairs=3, synthetic_image_size=128, synthetic_seed=0))
-  data = Path(synthetic.cache_root(str(root / "data"), 1, 3, 128, 0))  # where runs find it
-  synthetic.generate(data, train_pairs=1, val_pairs=3, image_size=128, seed=0)
   model = model_from_config(config)
   batch = synthetic_batches.synthetic_pair_batch(2, geometry_from_config(config.data),
                                                  image_size=128)
@@ -136,9 +131,26 @@ def make_app_world(root: Path) -> dict:
   scorer = variables["params"]["scorer"]
   scorer["kernel"] = -np.abs(np.asarray(scorer["kernel"])) - 0.05
   state = train_step.create_train_state(variables, optax.sgd(0.1))
+  extra = {run_config.CONFIG_KEY: run_config.as_dict(config)} if with_config else None
+  with checkpoint.CheckpointManager(checkpoint_dir) as mgr:
+    mgr.save(step, state, extra=extra, force=True)
+  return variables
+
+
+def make_app_world(root: Path) -> dict:
+  """A run for the web app's tests (``df2_jax.app``), without training: the tiny model's
+  ``save_matching_checkpoint`` with its config, three synthetic image pairs at 128 px, and a
+  shop index of the three shop images. {workdir, images, index, config}."""
+  from configs import tiny
+  from data_pipeline import synthetic
+  from df2_jax import retrieval
+  config = tiny.get_config()
+  config.data.update(dict(synthetic_dir=str(root / "data"), synthetic_train_pairs=1,
+                          synthetic_val_pairs=3, synthetic_image_size=128, synthetic_seed=0))
+  data = Path(synthetic.cache_root(str(root / "data"), 1, 3, 128, 0))  # where runs find it
+  synthetic.generate(data, train_pairs=1, val_pairs=3, image_size=128, seed=0)
   workdir = root / "run"
-  with checkpoint.CheckpointManager(workdir / "checkpoints") as mgr:
-    mgr.save(3, state, extra={run_config.CONFIG_KEY: run_config.as_dict(config)}, force=True)
+  variables = save_matching_checkpoint(config, workdir / "checkpoints", 3, with_config=True)
   images = data / "validation" / "image"
   index = root / "index"
   retrieval.build_index(config, variables, str(images), str(index),

@@ -11,18 +11,13 @@ import sys
 from pathlib import Path
 
 import cv2
-import jax
 import numpy as np
-import optax
 import pytest
 
 from configs import tiny
-from data_pipeline import synthetic, synthetic_batches
-from data_pipeline.transforms import geometry_from_config
-from df2_jax import checkpoint, files, retrieval
-from df2_jax import train_step
+from data_pipeline import synthetic
+from df2_jax import files, retrieval
 from df2_jax.models import matching
-from df2_jax.models.match_rcnn import init_variables, model_from_config
 
 
 def _brute_force(kernel, bias, queries, gallery, k):
@@ -58,16 +53,8 @@ def world(tmp_path_factory):
   an identical embedding scores highest) and synthetic image pairs at 128 px."""
   root = tmp_path_factory.mktemp("retrieval")
   synthetic.generate(root / "data", train_pairs=1, val_pairs=3, image_size=128, seed=0)
-  config = tiny.get_config()
-  model = model_from_config(config)
-  batch = synthetic_batches.synthetic_pair_batch(2, geometry_from_config(config.data),
-                                                 image_size=128)
-  variables = jax.device_get(init_variables(model, jax.random.key(0), batch))
-  scorer = variables["params"]["scorer"]
-  scorer["kernel"] = -np.abs(np.asarray(scorer["kernel"])) - 0.05
-  state = train_step.create_train_state(variables, optax.sgd(0.1))
-  with checkpoint.CheckpointManager(root / "run" / "checkpoints") as mgr:
-    mgr.save(7, state, force=True)
+  from conftest import save_matching_checkpoint  # pylint: disable=g-import-not-at-top
+  save_matching_checkpoint(tiny.get_config(), root / "run" / "checkpoints", 7, with_config=False)
   images = root / "data" / "validation" / "image"
   # Image 2p - 1 is pair p's shop image, 2p its user image.
   shop = root / "shop"
